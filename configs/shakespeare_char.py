@@ -1,0 +1,29 @@
+"""nanoGPT's CPU "baby GPT" on tinyshakespeare, Llama-style.
+
+Same experiment as nanoGPT's shakespeare_char on CPU: character vocabulary, first 90% train / last
+10% validation, 4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000 steps, lr 1e-3 with 100
+warmup steps and cosine decay to 1e-4, AdamW beta2 0.99, weight decay 0.1, clip 1.0, no dropout.
+The MLP is SwiGLU with d_ff=352 (≈ 2/3 · 4 · 128, rounded to a multiple of 32), so the parameter
+count matches nanoGPT's GELU MLP within 4%.
+
+    lmtrain train --config configs/shakespeare_char.py --workdir runs/shakespeare \
+        --config.data.path=../shared/data/tinyshakespeare.txt
+
+Expected (2-core CPU): validation loss <= 1.89 at step 2,000; see tools/bench_shakespeare.py.
+"""
+
+from lmtrain.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.data.path = "../shared/data/tinyshakespeare.txt"
+    c.data.tokenizer = "char"
+    c.data.val_fraction = 0.1
+    c.data.seq_len = 64
+    c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=352, max_seq_len=64, dtype="float32")
+    c.train.update(steps=2000, global_batch_size=12, log_every=250, eval_every=250, checkpoint_every=1000,
+                   samples=1, sample_tokens=300)
+    c.optim.update(lr=1e-3, warmup_steps=100, min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0)
+    c.mesh.shape = (-1, 1, 1)
+    return c

@@ -1,0 +1,276 @@
+"""Config files, dotted command-line overrides and the checks that run before any compile.
+
+A config file is a Python module with ``get_config() -> ml_collections.ConfigDict`` that starts
+from ``base_config()``. Every key a run can use exists in ``base_config()``, so a typo is an error
+that names the key (with the closest valid names) instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+from lmtrain.errors import ConfigError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.objective = "lm"  # lm | sft | dpo | reward | distill
+    c.init_from = ""  # checkpoint dir (lmtrain workdir) to start from: params only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0  # 0 = take it from the tokenizer
+    c.model.d_model = 128
+    c.model.n_layers = 4
+    c.model.n_heads = 4
+    c.model.n_kv_heads = 4
+    c.model.head_dim = 0
+    c.model.d_ff = 352
+    c.model.max_seq_len = 256
+    c.model.rope_theta = 10000.0
+    c.model.norm_eps = 1e-5
+    c.model.tie_embeddings = False
+    c.model.qkv_bias = False
+    c.model.embed_scale = False
+    c.model.mlp_activation = "silu"
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"
+    c.model.attention = "xla"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # output of `lmtrain data prepare` (train/, validation/, tokenizer/)
+    c.data.path = ""  # or: one raw text file, split by position (the nanoGPT char recipe)
+    c.data.tokenizer = "char"  # for data.path: char | a tokenizer directory / .model file
+    c.data.val_fraction = 0.1
+    c.data.seq_len = 128
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.prefetch = 2  # batches prepared ahead in a background thread (0 = none)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.global_batch_size = 32
+    c.train.microbatches = 1  # gradient accumulation inside the jitted step
+    c.train.log_every = 50
+    c.train.eval_every = 250
+    c.train.eval_batches = 0  # 0 = the whole eval split
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoint = True
+    c.train.z_loss = 0.0
+    c.train.max_nonfinite_in_a_row = 10
+    c.train.samples = 2  # samples printed at the end
+    c.train.sample_tokens = 200
+    c.train.sample_prompt = ""
+    c.train.peak_flops = 0.0  # per device; 0 = from the device table (lmtrain/train/flops.py)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.schedule = "cosine"  # cosine | linear | constant
+    c.optim.warmup_steps = 100
+    c.optim.decay_steps = 0  # 0 = train.steps
+    c.optim.min_lr = 1e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0
+    c.optim.wd_exclude = ("norm", "bias")  # regexes over param paths exempt from weight decay
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one axis may be -1 = the rest
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"  # auto | yes | no
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found; pass a path such as configs/quickstart.py")
+    spec = importlib.util.spec_from_file_location(f"_lmtrain_cfg_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} must define get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    return cfg
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat_keys(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def _unknown_key_error(key: str, known: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} ({where}){hint}")
+
+
+def check_against_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+    """Every key must exist in the schema, with a value of a compatible type."""
+    known = _flat_keys(schema)
+    for key, value in _flat_keys(cfg).items():
+        if key not in known:
+            raise _unknown_key_error(key, list(known), "not in lmtrain.config.base_config()")
+        _check_type(key, value, known[key])
+
+
+def _check_type(key: str, value, default) -> None:
+    if default is None or value is None:
+        return
+    if isinstance(default, bool) != isinstance(value, bool):
+        raise ConfigError(f"config.{key}={value!r}: expected a bool like {default!r}")
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        raise ConfigError(f"config.{key}={value!r}: expected a number like {default!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"config.{key}={value!r}: expected an integer like {default!r}")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"config.{key}={value!r}: expected a string like {default!r}")
+    if isinstance(default, (tuple, list)) and not isinstance(value, (tuple, list)):
+        raise ConfigError(f"config.{key}={value!r}: expected a tuple like {default!r}")
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{text!r} is not a bool")
+    if isinstance(current, int) and not isinstance(current, bool):
+        try:
+            v = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{text!r} is not an integer") from None
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{text!r} is not an integer")
+        return v
+    if isinstance(current, float):
+        v = float(text)
+        return v
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        try:
+            v = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{text!r} is not a tuple such as (2, 2, 2)") from None
+        if not isinstance(v, (tuple, list)):
+            v = (v,)
+        return tuple(v)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies ``a.b=value`` (a leading ``config.`` or ``--config.`` is accepted)."""
+    known = _flat_keys(cfg)
+    for item in overrides:
+        item = item.removeprefix("--").removeprefix("config.")
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like --config.train.steps=200")
+        key, text = item.split("=", 1)
+        if key not in known:
+            raise _unknown_key_error(key, list(known), "from the command line")
+        try:
+            value = _parse_value(text, known[key])
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(
+                f"config.{key}: cannot read {text!r} as {type(known[key]).__name__} ({e})"
+            ) from None
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        with node.ignore_type():
+            node[leaf] = value
+        known[key] = value
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads a training config file, applies overrides and checks it against the schema."""
+    cfg = load_config_file(path)
+    check_against_schema(cfg, base_config())
+    apply_overrides(cfg, overrides)
+    check_against_schema(cfg, base_config())
+    return cfg
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Impossible combinations fail here, before any compile, naming the key and the fix."""
+    from lmtrain.model.sharding import resolve_mesh_shape
+    from lmtrain.model.transformer import REMAT_POLICIES
+    from lmtrain.train.objectives import OBJECTIVES
+
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.objective in OBJECTIVES, f"config.objective={cfg.objective!r}: choose one of {sorted(OBJECTIVES)}")
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        need(m[key] > 0, f"config.model.{key}={m[key]} must be positive")
+    need(m.vocab_size >= 0, "config.model.vocab_size must be >= 0 (0 = from the tokenizer)")
+    need(m.n_kv_heads <= m.n_heads, f"config.model.n_kv_heads={m.n_kv_heads} must be <= model.n_heads={m.n_heads}")
+    need(m.n_heads % m.n_kv_heads == 0, f"config.model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    need(m.head_dim > 0 or m.d_model % m.n_heads == 0, f"config.model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
+    need(head_dim % 2 == 0, f"head dim {head_dim} must be even for rotary embeddings (config.model.head_dim)")
+    for key in ("dtype", "param_dtype"):
+        need(m[key] in ("float32", "bfloat16", "float16"), f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16")
+    need(m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}: choose one of {REMAT_POLICIES}")
+    need(m.mlp_activation in ("silu", "gelu_tanh"), f"config.model.mlp_activation={m.mlp_activation!r}: silu or gelu_tanh")
+    need(m.attention in ("xla", "cudnn"), f"config.model.attention={m.attention!r}: xla or cudnn")
+    need(d.seq_len > 0, "config.data.seq_len must be positive")
+    need(d.seq_len <= m.max_seq_len, f"config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len={m.max_seq_len}")
+    need(bool(d.dir) != bool(d.path), "set exactly one of config.data.dir (prepared shards) or config.data.path (one text file)")
+    need(0.0 < d.val_fraction < 1.0, f"config.data.val_fraction={d.val_fraction} must be in (0, 1)")
+    need(t.steps > 0, "config.train.steps must be positive")
+    need(t.global_batch_size > 0, "config.train.global_batch_size must be positive")
+    need(t.microbatches > 0, "config.train.microbatches must be positive")
+    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        need(t[key] > 0, f"config.train.{key}={t[key]} must be positive")
+    need(o.schedule in ("cosine", "linear", "constant"), f"config.optim.schedule={o.schedule!r}: cosine, linear or constant")
+    need(o.lr > 0, "config.optim.lr must be positive")
+    need(0 <= o.warmup_steps <= max(t.steps, o.decay_steps), f"config.optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}")
+    need(o.clip_norm >= 0, "config.optim.clip_norm must be >= 0 (0 = no clipping)")
+    mesh = resolve_mesh_shape(cfg.mesh.shape, num_devices)
+    shards = mesh[0] * mesh[1]
+    need(
+        t.global_batch_size % (shards * t.microbatches) == 0,
+        f"config.train.global_batch_size={t.global_batch_size} must be divisible by data shards "
+        f"(mesh data x fsdp = {shards}) x config.train.microbatches={t.microbatches}",
+    )
+    need(cfg.distributed.initialize in ("auto", "yes", "no"), "config.distributed.initialize: auto, yes or no")

@@ -1,0 +1,1 @@
+"""Data: raw sources → cleaned, deduplicated, tokenized shards → Grain input pipeline."""

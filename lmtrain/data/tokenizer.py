@@ -1,0 +1,251 @@
+"""Tokenizers: a character vocabulary and SentencePiece (BPE, unigram, char), one interface.
+
+A tokenizer directory holds ``tokenizer_config.json`` (kind, special token ids) plus the model:
+``vocab.json`` for ``char`` or ``tokenizer.model`` for SentencePiece. A ``tokenizer.model`` shipped
+with a pre-trained model loads through the same ``load_tokenizer`` call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from lmtrain.errors import DataError
+
+CONFIG_FILE = "tokenizer_config.json"
+DEFAULT_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+CHAT_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class Tokenizer:
+    """Common interface; ids of pad/bos/eos/unk are always distinct."""
+
+    kind: str
+    pad_id: int
+    unk_id: int
+    bos_id: int
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def token_id(self, piece: str) -> int:
+        """Id of a special token such as ``<|assistant|>``; raises if absent."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 over the saved files: identifies the vocabulary in checkpoints and manifests."""
+        raise NotImplementedError
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in training text, special tokens first."""
+
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str], specials: Sequence[str] = DEFAULT_SPECIALS):
+        self.specials = list(specials)
+        self.chars = list(chars)
+        self.itos = self.specials + self.chars
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
+            self.stoi[s] for s in DEFAULT_SPECIALS
+        )
+        self._char_offset = len(self.specials)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], extra_specials: Sequence[str] = ()) -> CharTokenizer:
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls(sorted(seen), list(DEFAULT_SPECIALS) + list(extra_specials))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = [self.stoi.get(c, self.unk_id) for c in text]
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        off = self._char_offset
+        return "".join(self.itos[i] for i in ids if off <= i < len(self.itos))
+
+    def token_id(self, piece: str) -> int:
+        if piece not in self.stoi:
+            raise DataError(f"token {piece!r} is not in the char vocabulary")
+        return self.stoi[piece]
+
+    def _payload(self) -> bytes:
+        return json.dumps(
+            {"specials": self.specials, "chars": self.chars}, ensure_ascii=False
+        ).encode()
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "vocab.json").write_bytes(self._payload())
+        _write_config(d, self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._payload()).hexdigest()
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Wraps a SentencePiece model (trained here or shipped with a pre-trained model)."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self._proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.unk_id = self.sp.unk_id()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        pad = self.sp.pad_id()
+        # Many shipped models (Llama 2) have no pad: use unk, which never appears as a target.
+        self.pad_id = pad if pad >= 0 else self.unk_id
+        if min(self.bos_id, self.eos_id) < 0 or self.bos_id == self.eos_id:
+            raise DataError("SentencePiece model must define distinct bos and eos ids")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        return cls(Path(path).read_bytes())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        specials = {self.pad_id, self.bos_id, self.eos_id}
+        return self.sp.decode([int(i) for i in ids if int(i) not in specials])
+
+    def token_id(self, piece: str) -> int:
+        i = self.sp.piece_to_id(piece)
+        if i == self.unk_id and piece != self.sp.id_to_piece(self.unk_id):
+            raise DataError(f"token {piece!r} is not in the SentencePiece vocabulary")
+        return i
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.model").write_bytes(self._proto)
+        _write_config(d, self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._proto).hexdigest()
+
+
+def _write_config(d: Path, tok: Tokenizer) -> None:
+    cfg = {
+        "kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "pad_id": tok.pad_id,
+        "unk_id": tok.unk_id,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "fingerprint": tok.fingerprint(),
+    }
+    (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    user_specials: Sequence[str] = CHAT_SPECIALS,
+    max_sentence_chars: int = 4096,
+    input_sentence_size: int = 2_000_000,
+    seed: int = 0,
+    num_threads: int = 2,
+) -> SentencePieceTokenizer:
+    """Trains SentencePiece on ``texts`` (the train split only) and returns the tokenizer.
+
+    Whitespace is kept as is (code and verse depend on it); newlines are a user symbol so
+    paragraph structure round-trips; digits are split so numbers tokenize consistently.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram", "char", "word"):
+        raise DataError(f"tokenizer model_type {model_type!r}: use bpe, unigram or char")
+
+    def sentences():
+        for text in texts:
+            for start in range(0, len(text), max_sentence_chars):
+                piece = text[start : start + max_sentence_chars]
+                if piece.strip():
+                    yield piece
+
+    spm.set_random_generator_seed(seed)
+    out = io.BytesIO()
+    specials = ["\n"] + [s for s in user_specials if s != "\n"]
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=out,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=0.9995 if byte_fallback else 1.0,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            user_defined_symbols=specials,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=max_sentence_chars * 4,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=1_000_000,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed: {e}. Try a smaller vocab_size.") from e
+    return SentencePieceTokenizer(out.getvalue())
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a tokenizer directory written by lmtrain, or a shipped ``tokenizer.model`` file."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".model":
+        return SentencePieceTokenizer.from_file(p)
+    if not p.exists():
+        raise DataError(f"tokenizer not found at {p}: give a tokenizer directory or .model file")
+    if (p / CONFIG_FILE).exists():
+        cfg = json.loads((p / CONFIG_FILE).read_text())
+        if cfg["kind"] == "char":
+            payload = json.loads((p / "vocab.json").read_text())
+            return CharTokenizer(payload["chars"], payload["specials"])
+        return SentencePieceTokenizer.from_file(p / "tokenizer.model")
+    if (p / "tokenizer.model").exists():
+        return SentencePieceTokenizer.from_file(p / "tokenizer.model")
+    raise DataError(
+        f"no tokenizer in {p}: expected {CONFIG_FILE} (lmtrain) or tokenizer.model (SentencePiece)"
+    )

@@ -1,0 +1,17 @@
+"""Typed errors: every failure a user can cause names the thing and the fix."""
+
+
+class LmtrainError(Exception):
+    """Base class for errors caused by user input (config, data, files)."""
+
+
+class ConfigError(LmtrainError, ValueError):
+    """A config key is unknown, has the wrong type, or an impossible value."""
+
+
+class DataError(LmtrainError, ValueError):
+    """Input data is missing, malformed or inconsistent with its manifest."""
+
+
+class CheckpointError(LmtrainError, RuntimeError):
+    """A checkpoint is missing, incomplete or incompatible with the config."""

@@ -1,0 +1,1 @@
+"""Inference: KV-cache sampling, quantization, Hugging Face interop, HTTP serving."""

@@ -1,0 +1,1 @@
+"""Model: a Llama-style decoder-only transformer with logical axis names for sharding."""

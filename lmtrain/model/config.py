@@ -1,0 +1,58 @@
+"""The model's hyper-parameters as a frozen dataclass (hashable, so Flax modules can hold it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0 = d_model // n_heads
+    d_ff: int = 512
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model)
+    mlp_activation: str = "silu"  # silu (Llama) | gelu_tanh (Gemma)
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "xla"
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @classmethod
+    def from_config(cls, model_cfg) -> ModelConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(model_cfg).items() if k in fields})
+
+    def param_count(self) -> int:
+        """Closed-form parameter count (tested against the initialised model)."""
+        d, h, kv, hd = self.d_model, self.n_heads, self.n_kv_heads, self.kv_dim
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        if self.qkv_bias:
+            attn += h * hd + 2 * kv * hd
+        mlp = 3 * d * self.d_ff
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return embed + self.n_layers * per_layer + d + head

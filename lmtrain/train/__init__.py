@@ -1,0 +1,1 @@
+"""Training: state, optimizer, objectives (loss functions), the one jitted step, loop, checkpoints."""

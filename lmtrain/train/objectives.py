@@ -1,0 +1,73 @@
+"""Loss functions, chosen by ``config.objective``: every way to train is a loss over one step.
+
+An objective is ``fn(params, batch, rng, ctx) -> (loss_sum, weight, metrics)``:
+
+* ``loss_sum`` — the *sum* of per-unit losses in this (micro)batch (units: target tokens for LM and
+  SFT, pairs for DPO/reward);
+* ``weight`` — how many units that sum covers;
+* ``metrics`` — a dict of ``(sum, weight)`` pairs for logging.
+
+The step divides once by the weight summed over all microbatches, so accumulating 4 microbatches
+gives exactly the loss of the 4x batch: the mean over its real target tokens, not a mean of means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+OBJECTIVES: dict[str, Callable] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+    """What a loss needs besides params: the model, frozen trees (reference/teacher) and config."""
+
+    model: Any
+    config: Any
+    frozen: Any = None  # e.g. DPO reference params, distillation teacher params, LoRA base
+
+
+def register(name: str):
+    def wrap(fn):
+        OBJECTIVES[name] = fn
+        return fn
+
+    return wrap
+
+
+def token_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition (for z-loss), both float32."""
+    logits = logits_BTV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    return lse - target_logit, lse
+
+
+def apply_model(params, batch, ctx: LossContext, **kwargs):
+    return ctx.model.apply(
+        {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"), **kwargs
+    )
+
+
+@register("lm")
+def lm_loss(params, batch, rng, ctx: LossContext):
+    """Causal LM: mean NLL over target tokens whose ``loss_mask`` is 1, plus optional z-loss."""
+    del rng
+    logits = apply_model(params, batch, ctx)
+    nll, lse = token_cross_entropy(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    n = mask.sum()
+    nll_sum = (nll * mask).sum()
+    loss_sum = nll_sum
+    metrics = {"nll": (nll_sum, n)}
+    z = ctx.config.train.z_loss
+    if z:
+        z_sum = (z * jnp.square(lse) * mask).sum()
+        loss_sum = loss_sum + z_sum
+        metrics["z_loss"] = (z_sum, n)
+    return loss_sum, n, metrics

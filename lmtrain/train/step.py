@@ -1,0 +1,152 @@
+"""The one train step: microbatched gradients, one normalisation, clipping, AdamW, finite guard.
+
+``make_train_step`` returns a function jitted with explicit in/out shardings and the state
+donated. Every objective (lm, sft, dpo, reward, distill) runs through it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lmtrain.model.sharding import LOGICAL_RULES
+from lmtrain.train.objectives import OBJECTIVES, LossContext
+from lmtrain.train.state import TrainState
+
+
+def _split_microbatches(batch: dict, m: int) -> dict:
+    """(B, ...) → (M, B/M, ...) taking rows m, m+M, ...: each microbatch spans every data shard."""
+
+    def split(x):
+        b = x.shape[0]
+        y = x.reshape(b // m, m, *x.shape[1:])
+        y = jnp.swapaxes(y, 0, 1)
+        spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(y, spec)
+
+    return jax.tree.map(split, batch)
+
+
+def compute_grads(loss_fn, params, batch, rng, ctx: LossContext, microbatches: int):
+    """Sums of loss, weight, metrics and grads over microbatches (not yet normalised)."""
+
+    def f(p, mb, r):
+        loss_sum, weight, metrics = loss_fn(p, mb, r, ctx)
+        return loss_sum, (weight, metrics)
+
+    grad_fn = jax.value_and_grad(f, has_aux=True)
+    if microbatches == 1:
+        (loss_sum, (weight, metrics)), grads = grad_fn(params, batch, rng)
+        return loss_sum, weight, metrics, grads
+
+    mbs = _split_microbatches(batch, microbatches)
+    rngs = jax.random.split(rng, microbatches)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    (l0, (w0, m0)), g0 = jax.eval_shape(grad_fn, params, first, rngs[0])
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)  # noqa: E731
+    carry0 = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(m0), zeros(g0))
+
+    def body(carry, xs):
+        mb, r = xs
+        (ls, (w, m)), g = grad_fn(params, mb, r)
+        acc_l, acc_w, acc_m, acc_g = carry
+        add = lambda a, b: jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)  # noqa: E731
+        return (acc_l + ls, acc_w + w, add(acc_m, m), add(acc_g, g)), None
+
+    (loss_sum, weight, metrics, grads), _ = jax.lax.scan(body, carry0, (mbs, rngs))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss_sum, weight, metrics, grads
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config,
+    mesh: Mesh,
+    state_shardings,
+    batch_shardings,
+    frozen_shardings=None,
+):
+    loss_fn = OBJECTIVES[config.objective]
+    microbatches = config.train.microbatches
+
+    def step(state: TrainState, batch: dict, frozen=None):
+        ctx = LossContext(model=model, config=config, frozen=frozen)
+        rng, step_rng = jax.random.split(state.rng)
+        step_rng = jax.random.fold_in(step_rng, state.step)
+        loss_sum, weight, metrics, grads = compute_grads(
+            loss_fn, state.params, batch, step_rng, ctx, microbatches
+        )
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        nonfinite = jnp.where(ok, 0, state.nonfinite_in_a_row + 1)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            rng=rng,
+            nonfinite_in_a_row=nonfinite,
+            nonfinite_total=state.nonfinite_total + (1 - ok.astype(jnp.int32)),
+        )
+        out = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "tokens": weight,
+            "skipped": 1.0 - ok.astype(jnp.float32),
+        }
+        for name, (s, w) in metrics.items():
+            out[name] = s / jnp.maximum(w, 1.0)
+        if "nll" in out:
+            out["perplexity"] = jnp.exp(out["nll"])
+        return new_state, out
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    def run(state, batch, frozen=None):
+        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+            return jitted(state, batch, frozen)
+
+    run.jitted = jitted
+    return run
+
+
+def make_eval_step(model, config, mesh: Mesh, params_shardings, batch_shardings, frozen_shardings=None):
+    """Sums of the objective's loss and weight over a batch (for exact full-split averages)."""
+    loss_fn = OBJECTIVES[config.objective]
+
+    def evaluate(params, batch, frozen=None):
+        ctx = LossContext(model=model, config=config, frozen=frozen)
+        loss_sum, weight, metrics = loss_fn(params, batch, jax.random.PRNGKey(0), ctx)
+        return {"loss_sum": loss_sum, "weight": weight} | {
+            f"{k}_sum": s for k, (s, _) in metrics.items()
+        }
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        evaluate,
+        in_shardings=(params_shardings, batch_shardings, frozen_shardings),
+        out_shardings=replicated,
+    )
+
+    def run(params, batch, frozen=None):
+        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+            return jitted(params, batch, frozen)
+
+    return run
