@@ -110,12 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMAND_MODULES = (
+    "lmtrain.data.tokenizer_cli",  # tokenizer train
+    "lmtrain.eval.cli",  # eval
+    "lmtrain.interop.cli",  # import hf, export hf/stablehlo
+    "lmtrain.serve.cli",  # serve
+    "lmtrain.plan",  # plan
+)
+
+
 def _extra_commands():
     """Commands contributed by other modules (each exposes ``register(subparsers)``)."""
     import importlib
 
     regs = []
-    for mod in ("lmtrain.data.tokenizer_cli", "lmtrain.eval.cli", "lmtrain.infer.cli", "lmtrain.plan"):
+    for mod in COMMAND_MODULES:
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

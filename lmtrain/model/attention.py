@@ -25,13 +25,18 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 
 
 def apply_rope(x_BTHD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face Llama layout, so imported weights need no permutation)."""
+    """Rotate-half RoPE (the Hugging Face Llama layout, so imported weights need no permutation).
+
+    Written as ``x * cos + flip(x) * signed_sin`` over a (2, D/2) view: elementwise ops and a
+    reverse that XLA fuses, instead of a concatenate whose gradient is a pad (slow on CPU).
+    """
     x = x_BTHD.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-    return out.astype(x_BTHD.dtype)
+    *lead, d = x.shape
+    x2 = x.reshape(*lead, 2, d // 2)
+    c = cos[:, :, None, None, :]
+    s = sin[:, :, None, None, :] * jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]
+    out = x2 * c + jnp.flip(x2, axis=-2) * s
+    return out.reshape(x.shape).astype(x_BTHD.dtype)
 
 
 def attention_mask(
@@ -64,21 +69,29 @@ class Attention(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache=None, cache_offset=None):
         cfg = self.cfg
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.kv_dim
-        dense = lambda name, feats, axes: nn.DenseGeneral(  # noqa: E731
-            features=feats,
-            axis=-1,
-            use_bias=cfg.qkv_bias,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=cfg.d_model**-0.5), axes
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-            name=name,
-        )
-        q = dense("q", (H, D), ("embed", "heads", "kv"))(x_BTD)
-        k = dense("k", (K, D), ("embed", "kv_heads", "kv"))(x_BTD)
-        v = dense("v", (K, D), ("embed", "kv_heads", "kv"))(x_BTD)
+        def kernel(name, heads, axes):
+            return self.param(
+                name,
+                nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), axes),
+                (cfg.d_model, heads, D),
+                cfg.params_dtype,
+            )
+
+        wq = kernel("q_kernel", H, ("embed", "heads", "kv"))
+        wk = kernel("k_kernel", K, ("embed", "kv_heads", "kv"))
+        wv = kernel("v_kernel", K, ("embed", "kv_heads", "kv"))
+        # One matmul for q, k and v (params stay separate, so checkpoints map 1:1 to HF layouts).
+        w = jnp.concatenate([wq, wk, wv], axis=1).astype(cfg.compute_dtype)
+        qkv = jnp.einsum("btd,dhe->bthe", x_BTD.astype(cfg.compute_dtype), w)
+        if cfg.qkv_bias:  # Qwen2-style biases on q, k and v.
+
+            def bias(name, heads, head_axis):
+                init = nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "kv"))
+                return self.param(name, init, (heads, D), cfg.params_dtype)
+
+            b = [bias("q_bias", H, "heads"), bias("k_bias", K, "kv_heads"), bias("v_bias", K, "kv_heads")]
+            qkv = qkv + jnp.concatenate(b, axis=0).astype(cfg.compute_dtype)
+        q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
         cos, sin = rope_tables(positions_BT, D, cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         T = x_BTD.shape[1]
@@ -102,16 +115,14 @@ class Attention(nn.Module):
         from jax.ad_checkpoint import checkpoint_name
 
         out = checkpoint_name(out, "attn_out")
-        y = nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            kernel_init=nn.with_logical_partitioning(
+        wo = self.param(
+            "o_kernel",
+            nn.with_logical_partitioning(
                 nn.initializers.normal(stddev=(H * D) ** -0.5 / (2 * cfg.n_layers) ** 0.5),
                 ("heads", "kv", "embed"),
             ),
-            name="o",
-        )(out)
+            (H, D, cfg.d_model),
+            cfg.params_dtype,
+        )
+        y = jnp.einsum("bthe,hed->btd", out, wo.astype(cfg.compute_dtype))
         return y, new_cache

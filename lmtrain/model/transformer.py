@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lmtrain.model.attention import Attention
 from lmtrain.model.config import ModelConfig
 
+ONE_HOT_EMBED_MAX_VOCAB = 2048
 REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_dots_and_attn_out")
 
 
@@ -50,21 +51,24 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.cfg
-        dense = lambda name, feats, axes, std: nn.Dense(  # noqa: E731
-            feats,
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes),
-            name=name,
-        )
         std_in = cfg.d_model**-0.5
-        gate = dense("gate", cfg.d_ff, ("embed", "mlp"), std_in)(x_BTD)
-        up = dense("up", cfg.d_ff, ("embed", "mlp"), std_in)(x_BTD)
+        init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std_in), ("embed", "mlp"))
+        w_gate = self.param("gate_kernel", init, (cfg.d_model, cfg.d_ff), cfg.params_dtype)
+        w_up = self.param("up_kernel", init, (cfg.d_model, cfg.d_ff), cfg.params_dtype)
+        # gate and up in one matmul; params stay separate (1:1 with HF checkpoints).
+        w = jnp.concatenate([w_gate, w_up], axis=1).astype(cfg.compute_dtype)
+        gate_up = x_BTD.astype(cfg.compute_dtype) @ w
+        gate, up = gate_up[..., : cfg.d_ff], gate_up[..., cfg.d_ff :]
         act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
         h = nn.with_logical_constraint(act * up, ("batch", "length", "mlp"))
         std_out = cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5
-        return dense("down", cfg.d_model, ("mlp", "embed"), std_out)(h)
+        w_down = self.param(
+            "down_kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=std_out), ("mlp", "embed")),
+            (cfg.d_ff, cfg.d_model),
+            cfg.params_dtype,
+        )
+        return h @ w_down.astype(cfg.compute_dtype)
 
 
 class Block(nn.Module):
@@ -114,7 +118,12 @@ class Transformer(nn.Module):
             (cfg.vocab_size, cfg.d_model),
             cfg.params_dtype,
         )
-        x = jnp.take(embedding, tokens_BT, axis=0).astype(cfg.compute_dtype)
+        if cfg.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
+            # Small vocabularies: a one-hot matmul beats gather/scatter-add (notably on CPU).
+            onehot = jax.nn.one_hot(tokens_BT, cfg.vocab_size, dtype=cfg.compute_dtype)
+            x = onehot @ embedding.astype(cfg.compute_dtype)
+        else:
+            x = jnp.take(embedding, tokens_BT, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

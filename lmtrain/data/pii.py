@@ -1,0 +1,154 @@
+"""Stage 4: PII and secret scrubbing with typed placeholders.
+
+Each match is replaced by ``placeholder.format(kind=KIND)`` (default ``<EMAIL>``, ``<PHONE>`` ...)
+and counted per kind. Kinds, applied in this order so a longer match wins:
+
+* ``PRIVATE_KEY``: ``-----BEGIN ... PRIVATE KEY-----`` ... ``-----END ... PRIVATE KEY-----`` blocks.
+* ``AWS_KEY``: access key ids (``AKIA``/``ASIA``... + 16 upper-case letters or digits) and the
+  40-character value after ``aws_secret_access_key``.
+* ``GITHUB_TOKEN``: ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_`` + 36 characters, ``github_pat_...``.
+* ``SECRET``: the value in ``api_key = "..."``-style assignments (api key, secret key, access/auth
+  token, client secret, password); the key name is kept. Values must be 8+ characters mixing
+  letters and digits, so ``password = None`` or ``api_key=api_key`` in code are left alone.
+* ``EMAIL``: ``local@domain.tld``.
+* ``CREDIT_CARD``: 13-19 digits (spaces/dashes allowed between groups) that pass the Luhn
+  checksum and start with a card network prefix (Visa, Mastercard, Amex, Discover, JCB, Diners).
+  Luhn-invalid digit runs are left alone.
+* ``IP_ADDRESS``: IPv4 (not inside a longer dotted number such as a version string) and IPv6
+  (validated with ``ipaddress``; at least three groups so Python slices like ``a[1::2]`` survive).
+  With ``keep_nonpublic_ips`` loopback, private, link-local, reserved and unspecified addresses
+  (127.0.0.1, 10.0.0.0/8, ::1 ...) are kept: they identify no one and are common in code.
+* ``PHONE``: international ``+CC`` numbers and North-American style ``(555) 123-4567`` /
+  ``555-123-4567`` / ``555.123.4567`` (separators required, so plain digit runs are not phones).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+
+KINDS = ("PRIVATE_KEY", "AWS_KEY", "GITHUB_TOKEN", "SECRET", "EMAIL", "CREDIT_CARD", "IP_ADDRESS", "PHONE")
+
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+    re.DOTALL,
+)
+_AWS_ID = re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b")
+_AWS_SECRET = re.compile(
+    r"(?i)(aws_?secret_?(?:access_?)?key\s*[=:]\s*[\"']?)([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+)
+_GITHUB = re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{50,255})\b")
+_GENERIC = re.compile(
+    r"(?i)\b((?:api[_-]?key|apikey|secret[_-]?key|access[_-]?token|auth[_-]?token|api[_-]?token"
+    r"|client[_-]?secret|private[_-]?token|passw(?:or)?d)[\"']?\s*[:=]\s*[\"']?)"
+    r"([A-Za-z0-9_\-+/=.~]{8,})"
+)
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
+_CARD = re.compile(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d])")
+_IPV4 = re.compile(
+    r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)"
+)
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"
+    r"|\(\d{3}\)\s?\d{3}[ .-]\d{4}|\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4})(?![\w])"
+)
+_CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2(?:2[2-9][1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6011|64[4-9]|65|35(?:2[89]|[3-8]\d)|3(?:0[0-5]|[68]))")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn (mod 10) checksum used by payment card numbers."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _mixed(value: str) -> bool:
+    return any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+
+
+class PiiScrubber:
+    def __init__(self, placeholder: str = "<{kind}>", kinds=KINDS, keep_nonpublic_ips: bool = True):
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown PII kinds {sorted(unknown)}; choose from {KINDS}")
+        self.kinds = tuple(k for k in KINDS if k in set(kinds))
+        self.tag = {k: placeholder.format(kind=k) for k in KINDS}
+        self.keep_nonpublic_ips = keep_nonpublic_ips
+
+    def _ip_public(self, text: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            return False
+        if not self.keep_nonpublic_ips:
+            return True
+        return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
+                    or ip.is_unspecified or ip.is_multicast)  # fmt: skip
+
+    def scrub(self, text: str) -> tuple[str, Counter]:
+        counts: Counter = Counter()
+        tag = self.tag
+
+        def simple(kind, pattern, text):
+            new, n = pattern.subn(tag[kind], text)
+            counts[kind] += n
+            return new
+
+        def keyed(kind, pattern, text, check=None):
+            def repl(m):
+                if check is not None and not check(m.group(2)):
+                    return m.group(0)
+                counts[kind] += 1
+                return m.group(1) + tag[kind]
+
+            return pattern.sub(repl, text)
+
+        def card(m):
+            digits = re.sub(r"[ -]", "", m.group(0))
+            if 13 <= len(digits) <= 19 and luhn_valid(digits) and _CARD_PREFIX.match(digits):
+                counts["CREDIT_CARD"] += 1
+                return tag["CREDIT_CARD"]
+            return m.group(0)
+
+        def ipv4(m):
+            if self._ip_public(m.group(0)):
+                counts["IP_ADDRESS"] += 1
+                return tag["IP_ADDRESS"]
+            return m.group(0)
+
+        def ipv6(m):
+            s = m.group(0)
+            if sum(1 for g in s.split(":") if g) >= 3 and self._ip_public(s):
+                counts["IP_ADDRESS"] += 1
+                return tag["IP_ADDRESS"]
+            return s
+
+        k = self.kinds
+        if "PRIVATE_KEY" in k and "PRIVATE KEY" in text:
+            text = simple("PRIVATE_KEY", _PRIVATE_KEY, text)
+        if "AWS_KEY" in k:
+            text = simple("AWS_KEY", _AWS_ID, text)
+            text = keyed("AWS_KEY", _AWS_SECRET, text)
+        if "GITHUB_TOKEN" in k and ("gh" in text or "github_pat_" in text):
+            text = simple("GITHUB_TOKEN", _GITHUB, text)
+        if "SECRET" in k:
+            text = keyed("SECRET", _GENERIC, text, check=lambda v: _mixed(v) and v not in tag.values())
+        if "EMAIL" in k and "@" in text:
+            text = simple("EMAIL", _EMAIL, text)
+        if "CREDIT_CARD" in k:
+            text = _CARD.sub(card, text)
+        if "IP_ADDRESS" in k:
+            text = _IPV4.sub(ipv4, text)
+            if "::" in text or text.count(":") >= 2:
+                text = _IPV6.sub(ipv6, text)
+        if "PHONE" in k:
+            text = simple("PHONE", _PHONE, text)
+        return text, +counts

@@ -1,0 +1,160 @@
+"""Stage 3: document quality filters (Gopher and C4 heuristics), thresholds from the config.
+
+Every threshold is a config value; a negative value (or an empty tuple) switches that filter off.
+A dropped document is counted under the first filter it fails, in the order below.
+
+Sources of the heuristics (defaults in ``lmtrain/data/prepare_config.py`` are the published values,
+the code corpus config relaxes the prose-only ones):
+
+* Rae et al. 2021, *Scaling Language Models: Methods, Analysis & Insights from Training Gopher*,
+  appendix A.1.1 "quality filters" (MassiveWeb): keep documents with 50..100,000 words, mean word
+  length 3..10 characters, symbol-to-word ratio < 0.1 for "#" and ellipsis, < 90% of lines starting
+  with a bullet, < 30% of lines ending with an ellipsis, >= 80% of words containing a letter, and at
+  least two of the stop words *the, be, to, of, and, that, have, with*.
+* Same paper, table A1 "repetition removal": drop when duplicate lines are > 30% of lines or > 20% of
+  characters; duplicate paragraphs > 30% / > 20%; the most frequent 2-, 3-, 4-gram covers > 20%,
+  18%, 16% of characters; duplicated 5..10-grams cover > 15, 14, 13, 12, 11, 10% of characters.
+* Raffel et al. 2020, *Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+  Transformer* (C4): drop pages containing a word from a blocklist ("List of Dirty, Naughty,
+  Obscene, and Otherwise Bad Words"); here the list is yours (``quality.blocklist`` /
+  ``quality.blocklist_path``), none ships with lmtrain.
+
+Words are whitespace-separated tokens; repetition is measured on lower-cased words; character
+fractions are over the characters of words (whitespace excluded).
+"""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+from lmtrain.data.hashing import ngram_hashes
+
+STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
+BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "—")
+ELLIPSES = ("...", "…")
+
+
+def _on(threshold) -> bool:
+    return threshold is not None and threshold >= 0
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(number, characters) of items that repeat an earlier item."""
+    seen: set[str] = set()
+    count = chars = 0
+    for it in items:
+        if it in seen:
+            count += 1
+            chars += len(it)
+        else:
+            seen.add(it)
+    return count, chars
+
+
+def top_ngram_chars_fraction(wh: np.ndarray, wl: np.ndarray, n: int) -> float:
+    """Fraction of word characters covered by the most frequent word n-gram (Gopher)."""
+    h = ngram_hashes(wh, n)
+    if h.size == 0:
+        return 0.0
+    _, first, counts = np.unique(h, return_index=True, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < 2:
+        return 0.0
+    start = int(first[top])
+    return float(wl[start : start + n].sum() * counts[top]) / max(float(wl.sum()), 1.0)
+
+
+def duplicate_ngram_chars_fraction(wh: np.ndarray, wl: np.ndarray, n: int) -> float:
+    """Fraction of word characters inside n-grams that repeat an earlier n-gram (Gopher);
+    overlapping n-grams count each word once."""
+    h = ngram_hashes(wh, n)
+    if h.size == 0:
+        return 0.0
+    _, first = np.unique(h, return_index=True)
+    if first.size == h.size:
+        return 0.0
+    dup = np.ones(h.size, dtype=bool)
+    dup[first] = False
+    starts = np.flatnonzero(dup)
+    cover = np.zeros(wh.size + 1, dtype=np.int32)
+    np.add.at(cover, starts, 1)
+    np.add.at(cover, starts + n, -1)
+    covered = np.cumsum(cover[:-1]) > 0
+    return float(wl[covered].sum()) / max(float(wl.sum()), 1.0)
+
+
+def load_blocklist(words, path: str = "") -> frozenset:
+    items = {w.strip().lower() for w in words if w.strip()}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            items |= {ln.strip().lower() for ln in f if ln.strip() and not ln.startswith("#")}
+    return frozenset(items)
+
+
+def quality_reason(
+    text: str, words: list[str], wh: np.ndarray, q: dict, blocklist: frozenset = frozenset()
+) -> str | None:
+    """Name of the first failed filter, or None to keep the document.
+
+    ``words`` are ``text.split()``; ``wh`` the hashes of the lower-cased words.
+    """
+    n = len(words)
+    if _on(q["min_words"]) and n < q["min_words"]:
+        return "too_few_words"
+    if _on(q["max_words"]) and q["max_words"] > 0 and n > q["max_words"]:
+        return "too_many_words"
+    if n == 0:
+        return "too_few_words"
+    wl = np.fromiter(map(len, words), dtype=np.int64, count=n)
+    mean_len = float(wl.mean())
+    if _on(q["min_mean_word_length"]) and mean_len < q["min_mean_word_length"]:
+        return "mean_word_length_low"
+    if _on(q["max_mean_word_length"]) and mean_len > q["max_mean_word_length"]:
+        return "mean_word_length_high"
+    if _on(q["max_symbol_word_ratio"]):
+        symbols = text.count("#") + text.count("...") + text.count("…")
+        if symbols / n > q["max_symbol_word_ratio"]:
+            return "symbol_word_ratio"
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if lines and _on(q["max_bullet_lines_fraction"]):
+        bullets = sum(ln.lstrip().startswith(BULLETS) for ln in lines)
+        if bullets / len(lines) > q["max_bullet_lines_fraction"]:
+            return "bullet_lines"
+    if lines and _on(q["max_ellipsis_lines_fraction"]):
+        ell = sum(ln.rstrip().endswith(ELLIPSES) for ln in lines)
+        if ell / len(lines) > q["max_ellipsis_lines_fraction"]:
+            return "ellipsis_lines"
+    if _on(q["min_alpha_words_fraction"]):
+        alpha = sum(any(c.isalpha() for c in w) for w in words)
+        if alpha / n < q["min_alpha_words_fraction"]:
+            return "alpha_words_fraction"
+    if _on(q["min_stop_words"]) and q["min_stop_words"] > 0:
+        found = STOP_WORDS.intersection(w.lower().strip(string.punctuation) for w in words)
+        if len(found) < q["min_stop_words"]:
+            return "stop_words"
+    if lines and (_on(q["max_duplicate_lines_fraction"]) or _on(q["max_duplicate_line_chars_fraction"])):
+        count, chars = _duplicates(lines)
+        if _on(q["max_duplicate_lines_fraction"]) and count / len(lines) > q["max_duplicate_lines_fraction"]:
+            return "duplicate_lines"
+        if _on(q["max_duplicate_line_chars_fraction"]) and chars / len(text) > q["max_duplicate_line_chars_fraction"]:
+            return "duplicate_line_chars"
+    if _on(q["max_duplicate_paragraphs_fraction"]) or _on(q["max_duplicate_paragraph_chars_fraction"]):
+        paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+        count, chars = _duplicates(paras)
+        if _on(q["max_duplicate_paragraphs_fraction"]) and count / len(paras) > q["max_duplicate_paragraphs_fraction"]:
+            return "duplicate_paragraphs"
+        if _on(q["max_duplicate_paragraph_chars_fraction"]) and chars / len(text) > q["max_duplicate_paragraph_chars_fraction"]:
+            return "duplicate_paragraph_chars"
+    for k, limit in q["max_top_ngram_chars_fraction"]:
+        if _on(limit) and top_ngram_chars_fraction(wh, wl, int(k)) > limit:
+            return f"top_{int(k)}gram_chars"
+    for k, limit in q["max_duplicate_ngram_chars_fraction"]:
+        if _on(limit) and duplicate_ngram_chars_fraction(wh, wl, int(k)) > limit:
+            return f"duplicate_{int(k)}gram_chars"
+    if blocklist:
+        hits = sum(w.lower().strip(string.punctuation) in blocklist for w in words)
+        if hits > q["max_blocklist_hits"]:
+            return "blocklist"
+    return None
