@@ -6,7 +6,6 @@ Dotted overrides follow the config path: ``--config.train.steps=200``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from lmtrain.errors import LmtrainError
@@ -39,42 +38,9 @@ def cmd_data_prepare(args, overrides):
 
 
 def cmd_generate(args, overrides):
-    import json
+    from lmtrain.infer.generate_cli import run_generate
 
-    from lmtrain.config import apply_overrides, base_config, check_against_schema
-    from lmtrain.train.checkpoint import Checkpointer
-    from lmtrain.train.loop import build, sample_texts
-
-    with open(os.path.join(args.workdir, "config.json")) as f:
-        import ml_collections
-
-        cfg = ml_collections.ConfigDict(json.load(f))
-    check_against_schema(cfg, base_config())
-    apply_overrides(cfg, overrides)
-    setup = build(cfg, args.workdir)
-    ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
-        raise LmtrainError(f"no checkpoint in {args.workdir}/checkpoints; train first")
-    params = ckpt.restore_params(step, setup.abstract_state.params, setup.shardings.params)
-    prompts = [args.prompt] if args.prompt is not None else []
-    interactive = args.interactive or not prompts
-    while True:
-        if interactive:
-            try:
-                prompt = input("prompt> ")
-            except EOFError:
-                break
-        else:
-            if not prompts:
-                break
-            prompt = prompts.pop()
-        for text in sample_texts(setup, params, args.num_samples, args.max_new_tokens, prompt=prompt,
-                                 temperature=args.temperature, top_k=args.top_k, seed=args.seed):
-            print(text)
-            print("---")
-        if not interactive:
-            break
+    run_generate(args, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,14 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.set_defaults(fn=cmd_data_prepare)
 
     g = sub.add_parser("generate", help="sample from a trained run")
-    g.add_argument("--workdir", "--checkpoint", dest="workdir", required=True)
-    g.add_argument("--prompt", default=None)
-    g.add_argument("--interactive", action="store_true")
-    g.add_argument("--num-samples", type=int, default=1)
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--seed", type=int, default=0)
+    from lmtrain.infer.generate_cli import add_generate_args
+
+    add_generate_args(g)
     g.set_defaults(fn=cmd_generate)
 
     for register in _extra_commands():

@@ -1,0 +1,19 @@
+"""Shared fixtures: 8 emulated CPU devices (set before JAX starts), a tiny config and text file."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+from tests.tiny import tiny_config, write_tiny_text  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> str:
+    return write_tiny_text(tmp_path_factory.mktemp("text") / "tiny.txt")
+
+
+@pytest.fixture
+def tiny_cfg(tiny_text):
+    return tiny_config(tiny_text)
