@@ -34,7 +34,7 @@ def cmd_data_prepare(args, overrides):
     apply_overrides(cfg, overrides)
     manifest = prepare(cfg, args.out, overwrite=args.overwrite)
     counts = manifest.get("splits", {})
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v.get('num_documents', '?')} docs / {v.get('num_tokens', '?')} tokens" for k, v in counts.items()))
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v['documents']} docs / {v['index']['num_tokens']} tokens" for k, v in counts.items()))
 
 
 def cmd_generate(args, overrides):

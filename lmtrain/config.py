@@ -54,6 +54,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.prefetch = 2  # batches prepared ahead in a background thread (0 = none)
+    # Sequence-length warmup: start at this length (0 = off) and double up to seq_len over
+    # curriculum_steps steps; tokens per step stay constant (rows are split, not dropped).
+    c.data.curriculum_start_len = 0
+    c.data.curriculum_steps = 0
+    # Fine-tuning records (JSONL, read by lmtrain/data/formats.py) instead of token shards:
+    c.data.train_file = ""  # SFT records (objective sft/distill) or preference pairs (dpo/reward)
+    c.data.eval_file = ""  # same layout; "" = no eval
+    c.data.format = "auto"  # SFT layout: auto | prompt_response | chat | alpaca | seed_tasks
+    c.data.packing = True  # SFT: pack several examples per row (masks and boundaries kept)
+    c.data.truncation = "left_prompt"  # left_prompt | right
+    c.data.chat_markers = "auto"  # auto | special | text: role markers as special tokens or text
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -61,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.microbatches = 1  # gradient accumulation inside the jitted step
     c.train.log_every = 50
     c.train.eval_every = 250
-    c.train.eval_batches = 0  # 0 = the whole eval split
+    c.train.eval_batches = 0  # cap on periodic evals (0 = whole split); the final eval is always whole
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True
@@ -71,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.sample_tokens = 200
     c.train.sample_prompt = ""
     c.train.peak_flops = 0.0  # per device; 0 = from the device table (lmtrain/train/flops.py)
+    # Early stopping / best checkpoint (lmtrain/train/early_stop.py); patience counts evaluations.
+    c.train.early_stop_patience = 0  # 0 = off
+    c.train.early_stop_metric = "eval/loss"
+    c.train.early_stop_min_delta = 0.0
+    c.train.keep_best_metric = ""  # e.g. "eval/loss": best state kept in <workdir>/checkpoints_best
+    c.train.keep_best_mode = "auto"  # auto (loss/perplexity → min, else max) | min | max
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -85,8 +102,38 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.wd_exclude = ("norm", "bias")  # regexes over param paths exempt from weight decay
 
+    c.sft = ml_collections.ConfigDict()
+    c.sft.average = "token"  # token: mean over response tokens | sequence: mean of per-sequence means
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo
+    c.dpo.label_smoothing = 0.0  # conservative DPO: assumed probability that a label is flipped
+    c.dpo.reference = "params"  # params: frozen reference forward each step | precomputed: one pass
+    c.dpo.degenerate_patience = 50  # logged steps of suspicious metrics before a warning
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # lmtrain workdir of the teacher run (same tokenizer)
+    c.distill.temperature = 2.0
+    c.distill.alpha = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * LM loss
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (full fine-tuning); > 0 = train low-rank adapters only
+    c.lora.alpha = 16.0  # adapter scale = alpha / rank
+    c.lora.dropout = 0.0
+    c.lora.targets = ("q", "k", "v", "o")  # any of q k v o gate up down, or attn / mlp / all
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one axis may be -1 = the rest
+    c.mesh.num_devices = 0  # 0 = every device; N = only the first N (e.g. 1 for a one-device run)
+
+    c.fault = ml_collections.ConfigDict()  # fault tolerance (lmtrain/train/preflight.py, checkpoint.py)
+    c.fault.preflight = True  # check workdir, disk, data, vocab, mesh and batch before compiling
+    c.fault.verify_data_hashes = True  # preflight hashes data shards against their manifest (cached)
+    c.fault.checkpoint_hashes = True  # SHA-256 of every checkpoint file in its listing (else sizes)
+    c.fault.spike_factor = 0.0  # > 1: loss > factor x recent median rolls back, skipping data; 0 = off
+    c.fault.spike_window = 50  # recent finite losses whose median a spike is measured against
+    c.fault.max_rollbacks = 5  # more spikes than this stop the run (TrainingDiverged)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = "auto"  # auto | yes | no
@@ -101,10 +148,15 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} not found; pass a path such as configs/quickstart.py")
     spec = importlib.util.spec_from_file_location(f"_lmtrain_cfg_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} must define get_config()")
-    cfg = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} must define get_config()")
+        cfg = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file, named with its cause
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     return cfg
@@ -201,7 +253,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
             raise _unknown_key_error(key, list(known), "from the command line")
         try:
             value = _parse_value(text, known[key])
-        except (ValueError, SyntaxError) as e:
+        # literal_eval also raises TypeError ({[]: 1}), MemoryError/RecursionError (deep nesting)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
             raise ConfigError(
                 f"config.{key}: cannot read {text!r} as {type(known[key]).__name__} ({e})"
             ) from None
@@ -252,10 +305,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         need(m[key] in ("float32", "bfloat16", "float16"), f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16")
     need(m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}: choose one of {REMAT_POLICIES}")
     need(m.mlp_activation in ("silu", "gelu_tanh"), f"config.model.mlp_activation={m.mlp_activation!r}: silu or gelu_tanh")
-    need(m.attention in ("xla", "cudnn"), f"config.model.attention={m.attention!r}: xla or cudnn")
+    from lmtrain.model.attention_kernels import check_available
+
+    check_available(m.attention, dtype=m.dtype)  # ConfigError naming the backend and the fix
     need(d.seq_len > 0, "config.data.seq_len must be positive")
     need(d.seq_len <= m.max_seq_len, f"config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len={m.max_seq_len}")
-    need(bool(d.dir) != bool(d.path), "set exactly one of config.data.dir (prepared shards) or config.data.path (one text file)")
+    from lmtrain.data.pipeline import check_curriculum
+
+    check_curriculum(d.curriculum_start_len, d.curriculum_steps, d.seq_len)
+    need(bool(d.dir) != bool(d.path) or (d.train_file and not d.dir and not d.path), "set exactly one of config.data.dir (prepared shards) or config.data.path (one text file), or config.data.train_file (fine-tuning records)")
+    _validate_finetune(cfg, need)
     need(0.0 < d.val_fraction < 1.0, f"config.data.val_fraction={d.val_fraction} must be in (0, 1)")
     need(t.steps > 0, "config.train.steps must be positive")
     need(t.global_batch_size > 0, "config.train.global_batch_size must be positive")
@@ -266,7 +325,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     need(o.lr > 0, "config.optim.lr must be positive")
     need(0 <= o.warmup_steps <= max(t.steps, o.decay_steps), f"config.optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}")
     need(o.clip_norm >= 0, "config.optim.clip_norm must be >= 0 (0 = no clipping)")
-    mesh = resolve_mesh_shape(cfg.mesh.shape, num_devices)
+    need(
+        0 <= cfg.mesh.num_devices <= num_devices,
+        f"config.mesh.num_devices={cfg.mesh.num_devices} must be between 0 (all) and the "
+        f"{num_devices} available devices",
+    )
+    mesh = resolve_mesh_shape(cfg.mesh.shape, cfg.mesh.num_devices or num_devices)
     shards = mesh[0] * mesh[1]
     need(
         t.global_batch_size % (shards * t.microbatches) == 0,
@@ -274,3 +338,36 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"(mesh data x fsdp = {shards}) x config.train.microbatches={t.microbatches}",
     )
     need(cfg.distributed.initialize in ("auto", "yes", "no"), "config.distributed.initialize: auto, yes or no")
+    f = cfg.fault
+    need(f.spike_factor == 0 or f.spike_factor > 1, f"config.fault.spike_factor={f.spike_factor}: 0 (off) or > 1, e.g. 3")
+    need(f.spike_window > 0 and f.max_rollbacks >= 0, "config.fault.spike_window must be > 0 and fault.max_rollbacks >= 0")
+
+
+def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
+    """Checks of the fine-tuning keys (objective, data.train_file, sft, dpo, distill, lora)."""
+    from lmtrain.model.lora import resolve_targets
+
+    d, obj = cfg.data, cfg.objective
+    if obj in ("sft", "dpo", "reward"):
+        need(bool(d.train_file), f"config.objective={obj!r} needs config.data.train_file (JSONL records)")
+    need(obj != "lm" or not d.train_file, "config.data.train_file is for fine-tuning; use objective sft")
+    need(d.format in ("auto", "prompt_response", "chat", "alpaca", "seed_tasks"), f"config.data.format={d.format!r}: auto, prompt_response, chat, alpaca or seed_tasks")
+    need(d.truncation in ("left_prompt", "right"), f"config.data.truncation={d.truncation!r}: left_prompt or right")
+    need(d.chat_markers in ("auto", "special", "text"), f"config.data.chat_markers={d.chat_markers!r}: auto, special or text")
+    need(cfg.sft.average in ("token", "sequence"), f"config.sft.average={cfg.sft.average!r}: token or sequence")
+    p = cfg.dpo
+    need(p.beta > 0, f"config.dpo.beta={p.beta} must be positive")
+    need(p.loss in ("sigmoid", "ipo"), f"config.dpo.loss={p.loss!r}: sigmoid or ipo")
+    need(0.0 <= p.label_smoothing < 0.5, f"config.dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)")
+    need(p.loss == "sigmoid" or p.label_smoothing == 0.0, "config.dpo.label_smoothing applies to loss=sigmoid only")
+    need(p.reference in ("params", "precomputed"), f"config.dpo.reference={p.reference!r}: params or precomputed")
+    t = cfg.distill
+    need(obj != "distill" or bool(t.teacher), "config.objective='distill' needs config.distill.teacher (a workdir)")
+    need(t.temperature > 0, f"config.distill.temperature={t.temperature} must be positive")
+    need(0.0 <= t.alpha <= 1.0, f"config.distill.alpha={t.alpha} must be in [0, 1]")
+    lo = cfg.lora
+    need(lo.rank >= 0, f"config.lora.rank={lo.rank} must be >= 0 (0 = off)")
+    need(lo.alpha > 0, f"config.lora.alpha={lo.alpha} must be positive")
+    need(0.0 <= lo.dropout < 1.0, f"config.lora.dropout={lo.dropout} must be in [0, 1)")
+    if lo.rank:
+        resolve_targets(lo.targets)  # raises ConfigError naming the bad target

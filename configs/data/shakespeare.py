@@ -10,7 +10,8 @@ The file path: ``get_config('/path/to/tinyshakespeare.txt')`` (config-string syn
 ``configs/data/shakespeare.py:/path``), else ``$LMTRAIN_SHAKESPEARE``, else
 ``data/tinyshakespeare.txt`` under the repository.
 
-Expected: ~560 documents, ~1.0M train / ~0.11M validation characters, 1 char per token.
+Measured: 498 documents (448 train / 50 validation), 1.01M train / 0.107M validation characters,
+1 char per token, 65 characters + 4 specials.
 """
 
 import os
@@ -22,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def get_config(path: str | None = None):
-    path = path or os.environ.get("LMTRAIN_SHAKESPEARE") or str(REPO / "data" / "tinyshakespeare.txt")
+    path = (
+        path or os.environ.get("LMTRAIN_SHAKESPEARE") or str(REPO / "data" / "tinyshakespeare.txt")
+    )
     c = default_config()
     c.sources = (source(name="tinyshakespeare", paths=(path,), licence="public-domain", format="text",
                         segment="paragraphs", segment_chars=2000),)  # fmt: skip

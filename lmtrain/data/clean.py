@@ -44,8 +44,14 @@ class Cleaner:
     def __init__(self, cfg: dict, spill_dir: str, eval_ngrams: np.ndarray | None = None):
         self.cfg, self.spill_dir = cfg, spill_dir
         q, p = cfg["quality"], cfg["pii"]
-        self.blocklist = load_blocklist(q["blocklist"], q["blocklist_path"]) if q["enabled"] else frozenset()
-        self.pii = PiiScrubber(p["placeholder"], p["kinds"], p["keep_nonpublic_ips"]) if p["enabled"] else None
+        self.blocklist = (
+            load_blocklist(q["blocklist"], q["blocklist_path"]) if q["enabled"] else frozenset()
+        )
+        self.pii = (
+            PiiScrubber(p["placeholder"], p["kinds"], p["keep_nonpublic_ips"])
+            if p["enabled"]
+            else None
+        )
         self.num_perm = cfg["dedup"]["num_perm"]
         self.minhash = minhash_params(self.num_perm, cfg["seed"]) if cfg["dedup"]["near"] else None
         self.eval_ngrams = eval_ngrams if eval_ngrams is not None else np.zeros(0, np.uint64)
@@ -62,7 +68,11 @@ class Cleaner:
                 continue
             text, wh, t = out
             if self.minhash is not None:
-                sigs.append(minhash_signature(shingle_hashes(wh, self.cfg["dedup"]["shingle_words"]), *self.minhash))
+                sigs.append(
+                    minhash_signature(
+                        shingle_hashes(wh, self.cfg["dedup"]["shingle_words"]), *self.minhash
+                    )
+                )
             m = matches(text, self.cfg["contamination"]["ngram"], self.eval_ngrams)
             if m.size:
                 found[len(kept)] = m
@@ -122,7 +132,11 @@ class Cleaner:
             text = html_to_text(text) if fmt == "html" else markdown_to_text(text)
             counts["markup"][f"{fmt}_converted"] += 1
         if cfg["normalize"]["enabled"]:
-            text, c = normalize_text(text, nfc=cfg["normalize"]["nfc"], max_blank_lines=cfg["normalize"]["max_blank_lines"])
+            text, c = normalize_text(
+                text,
+                nfc=cfg["normalize"]["nfc"],
+                max_blank_lines=cfg["normalize"]["max_blank_lines"],
+            )
             counts["normalize"].update(c)
         if not text.strip():
             counts["normalize"]["empty_dropped"] += 1

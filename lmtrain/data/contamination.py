@@ -60,7 +60,11 @@ def read_eval_examples(path: str, fields=()) -> list[tuple[str, str]]:
                     raise DataError(
                         f"{path}:{line_no}: malformed JSON in evaluation set ({e.msg} at column {e.colno}); fix the line"
                     ) from None
-                parts = [s for fld in fields for s in _strings(obj.get(fld, ""))] if fields else _strings(obj)
+                parts = (
+                    [s for fld in fields for s in _strings(obj.get(fld, ""))]
+                    if fields
+                    else _strings(obj)
+                )
                 out.append((f"{p.name}:{line_no}", "\n".join(parts)))
     else:
         text = p.read_text(encoding="utf-8", errors="replace")
@@ -80,7 +84,14 @@ class EvalSets:
             name, path, fields = spec["name"], spec["path"], tuple(spec.get("fields", ()))
             examples = read_eval_examples(path, fields)
             grams = [np.unique(ngrams_of(text, n)) for _, text in examples]
-            self.sets.append({"name": name or Path(path).name, "path": str(path), "ids": [e[0] for e in examples], "grams": grams})
+            self.sets.append(
+                {
+                    "name": name or Path(path).name,
+                    "path": str(path),
+                    "ids": [e[0] for e in examples],
+                    "grams": grams,
+                }
+            )
         allg = [g for s in self.sets for g in s["grams"]]
         self.all_ngrams = np.unique(np.concatenate(allg)) if allg else np.zeros(0, np.uint64)
 
@@ -93,8 +104,12 @@ class EvalSets:
         )
         reports = []
         for s in self.sets:
-            set_grams = np.unique(np.concatenate(s["grams"])) if s["grams"] else np.zeros(0, np.uint64)
-            contaminated = [i for i, g in zip(s["ids"], s["grams"]) if g.size and np.isin(g, matched).any()]
+            set_grams = (
+                np.unique(np.concatenate(s["grams"])) if s["grams"] else np.zeros(0, np.uint64)
+            )
+            contaminated = [
+                i for i, g in zip(s["ids"], s["grams"]) if g.size and np.isin(g, matched).any()
+            ]
             overlapping = [d for d, g in train_matches.items() if np.isin(g, set_grams).any()]
             checked = sum(1 for g in s["grams"] if g.size)
             reports.append({

@@ -17,33 +17,63 @@ def _table(rows: list[tuple], head: tuple) -> str:
 
 
 def _counts(d: dict) -> str:
-    items = [(k, v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    items = [
+        (k, v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     return ", ".join(f"{k}: {v:,}" for k, v in items) if items else "none"
 
 
 def render(m: dict) -> str:
     st, cfg, tok = m["stages"], m["config"], m["tokenizer"]
     out = ["# Datasheet", ""]
-    out += ["Prepared by `lmtrain data prepare` (format `%s`, seed %s). Machine-readable details, "
-            "hashes and the resolved config are in `manifest.json`." % (m["format"], m["seed"]), ""]  # fmt: skip
+    out += ["Prepared by `lmtrain data prepare` (format `{}`, seed {}). Machine-readable details, "
+            "hashes and the resolved config are in `manifest.json`.".format(m["format"], m["seed"]), ""]  # fmt: skip
     out += ["## Composition", ""]
     rows = []
     for s in m["sources"]:
         where = s.get("root") or ", ".join(s.get("paths", [])) or str(s.get("tfds"))
-        rows.append((s["name"], s["kind"], s["licence"], len(s["files"]), f"{s['documents_read']:,}", f"{s['bytes_read']:,}", where))
-    out += [_table(rows, ("source", "kind", "licence", "files", "documents read", "bytes read", "location")), ""]
+        rows.append(
+            (
+                s["name"],
+                s["kind"],
+                s["licence"],
+                len(s["files"]),
+                f"{s['documents_read']:,}",
+                f"{s['bytes_read']:,}",
+                where,
+            )
+        )
+    out += [
+        _table(
+            rows, ("source", "kind", "licence", "files", "documents read", "bytes read", "location")
+        ),
+        "",
+    ]
     rows = [(s, f"{v['documents']:,}", f"{v['chars']:,}", f"{v['tokens']:,}", len(v["index"]["shards"]))
             for s, v in m["splits"].items()]  # fmt: skip
-    out += [_table(rows, ("split", "documents", "characters", "tokens (incl. EOS)", "shards")), ""]
+    out += [_table(rows, ("split", "documents", "characters", "tokens (without EOS)", "shards")), ""]
     out += ["Documents written per licence: " + _counts(m["licences"]) + ".", ""]
-    out += ["## Preprocessing", "", "Documents through the pipeline: " + " → ".join(f"{k} {v:,}" for k, v in m["flow"].items()) + ".", ""]
+    out += [
+        "## Preprocessing",
+        "",
+        "Documents through the pipeline: "
+        + " → ".join(f"{k} {v:,}" for k, v in m["flow"].items())
+        + ".",
+        "",
+    ]
     err = st["errors"]
     out += [f"- **Bad input** (on_error={err['on_error']}): skipped {_counts(err['skipped'])}."]
-    out += [f"- **Decoding** (invalid UTF-8 policy `{st['decode']['policy']}`): {_counts(st['decode'])}."]
+    out += [
+        f"- **Decoding** (invalid UTF-8 policy `{st['decode']['policy']}`): {_counts(st['decode'])}."
+    ]
     out += [f"- **Markup to text** (enabled={st['markup']['enabled']}): {_counts(st['markup'])}."]
-    out += [f"- **Normalisation** (NFC, control characters, whitespace; enabled={st['normalize']['enabled']}): {_counts(st['normalize'])}."]
+    out += [
+        f"- **Normalisation** (NFC, control characters, whitespace; enabled={st['normalize']['enabled']}): {_counts(st['normalize'])}."
+    ]
     q = st["quality"]
-    out += [f"- **Quality filters** (Gopher/C4 heuristics; enabled={q['enabled']}): dropped {q['dropped_total']:,} — {_counts(q['dropped'])}."]
+    out += [
+        f"- **Quality filters** (Gopher/C4 heuristics; enabled={q['enabled']}): dropped {q['dropped_total']:,} — {_counts(q['dropped'])}."
+    ]
     p = st["pii"]
     out += [f"- **PII scrubbing** (typed placeholders; enabled={p['enabled']}): {p['replacements_total']:,} replacements "
             f"in {p['documents_changed']:,} documents — {_counts(p['replacements'])}."]  # fmt: skip
@@ -56,15 +86,36 @@ def render(m: dict) -> str:
             f"test {cfg['split']['test']}); no document is in two splits."]  # fmt: skip
     c = st["contamination"]
     if c["eval_sets"]:
-        out += ["", f"## Contamination ({c['ngram']}-gram overlap with the train split; drop={c['drop']})", ""]
+        out += [
+            "",
+            f"## Contamination ({c['ngram']}-gram overlap with the train split; drop={c['drop']})",
+            "",
+        ]
         rows = [(e["name"], e["examples_checked"], e["contaminated_examples"], e["contaminated_fraction"],
                  e["train_documents_overlapping"], e["train_documents_dropped"]) for e in c["eval_sets"]]  # fmt: skip
-        out += [_table(rows, ("eval set", "examples checked", "contaminated", "fraction", "train docs overlapping", "dropped"))]
+        out += [
+            _table(
+                rows,
+                (
+                    "eval set",
+                    "examples checked",
+                    "contaminated",
+                    "fraction",
+                    "train docs overlapping",
+                    "dropped",
+                ),
+            )
+        ]
     else:
         out += ["- **Contamination**: no evaluation sets were given (`contamination.eval_sets`)."]
     out += ["", "## Tokenizer", ""]
-    how = f"loaded from `{tok['loaded_from']}`" if "loaded_from" in tok else (
-        f"trained on {tok.get('trained_on_documents', 0):,} train documents ({tok.get('trained_on_chars', 0):,} characters)")
+    how = (
+        f"loaded from `{tok['loaded_from']}`"
+        if "loaded_from" in tok
+        else (
+            f"trained on {tok.get('trained_on_documents', 0):,} train documents ({tok.get('trained_on_chars', 0):,} characters)"
+        )
+    )
     out += [f"`{tok['kind']}`{' ' + tok['model_type'] if 'model_type' in tok else ''}, vocabulary {tok['vocab_size']:,}, "
             f"{how}; fingerprint `{tok['fingerprint'][:16]}…`. Characters per token on validation: "
             f"{tok['chars_per_token_validation']}.", ""]  # fmt: skip

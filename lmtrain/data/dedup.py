@@ -42,7 +42,9 @@ def shingle_hashes(wh: np.ndarray, k: int) -> np.ndarray:
     return np.unique(sh)
 
 
-def minhash_signature(shingles: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
+def minhash_signature(
+    shingles: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 2048
+) -> np.ndarray:
     """MinHash signature (uint32, one value per permutation) of a set of uint64 shingle hashes."""
     sig = np.full(a.size, np.iinfo(np.uint32).max, dtype=np.uint64)
     for start in range(0, shingles.size, chunk):
@@ -99,7 +101,12 @@ class SignatureFile:
         with open(self.path, "rb") as f:
             for start in range(0, self.rows, rows_per_chunk):
                 n = min(rows_per_chunk, self.rows - start)
-                yield start, np.fromfile(f, dtype=np.uint32, count=n * self.num_perm).reshape(n, self.num_perm)
+                yield (
+                    start,
+                    np.fromfile(f, dtype=np.uint32, count=n * self.num_perm).reshape(
+                        n, self.num_perm
+                    ),
+                )
 
     def memmap(self) -> np.ndarray:
         return np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.rows, self.num_perm))
@@ -168,7 +175,13 @@ def near_duplicates(
     """``dup_of`` (-1 = keep) over the documents in ``sigfile``; only ``eligible`` ones take part."""
     n = sigfile.rows
     dup_of = np.full(n, -1, dtype=np.int64)
-    stats = {"bands": bands, "rows": rows, "candidate_pairs": 0, "confirmed_pairs": 0, "clusters": 0}
+    stats = {
+        "bands": bands,
+        "rows": rows,
+        "candidate_pairs": 0,
+        "confirmed_pairs": 0,
+        "clusters": 0,
+    }
     members = np.flatnonzero(eligible)
     if members.size < 2:
         return dup_of, stats

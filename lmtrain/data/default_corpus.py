@@ -72,7 +72,9 @@ class StdlibSource:
     def __iter__(self):
         s = self.spec
         total = 0
-        modes = {"source": ("code",), "docstrings": ("pydoc",), "both": ("code", "pydoc")}[s["mode"]]
+        modes = {"source": ("code",), "docstrings": ("pydoc",), "both": ("code", "pydoc")}[
+            s["mode"]
+        ]
         for i, rel in enumerate(stdlib_files(self.root, s["include_tests"])):
             if s["max_files"] and i >= s["max_files"]:
                 break
@@ -83,10 +85,18 @@ class StdlibSource:
                 with open(full, "rb") as f:
                     data = f.read()
             except OSError as e:
-                self.policy("unreadable_file", f"{full}: cannot read ({e}); fix permissions or set include_tests")
+                self.policy(
+                    "unreadable_file",
+                    f"{full}: cannot read ({e}); fix permissions or set include_tests",
+                )
                 continue
             total += len(data)
-            entry = {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "documents": 0}
+            entry = {
+                "path": rel,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "documents": 0,
+            }
             self.files.append(entry)
             nul = data.find(b"\x00", 0, 8192)
             if nul >= 0:
@@ -95,4 +105,12 @@ class StdlibSource:
             for fmt in modes:
                 suffix = "" if fmt == "code" else "#docstrings"
                 entry["documents"] += 1
-                yield RawDoc(f"{s['name']}:{rel}{suffix}", s["name"], full, 0, s["licence"] or LICENCE, fmt, data)
+                yield RawDoc(
+                    f"{s['name']}:{rel}{suffix}",
+                    s["name"],
+                    full,
+                    0,
+                    s["licence"] or LICENCE,
+                    fmt,
+                    data,
+                )

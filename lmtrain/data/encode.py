@@ -30,7 +30,9 @@ def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: n
         info.update(kind=tok.kind, loaded_from=str(t["path"]))
     elif t["kind"] == "char":
         tok = CharTokenizer.train(texts_for(train_sel))
-        info.update(trained_on_documents=int(train_sel.sum()), trained_on_chars=int(chars[train_sel].sum()))
+        info.update(
+            trained_on_documents=int(train_sel.sum()), trained_on_chars=int(chars[train_sel].sum())
+        )
     else:
         sel = train_sel
         total = int(chars[train_sel].sum())
@@ -47,10 +49,11 @@ def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: n
             user_specials=tuple(t["user_specials"]),
             max_sentence_chars=t["max_sentence_chars"],
             seed=cfg["seed"],
-            num_threads=max(workers, 1),
+            num_threads=t["num_threads"],
         )
         info.update(model_type=t["model_type"], byte_fallback=t["byte_fallback"],
-                    trained_on_documents=int(sel.sum()), trained_on_chars=int(chars[sel].sum()))  # fmt: skip
+                    num_threads=t["num_threads"], trained_on_documents=int(sel.sum()),
+                    trained_on_chars=int(chars[sel].sum()))  # fmt: skip
     if tok.vocab_size > 2**32:
         raise DataError(f"tokenizer vocab_size {tok.vocab_size} does not fit uint32 shards")
     info.update(vocab_size=tok.vocab_size, fingerprint=tok.fingerprint(), pad_id=tok.pad_id,

@@ -242,6 +242,8 @@ def _decode(raw: bytes, where: str) -> Any:
         raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, nesting 3000 deep
+        raise DataError(f"{where}: unreadable JSON ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _read_jsonl(

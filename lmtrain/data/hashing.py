@@ -41,7 +41,10 @@ def word_hashes(words: list[str]) -> np.ndarray:
     """One uint64 per word (CRC-32 of its UTF-8 bytes, mixed with its length, then SplitMix64)."""
     if not words:
         return np.zeros(0, dtype=np.uint64)
-    enc = [w.encode("utf-8", "surrogatepass") for w in words]
+    try:
+        enc = list(map(str.encode, words))  # C-level loop; UTF-8
+    except UnicodeEncodeError:  # lone surrogates (normalised text has none)
+        enc = [w.encode("utf-8", "surrogatepass") for w in words]
     crc = np.fromiter(map(zlib.crc32, enc), dtype=np.uint64, count=len(enc))
     lens = np.fromiter(map(len, enc), dtype=np.uint64, count=len(enc))
     return mix64(crc | (lens << np.uint64(32)))
@@ -57,3 +60,28 @@ def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
         h *= _PRIME
         h += wh[k : k + m]
     return mix64(h)
+
+
+def ngram_hashes_range(wh: np.ndarray, ns) -> dict[int, np.ndarray]:
+    """``{n: ngram_hashes(wh, n)}`` for increasing ``ns``, sharing the polynomial prefix work
+    (equal to calling :func:`ngram_hashes` for each n)."""
+    out: dict[int, np.ndarray] = {}
+    ns = sorted(set(int(n) for n in ns))
+    if not ns:
+        return out
+    h, done = None, 0
+    for n in ns:
+        m = wh.size - n + 1
+        if m <= 0:
+            out[n] = np.zeros(0, dtype=np.uint64)
+            continue
+        if h is None:
+            h, done = wh[:m].copy(), 1
+        else:
+            h = h[:m]
+        for k in range(done, n):
+            h *= _PRIME
+            h += wh[k : k + m]
+        done = n
+        out[n] = mix64(h)
+    return out

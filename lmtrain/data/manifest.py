@@ -12,7 +12,15 @@ from collections import Counter
 from lmtrain.data.split import SPLITS
 
 FORMAT = "lmtrain-data-v1"
-PACKAGES = ("numpy", "pyarrow", "sentencepiece", "array_record", "tensorflow-datasets", "ml_collections", "grain")
+PACKAGES = (
+    "numpy",
+    "pyarrow",
+    "sentencepiece",
+    "array_record",
+    "tensorflow-datasets",
+    "ml_collections",
+    "grain",
+)
 
 
 def package_versions() -> dict:
@@ -33,9 +41,17 @@ def _source_entry(spec: dict, src, docs: int, nbytes: int) -> dict:
     if spec["kind"] == "files":
         entry["paths"] = [str(p) for p in spec["paths"]]
     elif spec["kind"] == "tfds":
-        entry["tfds"] = {"name": spec["tfds_name"], "split": spec["split"], "data_dir": spec["data_dir"]}
+        entry["tfds"] = {
+            "name": spec["tfds_name"],
+            "split": spec["split"],
+            "data_dir": spec["data_dir"],
+        }
     else:
-        entry.update(root=src.root, python=platform.python_version(), licence=spec["licence"] if spec["licence"] != "unknown" else "PSF-2.0")
+        entry.update(
+            root=src.root,
+            python=platform.python_version(),
+            licence=spec["licence"] if spec["licence"] != "unknown" else "PSF-2.0",
+        )
     return entry
 
 
@@ -56,22 +72,46 @@ def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_s
         by_source.setdefault(src, {s: 0 for s in SPLITS})[split] = n
     stages = {
         "read": {"documents": int(sum(docs_read.values())), "bytes": int(sum(bytes_read.values()))},
-        "errors": {"on_error": cfg["on_error"], "skipped": dict(sorted(scan.errors.items())),
-                   "examples": scan.error_examples},  # fmt: skip
+        "errors": {
+            "on_error": cfg["on_error"],
+            "skipped": dict(sorted(scan.errors.items())),
+            "examples": scan.error_examples,
+        },  # fmt: skip
         "decode": {"policy": cfg["normalize"]["invalid_utf8"], **dict(sorted(decode.items()))},
         "markup": {"enabled": cfg["markup"]["enabled"], **counts["markup"]},
         "normalize": {"enabled": cfg["normalize"]["enabled"], **counts["normalize"]},
-        "quality": {"enabled": cfg["quality"]["enabled"], "dropped": counts["quality"],
-                    "dropped_total": int(sum(counts["quality"].values()))},  # fmt: skip
-        "pii": {"enabled": cfg["pii"]["enabled"], "replacements": dict(sorted(pii.items())),
-                "replacements_total": int(sum(pii.values())), "documents_changed": int(changed)},  # fmt: skip
+        "quality": {
+            "enabled": cfg["quality"]["enabled"],
+            "dropped": counts["quality"],
+            "dropped_total": int(sum(counts["quality"].values())),
+        },  # fmt: skip
+        "pii": {
+            "enabled": cfg["pii"]["enabled"],
+            "replacements": dict(sorted(pii.items())),
+            "replacements_total": int(sum(pii.values())),
+            "documents_changed": int(changed),
+        },  # fmt: skip
         "cleaned": {"documents": int(scan.n), "chars": int(scan.chars.sum())},
-        "dedup": {"exact": d["exact"], "near": d["near"], "exact_duplicates": n_exact, "near_duplicates": n_near,
-                  "threshold": d["threshold"], "num_perm": d["num_perm"], "shingle_words": d["shingle_words"], **lsh_stats},  # fmt: skip
-        "split": {"method": cfg["split"]["method"],
-                  "documents": {s: int((split_ids == i).sum()) for i, s in enumerate(SPLITS)}},  # fmt: skip
-        "contamination": {"ngram": cfg["contamination"]["ngram"], "drop": cfg["contamination"]["drop"],
-                          "train_documents_dropped": len(dropped), "eval_sets": contamination},  # fmt: skip
+        "dedup": {
+            "exact": d["exact"],
+            "near": d["near"],
+            "exact_duplicates": n_exact,
+            "near_duplicates": n_near,
+            "threshold": d["threshold"],
+            "num_perm": d["num_perm"],
+            "shingle_words": d["shingle_words"],
+            **lsh_stats,
+        },  # fmt: skip
+        "split": {
+            "method": cfg["split"]["method"],
+            "documents": {s: int((split_ids == i).sum()) for i, s in enumerate(SPLITS)},
+        },  # fmt: skip
+        "contamination": {
+            "ngram": cfg["contamination"]["ngram"],
+            "drop": cfg["contamination"]["drop"],
+            "train_documents_dropped": len(dropped),
+            "eval_sets": contamination,
+        },  # fmt: skip
     }
     splits = {}
     for s in SPLITS:
@@ -83,8 +123,10 @@ def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_s
         "seed": cfg["seed"],
         "config": cfg,
         "versions": package_versions(),
-        "sources": [_source_entry(spec, src, docs_read[spec["name"]], bytes_read[spec["name"]])
-                    for spec, src in zip(cfg["sources"], sources)],  # fmt: skip
+        "sources": [
+            _source_entry(spec, src, docs_read[spec["name"]], bytes_read[spec["name"]])
+            for spec, src in zip(cfg["sources"], sources)
+        ],  # fmt: skip
         "stages": stages,
         "flow": {
             "read": stages["read"]["documents"],

@@ -20,7 +20,20 @@ _BLOCK = {
     "hr", "ul", "ol", "li", "pre", "title", "body", "html", "details", "summary",
     "h1", "h2", "h3", "h4", "h5", "h6",
 }  # fmt: skip
-_VOID = {"br", "hr", "img", "input", "meta", "link", "area", "base", "col", "embed", "source", "wbr"}
+_VOID = {
+    "br",
+    "hr",
+    "img",
+    "input",
+    "meta",
+    "link",
+    "area",
+    "base",
+    "col",
+    "embed",
+    "source",
+    "wbr",
+}
 _WS = re.compile(r"\s+")
 _BR = re.compile(r" ?\x00 ?")
 _ITEM = re.compile(r"\s*(- |\d+\. )")
@@ -194,7 +207,9 @@ def markdown_to_text(md: str) -> str:
             fence = m.group(2)
             out.append(line.strip() if not m.group(1) else line)
             continue
-        if line.startswith(("    ", "\t")) and (not out or not out[-1].strip() or out[-1].startswith(("    ", "\t"))):
+        if line.startswith(("    ", "\t")) and (
+            not out or not out[-1].strip() or out[-1].startswith(("    ", "\t"))
+        ):
             out.append(line)  # indented code block: verbatim
             continue
         if _REF_DEF.match(line):

@@ -77,7 +77,7 @@ def normalize_text(text: str, *, nfc: bool = True, max_blank_lines: int = 1) -> 
     text = _TRAILING.sub("", text)
     limit = "\n" * (max_blank_lines + 1)
     if limit + "\n" in text:
-        text = re.sub(r"\n{%d,}" % (max_blank_lines + 2), limit, text)
+        text = re.sub("\n{" + str(max_blank_lines + 2) + ",}", limit, text)
     text = text.lstrip("\n").rstrip()
     if text != before:
         counts["whitespace_changed"] += 1

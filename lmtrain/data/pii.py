@@ -16,8 +16,10 @@ and counted per kind. Kinds, applied in this order so a longer match wins:
   Luhn-invalid digit runs are left alone.
 * ``IP_ADDRESS``: IPv4 (not inside a longer dotted number such as a version string) and IPv6
   (validated with ``ipaddress``; at least three groups so Python slices like ``a[1::2]`` survive).
-  With ``keep_nonpublic_ips`` loopback, private, link-local, reserved and unspecified addresses
-  (127.0.0.1, 10.0.0.0/8, ::1 ...) are kept: they identify no one and are common in code.
+  With ``keep_nonpublic_ips`` every address that is not globally routable (``ipaddress``'s
+  ``is_global``: loopback, private, shared, link-local, reserved ... 127.0.0.1, 10.0.0.0/8, ::1) and
+  multicast is kept: they identify no one and are common in code. A dotted quad right after
+  "version", "section", "release", "RFC", "v" ... is a version or section number and is kept.
 * ``PHONE``: international ``+CC`` numbers and North-American style ``(555) 123-4567`` /
   ``555-123-4567`` / ``555.123.4567`` (separators required, so plain digit runs are not phones).
 """
@@ -28,7 +30,16 @@ import ipaddress
 import re
 from collections import Counter
 
-KINDS = ("PRIVATE_KEY", "AWS_KEY", "GITHUB_TOKEN", "SECRET", "EMAIL", "CREDIT_CARD", "IP_ADDRESS", "PHONE")
+KINDS = (
+    "PRIVATE_KEY",
+    "AWS_KEY",
+    "GITHUB_TOKEN",
+    "SECRET",
+    "EMAIL",
+    "CREDIT_CARD",
+    "IP_ADDRESS",
+    "PHONE",
+)
 
 _PRIVATE_KEY = re.compile(
     r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
@@ -44,7 +55,9 @@ _GENERIC = re.compile(
     r"|client[_-]?secret|private[_-]?token|passw(?:or)?d)[\"']?\s*[:=]\s*[\"']?)"
     r"([A-Za-z0-9_\-+/=.~]{8,})"
 )
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b"
+)
 _CARD = re.compile(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d])")
 _IPV4 = re.compile(
     r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)"
@@ -54,7 +67,13 @@ _PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"
     r"|\(\d{3}\)\s?\d{3}[ .-]\d{4}|\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4})(?![\w])"
 )
-_CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2(?:2[2-9][1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6011|64[4-9]|65|35(?:2[89]|[3-8]\d)|3(?:0[0-5]|[68]))")
+_VERSION_WORDS = ("version", "section", "release", "sec.", "§", "rfc", "aix", "build")
+_AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA")
+_GITHUB_PREFIXES = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
+_SECRET_WORDS = ("key", "token", "secret", "passw", "pwd")
+_CARD_PREFIX = re.compile(
+    r"^(?:4|5[1-5]|2(?:2[2-9][1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6011|64[4-9]|65|35(?:2[89]|[3-8]\d)|3(?:0[0-5]|[68]))"
+)
 
 
 def luhn_valid(digits: str) -> bool:
@@ -90,8 +109,9 @@ class PiiScrubber:
             return False
         if not self.keep_nonpublic_ips:
             return True
-        return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-                    or ip.is_unspecified or ip.is_multicast)  # fmt: skip
+        return (
+            ip.is_global and not ip.is_multicast
+        )  # excludes private, shared (100.64/10), loopback ...
 
     def scrub(self, text: str) -> tuple[str, Counter]:
         counts: Counter = Counter()
@@ -119,6 +139,9 @@ class PiiScrubber:
             return m.group(0)
 
         def ipv4(m):
+            before = m.string[max(m.start() - 12, 0) : m.start()].lower()
+            if any(w in before for w in _VERSION_WORDS) or before.endswith("v"):
+                return m.group(0)  # "version 2.7.2.2", "section 8.2.4.44", "v1.2.3.4"
             if self._ip_public(m.group(0)):
                 counts["IP_ADDRESS"] += 1
                 return tag["IP_ADDRESS"]
@@ -131,24 +154,31 @@ class PiiScrubber:
                 return tag["IP_ADDRESS"]
             return s
 
+        # Cheap substring/digit-count tests skip patterns that cannot match (most prose has none).
         k = self.kinds
+        digits = sum(map(text.count, "0123456789"))
         if "PRIVATE_KEY" in k and "PRIVATE KEY" in text:
             text = simple("PRIVATE_KEY", _PRIVATE_KEY, text)
         if "AWS_KEY" in k:
-            text = simple("AWS_KEY", _AWS_ID, text)
-            text = keyed("AWS_KEY", _AWS_SECRET, text)
-        if "GITHUB_TOKEN" in k and ("gh" in text or "github_pat_" in text):
+            if any(p in text for p in _AWS_PREFIXES):
+                text = simple("AWS_KEY", _AWS_ID, text)
+            if "secret" in text.lower():
+                text = keyed("AWS_KEY", _AWS_SECRET, text)
+        if "GITHUB_TOKEN" in k and any(p in text for p in _GITHUB_PREFIXES):
             text = simple("GITHUB_TOKEN", _GITHUB, text)
-        if "SECRET" in k:
-            text = keyed("SECRET", _GENERIC, text, check=lambda v: _mixed(v) and v not in tag.values())
+        if "SECRET" in k and digits and any(w in text.lower() for w in _SECRET_WORDS):
+            text = keyed(
+                "SECRET", _GENERIC, text, check=lambda v: _mixed(v) and v not in tag.values()
+            )
         if "EMAIL" in k and "@" in text:
             text = simple("EMAIL", _EMAIL, text)
-        if "CREDIT_CARD" in k:
+        if "CREDIT_CARD" in k and digits >= 13:
             text = _CARD.sub(card, text)
         if "IP_ADDRESS" in k:
-            text = _IPV4.sub(ipv4, text)
+            if digits >= 4 and "." in text:
+                text = _IPV4.sub(ipv4, text)
             if "::" in text or text.count(":") >= 2:
                 text = _IPV6.sub(ipv6, text)
-        if "PHONE" in k:
+        if "PHONE" in k and digits >= 6:
             text = simple("PHONE", _PHONE, text)
         return text, +counts

@@ -106,3 +106,54 @@ def eval_batches(
             pad = {k: np.zeros_like(v) for k, v in rows[0].items()}
             rows.append(pad)
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def check_curriculum(start_len: int, steps: int, seq_len: int) -> None:
+    """Sequence-length warmup settings: off (0) or a power-of-two fraction of seq_len."""
+    from lmtrain.errors import ConfigError
+
+    if start_len == 0:
+        return
+    ratio = seq_len // start_len if 0 < start_len <= seq_len else 0
+    if ratio * start_len != seq_len or ratio & (ratio - 1):
+        raise ConfigError(
+            f"config.data.curriculum_start_len={start_len} must be seq_len={seq_len} divided by a "
+            "power of two (e.g. seq_len/4), or 0 to turn the length warmup off"
+        )
+    if steps <= 0:
+        raise ConfigError(
+            "config.data.curriculum_steps must be positive when config.data.curriculum_start_len "
+            "is set (the number of steps over which the length grows to seq_len)"
+        )
+
+
+def curriculum_seq_len(step: int, start_len: int, steps: int, seq_len: int) -> int:
+    """Length at ``step``: start_len, 2·start_len, ... seq_len, equal steps per length.
+
+    Lengths are bucketed (powers of two) so the train step compiles once per bucket, not per step.
+    """
+    if not start_len or step >= steps:
+        return seq_len
+    n = (seq_len // start_len).bit_length()  # number of buckets, the last being seq_len
+    return start_len * 2 ** min(step * n // steps, n - 1)
+
+
+def split_rows(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """(B, T) → (B·T/length, length): the same tokens as shorter rows.
+
+    Segment ids and loss masks stay valid per token; positions keep their offsets, which RoPE
+    (relative) ignores, so each piece is a correct shorter example of the same documents.
+    """
+    b, t = batch["inputs"].shape
+    if length == t:
+        return batch
+    return {k: v.reshape(b * (t // length), length, *v.shape[2:]) for k, v in batch.items()}
+
+
+def curriculum_batch(batch: dict[str, np.ndarray], step: int, data_cfg) -> dict[str, np.ndarray]:
+    start = data_cfg.get("curriculum_start_len", 0)
+    if not start:  # off; also leaves fine-tuning batches (chosen_*/rejected_* keys) untouched
+        return batch
+    t = batch["inputs"].shape[1]
+    length = curriculum_seq_len(step, start, data_cfg.get("curriculum_steps", 0), t)
+    return split_rows(batch, length)

@@ -49,7 +49,11 @@ MANIFEST = "manifest.json"
 def num_workers(cfg: dict) -> int:
     n = cfg["num_workers"]
     if n < 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
     return n
 
 
@@ -64,7 +68,9 @@ def prepare(config, out_dir: str | os.PathLike, overwrite: bool = False) -> dict
         if not out.is_dir():
             raise DataError(f"output {out} exists and is a file; choose a directory path")
         if any(out.iterdir()) and not overwrite:
-            raise DataError(f"output {out} already exists and is not empty; choose another directory or pass overwrite=True")
+            raise DataError(
+                f"output {out} already exists and is not empty; choose another directory or pass overwrite=True"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -176,7 +182,10 @@ def _build(cfg: dict, tmp: Path) -> dict:
 
     # Pass 1: read, clean and spill.
     policy = ErrorPolicy(cfg["on_error"])
-    sources = [open_source(s, policy, cfg["normalize"]["invalid_utf8"], cfg["split"]["time_field"]) for s in cfg["sources"]]
+    sources = [
+        open_source(s, policy, cfg["normalize"]["invalid_utf8"], cfg["split"]["time_field"])
+        for s in cfg["sources"]
+    ]
     scan = Scan(cfg["dedup"]["num_perm"], work)
     docs_read = Counter()
     bytes_read = Counter()
@@ -185,7 +194,11 @@ def _build(cfg: dict, tmp: Path) -> dict:
         for index, batch in batches:
             for d in batch:
                 docs_read[d.source] += 1
-                bytes_read[d.source] += len(d.data) if isinstance(d.data, bytes) else len(d.data.encode("utf-8", "replace"))
+                bytes_read[d.source] += (
+                    len(d.data)
+                    if isinstance(d.data, bytes)
+                    else len(d.data.encode("utf-8", "replace"))
+                )
             yield index, batch
 
     init = (cfg, str(work / "spill"), evals.all_ngrams if evals else None)
@@ -196,7 +209,9 @@ def _build(cfg: dict, tmp: Path) -> dict:
         scan.errors.update(policy.counts)
         scan.error_examples = (policy.examples + scan.error_examples)[:20]
         if sum(docs_read.values()) == 0:
-            raise DataError(f"empty corpus: the sources {[s['name'] for s in cfg['sources']]} gave no documents; check config.sources paths")
+            raise DataError(
+                f"empty corpus: the sources {[s['name'] for s in cfg['sources']]} gave no documents; check config.sources paths"
+            )
         if scan.n == 0:
             raise DataError(
                 f"every one of the {sum(docs_read.values())} documents was removed by cleaning/filters "
@@ -206,16 +221,26 @@ def _build(cfg: dict, tmp: Path) -> dict:
         # Pass 2: dedup, split, contamination.
         d = cfg["dedup"]
         exact = exact_duplicates(scan.keys) if d["exact"] else np.full(scan.n, -1, np.int64)
-        bands, rows = (d["bands"], d["rows"]) if d["bands"] and d["rows"] else lsh_params(d["threshold"], d["num_perm"])
+        bands, rows = (
+            (d["bands"], d["rows"])
+            if d["bands"] and d["rows"]
+            else lsh_params(d["threshold"], d["num_perm"])
+        )
         lsh_stats = {"bands": bands, "rows": rows}
         near = np.full(scan.n, -1, np.int64)
         if d["near"]:
-            near, lsh_stats = near_duplicates(scan.sigfile, exact < 0, threshold=d["threshold"], bands=bands, rows=rows)
+            near, lsh_stats = near_duplicates(
+                scan.sigfile, exact < 0, threshold=d["threshold"], bands=bands, rows=rows
+            )
         kept = (exact < 0) & (near < 0)
         sp = cfg["split"]
         split_ids = assign_splits(sp["method"], (sp["train"], sp["validation"], sp["test"]), content_hashes=scan.keys,
                                   kept=kept, seed=cfg["seed"], times=scan.times, cutoffs=tuple(sp["time_cutoffs"]))  # fmt: skip
-        train_matches = {g: m for g, m in sorted(scan.matches.items()) if split_ids[g] == 0 and m.size >= con["min_matches"]}
+        train_matches = {
+            g: m
+            for g, m in sorted(scan.matches.items())
+            if split_ids[g] == 0 and m.size >= con["min_matches"]
+        }
         dropped = set(train_matches) if con["drop"] else set()
         for g in sorted(dropped):
             kept[g] = False
@@ -226,7 +251,9 @@ def _build(cfg: dict, tmp: Path) -> dict:
     # Pass 3: tokenizer on the train split only.
     train_sel = split_ids == 0
     if not train_sel.any():
-        raise DataError("the train split is empty after filtering and dedup; add data or raise config.split.train")
+        raise DataError(
+            "the train split is empty after filtering and dedup; add data or raise config.split.train"
+        )
     tok, tok_info = train_or_load_tokenizer(cfg, lambda sel: (doc[3] for _, doc in iter_spill(work, scan.batch_sizes, sel)),
                                             train_sel, scan.keys, scan.chars, workers)  # fmt: skip
     tok.save(tmp / "tokenizer")
@@ -235,7 +262,9 @@ def _build(cfg: dict, tmp: Path) -> dict:
     out = cfg["output"]
     writers = {s: ShardWriter(tmp / s, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                               chunk_tokens=out["chunk_tokens"], shard_tokens=out["shard_tokens"]) for s in SPLITS}  # fmt: skip
-    lists = {s: open(tmp / s / "documents.jsonl", "w") for s in SPLITS} if out["document_lists"] else {}
+    lists = (
+        {s: open(tmp / s / "documents.jsonl", "w") for s in SPLITS} if out["document_lists"] else {}
+    )
     per_split = {s: Counter() for s in SPLITS}
     per_source = Counter()
     pending: list = []
@@ -247,7 +276,19 @@ def _build(cfg: dict, tmp: Path) -> dict:
             per_split[s].update(documents=1, chars=len(doc[3]), tokens=len(toks))
             per_source[(doc[1], doc[2], s)] += 1
             if lists:
-                lists[s].write(json.dumps({"id": doc[0], "source": doc[1], "licence": doc[2], "chars": len(doc[3]), "tokens": len(toks)}, ensure_ascii=False) + "\n")
+                lists[s].write(
+                    json.dumps(
+                        {
+                            "id": doc[0],
+                            "source": doc[1],
+                            "licence": doc[2],
+                            "chars": len(doc[3]),
+                            "tokens": len(toks),
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
         pending.clear()
 
     size = 0
@@ -262,7 +303,9 @@ def _build(cfg: dict, tmp: Path) -> dict:
     for f in lists.values():
         f.close()
     v = per_split["validation"]
-    tok_info["chars_per_token_validation"] = round(v["chars"] / v["tokens"], 4) if v["tokens"] else None
+    tok_info["chars_per_token_validation"] = (
+        round(v["chars"] / v["tokens"], 4) if v["tokens"] else None
+    )
     shutil.rmtree(work)
 
     manifest = build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
@@ -284,8 +327,31 @@ def _write_dup_records(work: Path, scan: Scan, exact, near, dropped, removed) ->
         if g in need_rep:
             ids[g] = doc[0]
         if exact[g] >= 0:
-            removed.write(json.dumps({"id": doc[0], "stage": "dedup", "reason": "exact_duplicate", "dup_of": ids[int(exact[g])]}) + "\n")
+            removed.write(
+                json.dumps(
+                    {
+                        "id": doc[0],
+                        "stage": "dedup",
+                        "reason": "exact_duplicate",
+                        "dup_of": ids[int(exact[g])],
+                    }
+                )
+                + "\n"
+            )
         elif near[g] >= 0:
-            removed.write(json.dumps({"id": doc[0], "stage": "dedup", "reason": "near_duplicate", "dup_of": ids[int(near[g])]}) + "\n")
+            removed.write(
+                json.dumps(
+                    {
+                        "id": doc[0],
+                        "stage": "dedup",
+                        "reason": "near_duplicate",
+                        "dup_of": ids[int(near[g])],
+                    }
+                )
+                + "\n"
+            )
         elif g in dropped:
-            removed.write(json.dumps({"id": doc[0], "stage": "contamination", "reason": "overlaps_eval_set"}) + "\n")
+            removed.write(
+                json.dumps({"id": doc[0], "stage": "contamination", "reason": "overlaps_eval_set"})
+                + "\n"
+            )

@@ -133,6 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.path = ""  # load this tokenizer (directory or .model) instead of training one
     t.max_train_chars = 20_000_000  # sample of the train split used for training
     t.max_sentence_chars = 4096
+    # SentencePiece's result depends on its thread count: fixed here (not taken from num_workers or
+    # the machine) so the same config gives the same tokenizer everywhere.
+    t.num_threads = 2
 
     c.output = ml_collections.ConfigDict()
     c.output.chunk_tokens = 4096
@@ -144,7 +147,8 @@ def default_config() -> ml_collections.ConfigDict:
 def _unknown(key: str, known, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown data config key {where}.{key}{hint}".replace("..", "."))
+    path = ".".join(part for part in f"{where}.{key}".split(".") if part)
+    return ConfigError(f"unknown data config key {path}{hint}; see lmtrain/data/prepare_config.py")
 
 
 def to_plain(value):
@@ -161,7 +165,11 @@ def _merge(defaults: dict, given: dict, where: str) -> dict:
     for k, v in given.items():
         if k not in defaults:
             raise _unknown(k, defaults, where)
-        out[k] = _merge(defaults[k], v, f"{where}.{k}") if isinstance(defaults[k], dict) and isinstance(v, dict) else v
+        out[k] = (
+            _merge(defaults[k], v, f"{where}.{k}")
+            if isinstance(defaults[k], dict) and isinstance(v, dict)
+            else v
+        )
     return out
 
 
@@ -173,7 +181,9 @@ def resolve(config) -> dict:
         if isinstance(spec, str):
             spec = {"paths": [spec]}
         if not isinstance(spec, dict):
-            raise ConfigError(f"config.sources[{i}] must be a source(...) ConfigDict or a path, not {spec!r}")
+            raise ConfigError(
+                f"config.sources[{i}] must be a source(...) ConfigDict or a path, not {spec!r}"
+            )
         s = _merge(to_plain(source_defaults()), spec, f"sources[{i}]")
         s["name"] = s["name"] or f"{s['kind']}{i}"
         if isinstance(s["paths"], str):
@@ -181,7 +191,9 @@ def resolve(config) -> dict:
         sources.append(s)
     cfg["sources"] = sources
     cfg["contamination"]["eval_sets"] = [
-        {"name": "", "path": e, "fields": []} if isinstance(e, str) else {"name": "", "fields": [], **e}
+        {"name": "", "path": e, "fields": []}
+        if isinstance(e, str)
+        else {"name": "", "fields": [], **e}
         for e in cfg["contamination"]["eval_sets"]
     ]
     check(cfg)
@@ -193,33 +205,76 @@ def check(cfg: dict) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    need(cfg["sources"], "config.sources is empty: add source(kind='default_corpus') or source(paths=(...,))")
+    need(
+        cfg["sources"],
+        "config.sources is empty: add source(kind='default_corpus') or source(paths=(...,))",
+    )
     names = [s["name"] for s in cfg["sources"]]
     need(len(set(names)) == len(names), f"config.sources names must be unique, got {names}")
     for i, s in enumerate(cfg["sources"]):
         where = f"config.sources[{i}]"
-        need(s["kind"] in ("files", "tfds", "default_corpus"), f"{where}.kind={s['kind']!r}: files, tfds or default_corpus")
-        need(s["kind"] != "files" or s["paths"], f"{where}.paths is empty: list files, directories or globs")
-        need(s["kind"] != "tfds" or s["tfds_name"], f"{where}.tfds_name is empty: name the TFDS dataset")
-        need(s["segment"] in ("file", "paragraphs"), f"{where}.segment={s['segment']!r}: file or paragraphs")
-        need(s["format"] in ("auto", "text", "markdown", "html", "code"), f"{where}.format={s['format']!r}: auto, text, markdown, html or code")
-        need(s["mode"] in ("source", "docstrings", "both"), f"{where}.mode={s['mode']!r}: source, docstrings or both")
+        need(
+            s["kind"] in ("files", "tfds", "default_corpus"),
+            f"{where}.kind={s['kind']!r}: files, tfds or default_corpus",
+        )
+        need(
+            s["kind"] != "files" or s["paths"],
+            f"{where}.paths is empty: list files, directories or globs",
+        )
+        need(
+            s["kind"] != "tfds" or s["tfds_name"],
+            f"{where}.tfds_name is empty: name the TFDS dataset",
+        )
+        need(
+            s["segment"] in ("file", "paragraphs"),
+            f"{where}.segment={s['segment']!r}: file or paragraphs",
+        )
+        need(
+            s["format"] in ("auto", "text", "markdown", "html", "code"),
+            f"{where}.format={s['format']!r}: auto, text, markdown, html or code",
+        )
+        need(
+            s["mode"] in ("source", "docstrings", "both"),
+            f"{where}.mode={s['mode']!r}: source, docstrings or both",
+        )
     need(cfg["on_error"] in ("stop", "skip"), f"config.on_error={cfg['on_error']!r}: stop or skip")
-    need(cfg["normalize"]["invalid_utf8"] in ("replace", "drop", "error"), "config.normalize.invalid_utf8: replace, drop or error")
+    need(
+        cfg["normalize"]["invalid_utf8"] in ("replace", "drop", "error"),
+        "config.normalize.invalid_utf8: replace, drop or error",
+    )
     d = cfg["dedup"]
     need(0.0 < d["threshold"] <= 1.0, f"config.dedup.threshold={d['threshold']} must be in (0, 1]")
     need(d["num_perm"] >= 8, "config.dedup.num_perm must be >= 8")
     need(d["bands"] * d["rows"] <= d["num_perm"], "config.dedup.bands * rows must be <= num_perm")
     sp = cfg["split"]
     fr = (sp["train"], sp["validation"], sp["test"])
-    need(all(f >= 0 for f in fr) and abs(sum(fr) - 1.0) < 1e-6, f"config.split train+validation+test must be 1, got {fr}")
-    need(sp["method"] in ("hash", "position", "time"), f"config.split.method={sp['method']!r}: hash, position or time")
+    need(
+        all(f >= 0 for f in fr) and abs(sum(fr) - 1.0) < 1e-6,
+        f"config.split train+validation+test must be 1, got {fr}",
+    )
+    need(
+        sp["method"] in ("hash", "position", "time"),
+        f"config.split.method={sp['method']!r}: hash, position or time",
+    )
     if sp["method"] == "time":
-        need(len(sp["time_cutoffs"]) == 2, "config.split.time_cutoffs must be (validation_start, test_start) for method=time")
-        need(sp["time_field"] or all(s["time_field"] for s in cfg["sources"]), "config.split.time_field is empty")
+        need(
+            len(sp["time_cutoffs"]) == 2,
+            "config.split.time_cutoffs must be (validation_start, test_start) for method=time",
+        )
+        need(
+            sp["time_field"] or all(s["time_field"] for s in cfg["sources"]),
+            "config.split.time_field is empty",
+        )
     t = cfg["tokenizer"]
-    need(t["kind"] in ("sentencepiece", "char"), f"config.tokenizer.kind={t['kind']!r}: sentencepiece or char")
-    need(t["model_type"] in ("bpe", "unigram", "char"), f"config.tokenizer.model_type={t['model_type']!r}: bpe, unigram or char")
+    need(
+        t["kind"] in ("sentencepiece", "char"),
+        f"config.tokenizer.kind={t['kind']!r}: sentencepiece or char",
+    )
+    need(
+        t["model_type"] in ("bpe", "unigram", "char"),
+        f"config.tokenizer.model_type={t['model_type']!r}: bpe, unigram or char",
+    )
+    need(t["num_threads"] >= 1, "config.tokenizer.num_threads must be >= 1")
     unknown_pii = set(cfg["pii"]["kinds"]) - set(KINDS)
     need(not unknown_pii, f"config.pii.kinds: unknown {sorted(unknown_pii)}; choose from {KINDS}")
     for e in cfg["contamination"]["eval_sets"]:

@@ -25,15 +25,18 @@ fractions are over the characters of words (whitespace excluded).
 
 from __future__ import annotations
 
+import re
 import string
 
 import numpy as np
 
-from lmtrain.data.hashing import ngram_hashes
+from lmtrain.data.hashing import ngram_hashes, ngram_hashes_range
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "—")
 ELLIPSES = ("...", "…")
+# A whitespace-delimited word with no letter (digits, punctuation, symbols only).
+_NO_LETTER_WORD = re.compile(r"(?<!\S)(?:(?!\s)[\W\d_])+(?!\S)")
 
 
 def _on(threshold) -> bool:
@@ -53,9 +56,13 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def top_ngram_chars_fraction(wh: np.ndarray, wl: np.ndarray, n: int) -> float:
-    """Fraction of word characters covered by the most frequent word n-gram (Gopher)."""
-    h = ngram_hashes(wh, n)
+def top_ngram_chars_fraction(
+    wh: np.ndarray, wl: np.ndarray, n: int, h: np.ndarray | None = None
+) -> float:
+    """Fraction of word characters covered by the most frequent word n-gram (Gopher).
+
+    ``h``: the n-gram hashes if already computed."""
+    h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
         return 0.0
     _, first, counts = np.unique(h, return_index=True, return_counts=True)
@@ -66,10 +73,12 @@ def top_ngram_chars_fraction(wh: np.ndarray, wl: np.ndarray, n: int) -> float:
     return float(wl[start : start + n].sum() * counts[top]) / max(float(wl.sum()), 1.0)
 
 
-def duplicate_ngram_chars_fraction(wh: np.ndarray, wl: np.ndarray, n: int) -> float:
+def duplicate_ngram_chars_fraction(
+    wh: np.ndarray, wl: np.ndarray, n: int, h: np.ndarray | None = None
+) -> float:
     """Fraction of word characters inside n-grams that repeat an earlier n-gram (Gopher);
-    overlapping n-grams count each word once."""
-    h = ngram_hashes(wh, n)
+    overlapping n-grams count each word once. ``h``: the n-gram hashes if already computed."""
+    h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
         return 0.0
     _, first = np.unique(h, return_index=True)
@@ -127,32 +136,56 @@ def quality_reason(
         if ell / len(lines) > q["max_ellipsis_lines_fraction"]:
             return "ellipsis_lines"
     if _on(q["min_alpha_words_fraction"]):
-        alpha = sum(any(c.isalpha() for c in w) for w in words)
+        if text.isascii():  # exact for ASCII, and a C-speed scan
+            alpha = n - len(_NO_LETTER_WORD.findall(text))
+        else:
+            alpha = sum(any(c.isalpha() for c in w) for w in words)
         if alpha / n < q["min_alpha_words_fraction"]:
             return "alpha_words_fraction"
     if _on(q["min_stop_words"]) and q["min_stop_words"] > 0:
-        found = STOP_WORDS.intersection(w.lower().strip(string.punctuation) for w in words)
+        found = STOP_WORDS.intersection(text.lower().split())  # fast path: bare stop words
+        if len(found) < q["min_stop_words"]:
+            found = STOP_WORDS.intersection(w.lower().strip(string.punctuation) for w in words)
         if len(found) < q["min_stop_words"]:
             return "stop_words"
-    if lines and (_on(q["max_duplicate_lines_fraction"]) or _on(q["max_duplicate_line_chars_fraction"])):
+    if lines and (
+        _on(q["max_duplicate_lines_fraction"]) or _on(q["max_duplicate_line_chars_fraction"])
+    ):
         count, chars = _duplicates(lines)
-        if _on(q["max_duplicate_lines_fraction"]) and count / len(lines) > q["max_duplicate_lines_fraction"]:
+        if (
+            _on(q["max_duplicate_lines_fraction"])
+            and count / len(lines) > q["max_duplicate_lines_fraction"]
+        ):
             return "duplicate_lines"
-        if _on(q["max_duplicate_line_chars_fraction"]) and chars / len(text) > q["max_duplicate_line_chars_fraction"]:
+        if (
+            _on(q["max_duplicate_line_chars_fraction"])
+            and chars / len(text) > q["max_duplicate_line_chars_fraction"]
+        ):
             return "duplicate_line_chars"
-    if _on(q["max_duplicate_paragraphs_fraction"]) or _on(q["max_duplicate_paragraph_chars_fraction"]):
+    if _on(q["max_duplicate_paragraphs_fraction"]) or _on(
+        q["max_duplicate_paragraph_chars_fraction"]
+    ):
         paras = [p.strip() for p in text.split("\n\n") if p.strip()]
         count, chars = _duplicates(paras)
-        if _on(q["max_duplicate_paragraphs_fraction"]) and count / len(paras) > q["max_duplicate_paragraphs_fraction"]:
+        if (
+            _on(q["max_duplicate_paragraphs_fraction"])
+            and count / len(paras) > q["max_duplicate_paragraphs_fraction"]
+        ):
             return "duplicate_paragraphs"
-        if _on(q["max_duplicate_paragraph_chars_fraction"]) and chars / len(text) > q["max_duplicate_paragraph_chars_fraction"]:
+        if (
+            _on(q["max_duplicate_paragraph_chars_fraction"])
+            and chars / len(text) > q["max_duplicate_paragraph_chars_fraction"]
+        ):
             return "duplicate_paragraph_chars"
-    for k, limit in q["max_top_ngram_chars_fraction"]:
-        if _on(limit) and top_ngram_chars_fraction(wh, wl, int(k)) > limit:
-            return f"top_{int(k)}gram_chars"
-    for k, limit in q["max_duplicate_ngram_chars_fraction"]:
-        if _on(limit) and duplicate_ngram_chars_fraction(wh, wl, int(k)) > limit:
-            return f"duplicate_{int(k)}gram_chars"
+    top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
+    dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
+    grams = ngram_hashes_range(wh, [k for k, _ in top + dup])
+    for k, limit in top:
+        if top_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
+            return f"top_{k}gram_chars"
+    for k, limit in dup:
+        if duplicate_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
+            return f"duplicate_{k}gram_chars"
     if blocklist:
         hits = sum(w.lower().strip(string.punctuation) in blocklist for w in words)
         if hits > q["max_blocklist_hits"]:

@@ -34,7 +34,14 @@ from lmtrain.data.normalize import decode_utf8
 from lmtrain.data.shards import sha256_file
 from lmtrain.errors import DataError
 
-FORMATS = {".txt": "text", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html", ".py": "code"}
+FORMATS = {
+    ".txt": "text",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".py": "code",
+}
 
 
 class RawDoc(NamedTuple):
@@ -112,10 +119,15 @@ def list_files(spec: dict, policy: ErrorPolicy) -> list[tuple[str, str]]:
         elif glob.has_magic(pattern):
             hits = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not hits:
-                policy("missing_path", f"source {spec['name']!r}: glob {pattern} matches no file; fix its paths")
+                policy(
+                    "missing_path",
+                    f"source {spec['name']!r}: glob {pattern} matches no file; fix its paths",
+                )
             out.extend((os.path.abspath(p), p) for p in hits)
         else:
-            policy("missing_path", f"source {spec['name']!r}: {pattern} does not exist; fix its paths")
+            policy(
+                "missing_path", f"source {spec['name']!r}: {pattern} does not exist; fix its paths"
+            )
     seen, unique = set(), []
     for full, shown in out:
         if full not in seen:
@@ -127,7 +139,9 @@ def list_files(spec: dict, policy: ErrorPolicy) -> list[tuple[str, str]]:
 class FileSource:
     """Documents from files; ``self.files`` records path, size, sha256 and documents per file."""
 
-    def __init__(self, spec: dict, policy: ErrorPolicy, invalid_utf8: str = "replace", time_field: str = ""):
+    def __init__(
+        self, spec: dict, policy: ErrorPolicy, invalid_utf8: str = "replace", time_field: str = ""
+    ):
         self.spec, self.policy, self.invalid_utf8 = spec, policy, invalid_utf8
         self.time_field = spec["time_field"] or time_field
         self.files: list[dict] = []
@@ -153,7 +167,10 @@ class FileSource:
                 if not entry["sha256"]:
                     entry["sha256"] = sha256_file(full)
             except (OSError, EOFError, zlib.error) as e:
-                self.policy("unreadable_file", f"{full}: cannot read ({type(e).__name__}: {e}); fix or remove the file")
+                self.policy(
+                    "unreadable_file",
+                    f"{full}: cannot read ({type(e).__name__}: {e}); fix or remove the file",
+                )
                 entry["error"] = f"{type(e).__name__}: {e}"
             self.files.append(entry)
 
@@ -162,7 +179,11 @@ class FileSource:
         return RawDoc(f"{s['name']}:{doc_id}", s["name"], path, line, s["licence"], fmt, data, time)
 
     def _fmt(self, full: str) -> str:
-        return self.spec["format"] if self.spec["format"] != "auto" else FORMATS.get(_suffix(full), "text")
+        return (
+            self.spec["format"]
+            if self.spec["format"] != "auto"
+            else FORMATS.get(_suffix(full), "text")
+        )
 
     def _whole(self, full, shown, entry):
         size = entry["bytes"]
@@ -178,7 +199,10 @@ class FileSource:
         entry["sha256"] = hashlib.sha256(data).hexdigest()
         nul = data.find(b"\x00", 0, 8192)
         if nul >= 0:
-            self.policy("binary_file", f"{full}: looks binary (NUL byte at offset {nul}); remove it from the source paths")
+            self.policy(
+                "binary_file",
+                f"{full}: looks binary (NUL byte at offset {nul}); remove it from the source paths",
+            )
             return
         yield self._doc(shown, full, 0, self._fmt(full), data)
 
@@ -190,7 +214,10 @@ class FileSource:
             head = f.read(8192)
             nul = head.find(b"\x00")
             if nul >= 0:
-                self.policy("binary_file", f"{full}: looks binary (NUL byte at offset {nul}); remove it from the source paths")
+                self.policy(
+                    "binary_file",
+                    f"{full}: looks binary (NUL byte at offset {nul}); remove it from the source paths",
+                )
                 return
             f.seek(0)
             for line_no, line in enumerate(f, 1):
@@ -207,12 +234,15 @@ class FileSource:
     def _jsonl(self, full, shown, gz):
         field, id_field = self.spec["text_field"], self.spec["id_field"]
         fmt = self.spec["format"] if self.spec["format"] != "auto" else "auto"
-        with (gzip.open(full, "rb") if gz else open(full, "rb")) as f:
+        with gzip.open(full, "rb") if gz else open(full, "rb") as f:
             for line_no, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
                 if b"\x00" in raw:
-                    self.policy("binary_file", f"{full}:{line_no}: NUL byte in a JSON line (binary data?); fix or remove the line")
+                    self.policy(
+                        "binary_file",
+                        f"{full}:{line_no}: NUL byte in a JSON line (binary data?); fix or remove the line",
+                    )
                     continue
                 res = decode_utf8(raw, self.invalid_utf8, line_no)
                 line = decoded(res, f"{full}:{line_no}", self.policy, self.decode_counts)
@@ -226,15 +256,25 @@ class FileSource:
                         f"{full}:{line_no}: malformed JSON ({e.msg} at column {e.colno}); fix or delete the line",
                     )
                     continue
+                except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting 3000 deep
+                    self.policy(
+                        "malformed_jsonl",
+                        f"{full}:{line_no}: unreadable JSON ({type(e).__name__}: {str(e)[:80]}); fix or delete the line",
+                    )
+                    continue
                 text = obj.get(field) if isinstance(obj, dict) else None
                 if not isinstance(text, str):
-                    keys = ", ".join(sorted(obj)[:10]) if isinstance(obj, dict) else type(obj).__name__
+                    keys = (
+                        ", ".join(sorted(obj)[:10]) if isinstance(obj, dict) else type(obj).__name__
+                    )
                     self.policy(
                         "missing_text_field",
                         f"{full}:{line_no}: no string field {field!r} (found: {keys}); set the source's text_field",
                     )
                     continue
-                doc_id = f"{obj[id_field]}" if id_field and id_field in obj else f"{shown}:{line_no}"
+                doc_id = (
+                    f"{obj[id_field]}" if id_field and id_field in obj else f"{shown}:{line_no}"
+                )
                 time = obj.get(self.time_field) if self.time_field else None
                 yield self._doc(doc_id, full, line_no, fmt, text, time)
 
@@ -246,7 +286,10 @@ class FileSource:
         pf = pq.ParquetFile(full)
         names = pf.schema_arrow.names
         if field not in names:
-            self.policy("missing_text_field", f"{full}: no column {field!r} (columns: {', '.join(names[:10])}); set the source's text_field")
+            self.policy(
+                "missing_text_field",
+                f"{full}: no column {field!r} (columns: {', '.join(names[:10])}); set the source's text_field",
+            )
             return
         cols = [field] + [c for c in (id_field, tf) if c and c in names and c != field]
         row = 0
@@ -255,7 +298,10 @@ class FileSource:
             for i, value in enumerate(data[field]):
                 row += 1
                 if value is None:
-                    self.policy("missing_text_field", f"{full}: row {row}: {field!r} is null; fill or drop the row")
+                    self.policy(
+                        "missing_text_field",
+                        f"{full}: row {row}: {field!r} is null; fill or drop the row",
+                    )
                     continue
                 loc = f"{full}: row {row}"
                 text = decode_field(value, self.invalid_utf8, loc, self.policy, self.decode_counts)
@@ -268,7 +314,9 @@ class FileSource:
 class TfdsSource:
     """Records of a prepared ArrayRecord TFDS dataset, read through ``tfds.data_source``."""
 
-    def __init__(self, spec: dict, policy: ErrorPolicy, invalid_utf8: str = "replace", time_field: str = ""):
+    def __init__(
+        self, spec: dict, policy: ErrorPolicy, invalid_utf8: str = "replace", time_field: str = ""
+    ):
         self.spec, self.policy, self.invalid_utf8 = spec, policy, invalid_utf8
         self.time_field = spec["time_field"] or time_field
         self.files: list[dict] = []
@@ -290,9 +338,15 @@ class TfdsSource:
         for i in range(len(ds)):
             rec = ds[i]
             if s["text_field"] not in rec:
-                raise DataError(f"TFDS {name}: no feature {s['text_field']!r} (features: {', '.join(rec)}); set text_field")
+                raise DataError(
+                    f"TFDS {name}: no feature {s['text_field']!r} (features: {', '.join(rec)}); set text_field"
+                )
             text = decode_field(
-                rec[s["text_field"]], self.invalid_utf8, f"tfds:{name}/{split} record {i}", self.policy, self.decode_counts
+                rec[s["text_field"]],
+                self.invalid_utf8,
+                f"tfds:{name}/{split} record {i}",
+                self.policy,
+                self.decode_counts,
             )
             if text is None:
                 continue
@@ -314,10 +368,14 @@ class TfdsSource:
             return
         for p in sorted(root.iterdir()):
             if p.is_file():
-                self.files.append({"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+                self.files.append(
+                    {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                )
 
 
-def open_source(spec: dict, policy: ErrorPolicy, invalid_utf8: str = "replace", time_field: str = ""):
+def open_source(
+    spec: dict, policy: ErrorPolicy, invalid_utf8: str = "replace", time_field: str = ""
+):
     kind = spec["kind"]
     if kind == "files":
         return FileSource(spec, policy, invalid_utf8, time_field)
@@ -327,4 +385,6 @@ def open_source(spec: dict, policy: ErrorPolicy, invalid_utf8: str = "replace", 
         from lmtrain.data.default_corpus import StdlibSource
 
         return StdlibSource(spec, policy)
-    raise DataError(f"source {spec.get('name')!r}: kind={kind!r}; use files, tfds or default_corpus")
+    raise DataError(
+        f"source {spec.get('name')!r}: kind={kind!r}; use files, tfds or default_corpus"
+    )

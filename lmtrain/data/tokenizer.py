@@ -184,8 +184,13 @@ def train_sentencepiece(
 ) -> SentencePieceTokenizer:
     """Trains SentencePiece on ``texts`` (the train split only) and returns the tokenizer.
 
-    Whitespace is kept as is (code and verse depend on it); newlines are a user symbol so
-    paragraph structure round-trips; digits are split so numbers tokenize consistently.
+    Ids: pad 0, unk 1, bos 2, eos 3 (pad is never eos, so padding is never confused with an end
+    of text). Text round-trips exactly: identity normalisation, whitespace kept as is (code and
+    verse depend on it), no dummy-prefix space added at the start, ``"\n"`` a user-defined piece
+    so paragraph structure survives, bytes for unseen characters (``byte_fallback``). Digits are
+    split so numbers tokenize consistently. ``user_specials`` (the chat roles) are *control*
+    symbols: they have ids (``token_id``) that code inserts, but ``encode`` never produces them
+    from text, so a user who types ``<|assistant|>`` cannot forge a turn.
     """
     import sentencepiece as spm
 
@@ -201,7 +206,14 @@ def train_sentencepiece(
 
     spm.set_random_generator_seed(seed)
     out = io.BytesIO()
-    specials = ["\n"] + [s for s in user_specials if s != "\n"]
+    controls = [s for s in user_specials if s != "\n"]
+    reserved = 4 + 1 + len(controls) + (256 if byte_fallback else 0)
+    if vocab_size <= reserved:
+        raise DataError(
+            f"tokenizer vocab_size {vocab_size} leaves no room for learned pieces: {reserved} ids are "
+            f"reserved (pad/unk/bos/eos, newline, {len(controls)} specials"
+            f"{', 256 byte-fallback pieces' if byte_fallback else ''}); raise vocab_size"
+        )
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(),
@@ -214,9 +226,12 @@ def train_sentencepiece(
             unk_id=1,
             bos_id=2,
             eos_id=3,
-            user_defined_symbols=specials,
+            user_defined_symbols=["\n"],
+            control_symbols=controls,
             normalization_rule_name="identity",
+            add_dummy_prefix=False,
             remove_extra_whitespaces=False,
+            hard_vocab_limit=False,  # a small corpus gives fewer pieces instead of failing
             allow_whitespace_only_pieces=True,
             split_digits=True,
             max_sentence_length=max_sentence_chars * 4,
@@ -243,6 +258,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if cfg["kind"] == "char":
             payload = json.loads((p / "vocab.json").read_text())
             return CharTokenizer(payload["chars"], payload["specials"])
+        if cfg["kind"] == "hf":  # tokenizer.json of an imported Hugging Face model
+            from lmtrain.interop.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer.load(p)
         return SentencePieceTokenizer.from_file(p / "tokenizer.model")
     if (p / "tokenizer.model").exists():
         return SentencePieceTokenizer.from_file(p / "tokenizer.model")

@@ -249,6 +249,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             out += _grid(section.capitalize(), report[section])
     if report.get("safety"):
         out += _safety_md(report["safety"])
+    if report.get("notes"):
+        out += ["## How these numbers are computed", ""]
+        out += [f"- {note}" for note in report["notes"]] + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -296,7 +299,8 @@ def write_report(
 # Keys that are counts or labels, not metrics worth comparing between runs.
 _SKIP_KEYS = frozenset(
     "n tp fp fn tn group_means group_counts max_gap_groups leaked per_problem statuses"
-    " skipped_ks train_points eval_points last_step min_eval_loss_step".split()
+    " skipped_ks train_points eval_points last_step min_eval_loss_step batch_size prompt_tokens"
+    " new_tokens step generated_tokens scored_tokens tokens".split()
 )
 
 
@@ -337,6 +341,8 @@ _LOWER = (
     "gap",
     "error",
     "over_refusal",
+    "memory",
+    "nll",
 )
 
 

@@ -1,76 +1,329 @@
-"""Batched generation with a KV cache: left-padded prompts, greedy/temperature/top-k/top-p.
+"""Batched generation with a KV cache: left-padded prompts, greedy/temperature/top-k/top-p, stops.
 
 Prompts of different lengths are left-padded (segment 0, never attended) so every row writes the
 same cache slot at each decode step; positions count real tokens only, so a row's result does not
-depend on how much padding its batch needed. Prefill and the whole decode loop are one jitted
-function (``lax.while_loop``), which stops early once every row has produced EOS.
+depend on how much padding its batch needed. Two jitted functions do the work: ``prefill`` runs
+the prompts through the model once and fills the cache; ``decode`` is one ``lax.while_loop`` that
+samples a token, checks EOS and stop sequences, and feeds the token back, stopping early once
+every row is finished. Keeping them apart lets us time the first token separately (``timing``).
+
+With a ``mesh``, params are placed with the training shardings (from the params' logical axis
+names), the batch is split over (data, fsdp) and the cache's kv heads over ``tensor``, so a model
+that needed sharding to train can also generate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lmtrain.errors import LmtrainError
+from lmtrain.model.sharding import LOGICAL_RULES, _fit_spec, data_shards, logical_shardings
 from lmtrain.model.transformer import init_cache
 
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
+FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_EOS: "eos", FINISH_STOP: "stop"}
 
-def sample_logits(logits_BV, rng, temperature: float, top_k: int, top_p: float):
-    """Next token ids (B,) from float32 logits; temperature 0 means greedy."""
-    if temperature <= 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits = logits_BV / temperature
+
+@dataclasses.dataclass
+class Generation:
+    """What ``generate_batch`` returns, one entry per prompt.
+
+    ``tokens`` exclude EOS and a matched stop sequence; ``finish_reasons`` are ``"eos"``,
+    ``"stop"`` or ``"length"`` (hit ``max_new_tokens``); ``logits`` (B, steps, V) are the float32
+    logits each sampled token was drawn from (only with ``return_logits``); ``timing`` has
+    ``prefill_s`` (≈ time to first token), ``decode_s`` and ``steps``.
+    """
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    logits: np.ndarray | None
+    timing: dict[str, float]
+
+
+def filter_logits(logits_BV, top_k: int, top_p: float):
+    """Logits with everything outside the top-k and the top-p nucleus set to -inf."""
+    logits = logits_BV
     if top_k and top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         cum = jnp.cumsum(probs, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1
+        cutoff_idx = jnp.maximum(jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1, 0)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample_logits(logits_BV, rng, temperature: float, top_k: int, top_p: float):
+    """Next token ids (B,) from float32 logits; temperature 0 means greedy."""
+    if temperature <= 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits_BV / temperature, top_k, top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _generate(model, params, tokens_BP, seg_BP, rng, max_new: int, temperature: float, top_k: int,
-              top_p: float, eos_id: int):
-    cfg = model.cfg
-    B, P = tokens_BP.shape
+def _constrain(x, sharding):
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _prefill(model, params, tokens_BP, seg_BP, cache_len: int, cache_sharding):
+    cache = init_cache(model.cfg, tokens_BP.shape[0], cache_len)
+    cache = jax.tree.map(lambda c: _constrain(c, cache_sharding if c.ndim == 4 else None), cache)
     positions = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0).astype(jnp.int32)
-    lengths = seg_BP.sum(axis=1).astype(jnp.int32)
-    cache = init_cache(cfg, B, P + max_new)
-    logits, cache = model.apply({"params": params}, tokens_BP, positions, seg_BP, kv_cache=cache, cache_offset=0)
-    last = logits[:, -1]
+    logits, cache = model.apply(
+        {"params": params}, tokens_BP, positions, seg_BP, kv_cache=cache, cache_offset=0
+    )
+    return logits[:, -1], cache
+
+
+def _stop_table(stops: tuple[tuple[int, ...], ...]):
+    """(S, L) right-aligned stop ids, -1 = wildcard; lengths (S,)."""
+    width = max(len(s) for s in stops)
+    table = np.full((len(stops), width), -1, np.int32)
+    for i, s in enumerate(stops):
+        table[i, width - len(s) :] = s
+    return jnp.asarray(table), jnp.asarray([len(s) for s in stops], jnp.int32)
+
+
+def _decode_impl(
+    model,
+    params,
+    last_BV,
+    cache,
+    lengths_B,
+    rng,
+    prompt_len: int,
+    max_new: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_id: int,
+    stops: tuple[tuple[int, ...], ...],
+    return_logits: bool,
+):
+    B = last_BV.shape[0]
     out = jnp.zeros((B, max_new), jnp.int32)
-    out_logits = jnp.zeros((B, max_new, cfg.vocab_size), jnp.float32)
+    out_logits = jnp.zeros((B, max_new if return_logits else 0, last_BV.shape[-1]), jnp.float32)
+    keep = jnp.full((B,), max_new, jnp.int32)  # tokens to return per row
+    reason = jnp.full((B,), FINISH_LENGTH, jnp.int32)
     done = jnp.zeros((B,), bool)
+    if stops:
+        stop_ids, stop_lens = _stop_table(stops)
+        recent = jnp.full((B, stop_ids.shape[1]), -2, jnp.int32)  # last generated ids
+    else:
+        recent = jnp.zeros((B, 0), jnp.int32)
 
     def cond(carry):
-        t, _, _, _, done, _, _ = carry
+        t, done = carry[0], carry[4]
         return (t < max_new) & ~jnp.all(done)
 
     def body(carry):
-        t, last, cache, out, done, rng, out_logits = carry
+        t, last, cache, out, done, rng, out_logits, keep, reason, recent = carry
         rng, sub = jax.random.split(rng)
         tok = sample_logits(last, sub, temperature, top_k, top_p)
-        tok = jnp.where(done, eos_id, tok)
         out = out.at[:, t].set(tok)
-        out_logits = out_logits.at[:, t].set(last)
-        done = done | (tok == eos_id)
-        pos = (lengths + t)[:, None]
+        if return_logits:
+            out_logits = out_logits.at[:, t].set(last)
+        hit_eos = (tok == eos_id) & ~done
+        keep = jnp.where(hit_eos, t, keep)
+        reason = jnp.where(hit_eos, FINISH_EOS, reason)
+        finished = done | hit_eos
+        if stops:
+            recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+            match = jnp.all((recent[:, None, :] == stop_ids) | (stop_ids < 0), axis=-1)  # (B,S)
+            longest = jnp.max(jnp.where(match, stop_lens, 0), axis=-1)
+            hit_stop = (longest > 0) & ~finished
+            keep = jnp.where(hit_stop, t + 1 - longest, keep)
+            reason = jnp.where(hit_stop, FINISH_STOP, reason)
+            finished = finished | hit_stop
+        pos = (lengths_B + t)[:, None]
         seg = jnp.ones((B, 1), jnp.int32)
-        logits, cache = model.apply({"params": params}, tok[:, None], pos, seg, kv_cache=cache, cache_offset=P + t)
-        return t + 1, logits[:, -1], cache, out, done, rng, out_logits
+        logits, cache = model.apply(
+            {"params": params}, tok[:, None], pos, seg, kv_cache=cache, cache_offset=prompt_len + t
+        )
+        return t + 1, logits[:, -1], cache, out, finished, rng, out_logits, keep, reason, recent
 
-    carry = (jnp.int32(0), last, cache, out, done, rng, out_logits)
-    t, _, _, out, done, _, out_logits = jax.lax.while_loop(cond, body, carry)
-    return out, out_logits, t
+    carry = (jnp.int32(0), last_BV, cache, out, done, rng, out_logits, keep, reason, recent)
+    t, _, _, out, done, _, out_logits, keep, reason, _ = jax.lax.while_loop(cond, body, carry)
+    keep = jnp.where(done, keep, t)
+    return out, out_logits, t, keep, reason
+
+
+_DECODE_STATIC = (0, 6, 7, 8, 9, 10, 11, 12, 13)
+_decode = jax.jit(_decode_impl, static_argnums=_DECODE_STATIC)
+# Donating the cache lets XLA update it in place; the CPU backend cannot use donations (and warns).
+_decode_donating = jax.jit(_decode_impl, static_argnums=_DECODE_STATIC, donate_argnums=(3,))
+
+
+def params_shardings(model, mesh: Mesh):
+    """The training shardings of ``model``'s params on ``mesh`` (from their logical axis names)."""
+    boxed = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    )
+    return logical_shardings(boxed, mesh, LOGICAL_RULES)
+
+
+def shard_params(model, params, mesh: Mesh):
+    """Place ``params`` on ``mesh`` exactly as training shards them."""
+    return jax.device_put(params, params_shardings(model, mesh))
+
+
+def _cache_sharding(model, mesh: Mesh, batch: int, cache_len: int) -> NamedSharding:
+    cfg = model.cfg
+    spec = PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    shape = (batch, cache_len, cfg.n_kv_heads, cfg.kv_dim)
+    return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+
+
+def _check_args(prompts, max_new_tokens, temperature, top_k, top_p, stop_sequences):
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LmtrainError("every prompt needs at least one token (e.g. BOS); got an empty prompt")
+    if max_new_tokens < 1:
+        raise LmtrainError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0 or top_k < 0 or not (0.0 < top_p <= 1.0):
+        raise LmtrainError(
+            f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+            f"temperature={temperature}, top_k={top_k}, top_p={top_p}"
+        )
+    if any(len(s) == 0 for s in stop_sequences):
+        raise LmtrainError("stop sequences must be non-empty token lists")
+
+
+def generate_batch(
+    model,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    return_logits: bool = False,
+    mesh: Mesh | None = None,
+    batch_multiple: int = 1,
+    prompt_len_multiple: int = 1,
+) -> Generation:
+    """Generate up to ``max_new_tokens`` per prompt; a row ends at EOS or a stop sequence.
+
+    ``eos_id=-1`` disables EOS (fixed-length decoding, for benchmarks). With ``mesh``, ``params``
+    should already be placed by ``shard_params`` (host arrays are placed here, once per call).
+    ``batch_multiple`` / ``prompt_len_multiple`` round the padded batch shape up so that many
+    calls with varied prompts reuse a few compiled shapes (padding never changes results).
+    """
+    _check_args(prompts, max_new_tokens, temperature, top_k, top_p, stop_sequences)
+    n = len(prompts)
+    rows = list(prompts)
+    multiple = max(1, batch_multiple)
+    if mesh is not None:  # the batch axis must divide over the data shards
+        multiple = np.lcm(multiple, data_shards(mesh))
+    rows += [rows[-1]] * (-n % multiple)  # extra rows repeat a prompt; their output is dropped
+    B, P = len(rows), max(len(p) for p in rows)
+    P += -P % max(1, prompt_len_multiple)
+    tokens = np.full((B, P), pad_id, np.int32)
+    seg = np.zeros((B, P), np.int32)
+    for i, p in enumerate(rows):
+        tokens[i, P - len(p) :] = p
+        seg[i, P - len(p) :] = 1
+    lengths = seg.sum(axis=1).astype(np.int32)
+    stops = tuple(tuple(int(t) for t in s) for s in stop_sequences)
+    cache_len = P + int(max_new_tokens)
+    rng = jax.random.PRNGKey(seed)
+    cache_sharding = None
+    ctx = _NullContext()
+    if mesh is not None:
+        tokens, seg, lengths = (
+            jax.device_put(
+                x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *[None] * (x.ndim - 1)))
+            )
+            for x in (tokens, seg, lengths)
+        )
+        if not _is_on_mesh(params, mesh):
+            params = shard_params(model, params, mesh)
+        cache_sharding = _cache_sharding(model, mesh, B, cache_len)
+        rng = jax.device_put(rng, NamedSharding(mesh, PartitionSpec()))
+        ctx = _MeshContext(mesh)
+    with ctx:
+        t0 = time.perf_counter()
+        last, cache = _prefill(model, params, tokens, seg, cache_len, cache_sharding)
+        last = jax.block_until_ready(last)
+        t1 = time.perf_counter()
+        decode = _decode if jax.default_backend() == "cpu" else _decode_donating
+        out, logits, steps, keep, reason = decode(
+            model,
+            params,
+            last,
+            cache,
+            lengths,
+            rng,
+            P,
+            int(max_new_tokens),
+            float(temperature),
+            int(top_k),
+            float(top_p),
+            int(eos_id),
+            stops,
+            bool(return_logits),
+        )
+        out = np.asarray(out)
+        t2 = time.perf_counter()
+    steps, keep, reason = int(steps), np.asarray(keep), np.asarray(reason)
+    results = [out[i, : keep[i]].tolist() for i in range(n)]
+    reasons = [FINISH_NAMES[int(r)] for r in reason[:n]]
+    logits_np = np.asarray(logits)[:n, :steps] if return_logits else None
+    timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps}
+    return Generation(results, reasons, logits_np, timing)
+
+
+def _is_on_mesh(params, mesh: Mesh) -> bool:
+    leaves = jax.tree.leaves(params)
+    return all(
+        isinstance(x, jax.Array)
+        and isinstance(x.sharding, NamedSharding)
+        and x.sharding.mesh == mesh
+        for x in leaves
+    )
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _MeshContext:
+    """``with mesh, nn.logical_axis_rules(...)`` so the model's sharding constraints apply."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.rules = nn.logical_axis_rules(LOGICAL_RULES)
+
+    def __enter__(self):
+        self.mesh.__enter__()
+        self.rules.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.rules.__exit__(*exc)
+        return self.mesh.__exit__(*exc)
 
 
 def generate(
@@ -85,28 +338,70 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    stop_sequences: Sequence[Sequence[int]] = (),
     return_logits: bool = False,
+    mesh: Mesh | None = None,
+    **shape_kwargs,
 ):
-    """Returns, per prompt, the generated ids (up to and excluding EOS)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. BOS)")
-    P = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), P), pad_id, np.int32)
-    seg = np.zeros((len(prompts), P), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = p
-        seg[i, P - len(p):] = 1
-    out, logits, steps = _generate(
-        model, params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.PRNGKey(seed),
-        int(max_new_tokens), float(temperature), int(top_k), float(top_p), int(eos_id),
+    """Per prompt, the generated ids (without EOS / stop sequence); ``(ids, logits)`` with
+    ``return_logits``. See ``generate_batch`` for finish reasons and timings."""
+    g = generate_batch(
+        model,
+        params,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_sequences=stop_sequences,
+        return_logits=return_logits,
+        mesh=mesh,
+        **shape_kwargs,
     )
-    out = np.asarray(out)[:, : int(steps)]
-    results = []
-    for row in out:
-        ids = row.tolist()
-        if eos_id in ids:
-            ids = ids[: ids.index(eos_id)]
-        results.append(ids)
-    if return_logits:
-        return results, np.asarray(logits)[:, : int(steps)]
-    return results
+    return (g.tokens, g.logits) if return_logits else g.tokens
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` cut before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate_text(
+    model,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    bos: bool = False,
+    **kwargs,
+) -> tuple[list[str], list[str]]:
+    """Completions (text after the prompt) and finish reasons for text prompts.
+
+    Stop strings are matched twice: as token sequences inside the decode loop (so rows stop
+    early) and on the decoded text (the ground truth, since a tokenizer may split a stop string
+    differently in context). Completions exclude the stop string.
+    """
+    ids = [tokenizer.encode(p, bos=bos) for p in prompts]
+    stop_ids = [tokenizer.encode(s) for s in stop if s]
+    g = generate_batch(
+        model,
+        params,
+        ids,
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        stop_sequences=[s for s in stop_ids if s],
+        **kwargs,
+    )
+    texts, reasons = [], []
+    for toks, reason in zip(g.tokens, g.finish_reasons):
+        text, hit = truncate_at_stop(tokenizer.decode(toks), stop)
+        texts.append(text)
+        reasons.append("stop" if hit else reason)
+    return texts, reasons

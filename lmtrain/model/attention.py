@@ -11,10 +11,16 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from lmtrain.model.attention_kernels import (  # noqa: F401 (re-exported)
+    _MASK_VALUE,
+    attention_mask,
+    causal_self_attention,
+    dot_product_attention,
+    xla_attention_head_major,
+)
 from lmtrain.model.config import ModelConfig
-
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -24,42 +30,23 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BTHD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, heads_first: bool = False) -> jax.Array:
     """Rotate-half RoPE (the Hugging Face Llama layout, so imported weights need no permutation).
 
+    ``x`` is (B, T, H, D), or (B, H, T, D) with ``heads_first``; cos/sin are (B, T, D/2).
     Written as ``x * cos + flip(x) * signed_sin`` over a (2, D/2) view: elementwise ops and a
     reverse that XLA fuses, instead of a concatenate whose gradient is a pad (slow on CPU).
     """
-    x = x_BTHD.astype(jnp.float32)
-    *lead, d = x.shape
-    x2 = x.reshape(*lead, 2, d // 2)
-    c = cos[:, :, None, None, :]
-    s = sin[:, :, None, None, :] * jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]
+    xf = x.astype(jnp.float32)
+    *lead, d = xf.shape
+    x2 = xf.reshape(*lead, 2, d // 2)
+    sign = jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]
+    if heads_first:
+        c, s = cos[:, None, :, None, :], sin[:, None, :, None, :] * sign
+    else:
+        c, s = cos[:, :, None, None, :], sin[:, :, None, None, :] * sign
     out = x2 * c + jnp.flip(x2, axis=-2) * s
-    return out.reshape(x.shape).astype(x_BTHD.dtype)
-
-
-def attention_mask(
-    q_slot_T: jax.Array, k_slot_S: jax.Array, q_seg_BT: jax.Array, k_seg_BS: jax.Array
-) -> jax.Array:
-    """Boolean (B, 1, 1, T, S) mask: causal by slot, same non-zero segment."""
-    causal = k_slot_S[None, :] <= q_slot_T[:, None]
-    same = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS[:, None, :] != 0)
-    return (causal[None] & same)[:, None, None]
-
-
-def dot_product_attention(
-    q_BTKGD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask: jax.Array
-) -> jax.Array:
-    """Reference XLA attention; softmax in float32. Returns (B, T, K, G, D)."""
-    scale = q_BTKGD.shape[-1] ** -0.5
-    scores = jnp.einsum(
-        "btkgd,bskd->bkgts", q_BTKGD * jnp.asarray(scale, q_BTKGD.dtype), k_BSKD,
-        preferred_element_type=jnp.float32,
-    )
-    scores = jnp.where(mask, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+    return out.reshape(xf.shape).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -82,7 +69,8 @@ class Attention(nn.Module):
         wv = kernel("v_kernel", K, ("embed", "kv_heads", "kv"))
         # One matmul for q, k and v (params stay separate, so checkpoints map 1:1 to HF layouts).
         w = jnp.concatenate([wq, wk, wv], axis=1).astype(cfg.compute_dtype)
-        qkv = jnp.einsum("btd,dhe->bthe", x_BTD.astype(cfg.compute_dtype), w)
+        x = x_BTD.astype(cfg.compute_dtype)
+        qkv_bias = None
         if cfg.qkv_bias:  # Qwen2-style biases on q, k and v.
 
             def bias(name, heads, head_axis):
@@ -90,9 +78,37 @@ class Attention(nn.Module):
                 return self.param(name, init, (heads, D), cfg.params_dtype)
 
             b = [bias("q_bias", H, "heads"), bias("k_bias", K, "kv_heads"), bias("v_bias", K, "kv_heads")]
-            qkv = qkv + jnp.concatenate(b, axis=0).astype(cfg.compute_dtype)
-        q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
+            qkv_bias = jnp.concatenate(b, axis=0).astype(cfg.compute_dtype)
+        wo = self.param(
+            "o_kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=(H * D) ** -0.5 / (2 * cfg.n_layers) ** 0.5),
+                ("heads", "kv", "embed"),
+            ),
+            (H, D, cfg.d_model),
+            cfg.params_dtype,
+        ).astype(cfg.compute_dtype)
         cos, sin = rope_tables(positions_BT, D, cfg.rope_theta)
+
+        if kv_cache is None and cfg.attention == "xla":
+            # Training / scoring fast path: heads-first (B, H, T, D) from the projection on, so
+            # the attention matmuls need no transposes. Same maths as the general path below.
+            qkv = jnp.einsum("btd,dhe->bhte", x, w)
+            if qkv_bias is not None:
+                qkv = qkv + qkv_bias[None, :, None, :]
+            # split (not slicing): its gradient is one concatenate, where slices' would be pads.
+            q, k, v = jnp.split(qkv, [H, H + K], axis=1)
+            q = apply_rope(q, cos, sin, heads_first=True)
+            k = apply_rope(k, cos, sin, heads_first=True)
+            out = xla_attention_head_major(q, k, v, segment_ids_BT)
+            out = nn.with_logical_constraint(out, ("batch", "heads", "length", "kv"))
+            out = checkpoint_name(out, "attn_out")
+            return jnp.einsum("bhte,hed->btd", out, wo), None
+
+        qkv = jnp.einsum("btd,dhe->bthe", x, w)
+        if qkv_bias is not None:
+            qkv = qkv + qkv_bias
+        q, k, v = jnp.split(qkv, [H, H + K], axis=2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         T = x_BTD.shape[1]
         q_slot = jnp.arange(T)
@@ -106,23 +122,15 @@ class Attention(nn.Module):
             k_slot = jnp.arange(k_all.shape[1])
             q_slot = q_slot + cache_offset
             new_cache = {"k": k_all, "v": v_all}
-        mask = attention_mask(q_slot, k_slot, segment_ids_BT, k_seg)
         B = x_BTD.shape[0]
-        q = q.reshape(B, T, K, H // K, D)
-        out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-        out = out.reshape(B, T, H, D)
+        if kv_cache is None and cfg.attention != "xla":  # fused kernels: training and prefill
+            out = causal_self_attention(cfg.attention, q, k, v, segment_ids_BT)
+        else:
+            mask = attention_mask(q_slot, k_slot, segment_ids_BT, k_seg)
+            q = q.reshape(B, T, K, H // K, D)
+            out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+            out = out.reshape(B, T, H, D)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        from jax.ad_checkpoint import checkpoint_name
-
         out = checkpoint_name(out, "attn_out")
-        wo = self.param(
-            "o_kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=(H * D) ** -0.5 / (2 * cfg.n_layers) ** 0.5),
-                ("heads", "kv", "embed"),
-            ),
-            (H, D, cfg.d_model),
-            cfg.params_dtype,
-        )
-        y = jnp.einsum("bthe,hed->btd", out, wo.astype(cfg.compute_dtype))
+        y = jnp.einsum("bthe,hed->btd", out, wo)
         return y, new_cache

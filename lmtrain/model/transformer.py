@@ -16,7 +16,7 @@ from lmtrain.model.attention import Attention
 from lmtrain.model.config import ModelConfig
 
 ONE_HOT_EMBED_MAX_VOCAB = 2048
-REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_dots_and_attn_out")
+REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_dots_and_attn_out", "offload")
 
 
 def remat_policy(name: str):
@@ -28,6 +28,8 @@ def remat_policy(name: str):
         "save_dots_and_attn_out": cp.save_from_both_policies(
             cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names("attn_out")
         ),
+        # The "dots" residuals, kept in pinned host memory instead of device memory.
+        "offload": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
     }[name]
 
 
@@ -58,7 +60,7 @@ class MLP(nn.Module):
         # gate and up in one matmul; params stay separate (1:1 with HF checkpoints).
         w = jnp.concatenate([w_gate, w_up], axis=1).astype(cfg.compute_dtype)
         gate_up = x_BTD.astype(cfg.compute_dtype) @ w
-        gate, up = gate_up[..., : cfg.d_ff], gate_up[..., cfg.d_ff :]
+        gate, up = jnp.split(gate_up, 2, axis=-1)
         act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
         h = nn.with_logical_constraint(act * up, ("batch", "length", "mlp"))
         std_out = cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5

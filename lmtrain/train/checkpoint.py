@@ -1,33 +1,201 @@
 """Orbax checkpoints: train state (sharded arrays) plus the input pipeline's iterator state.
 
-Saves are asynchronous; a step directory only counts once Orbax has committed it (finalised
-atomically), so a run killed mid-save resumes from the previous complete step. Restoring takes
-the *target* shardings, so a checkpoint written on one mesh restores onto any other mesh or
-device count.
+Saves are asynchronous. Orbax 0.12 writes a step into ``<step>.orbax-checkpoint-tmp*`` and
+commits it with one atomic rename, so a run killed mid-save leaves only a temporary directory
+(removed on the next start) and resumes from the previous step. On top of that every step gets a
+file listing (``lmtrain_files.json``: each file's size and SHA-256) written *inside* the temporary
+directory just before the rename, so it is part of the atomic commit. ``latest_step()`` checks the
+newest steps against their listings; a step with a truncated, missing or altered file is reported,
+moved to ``<dir>.corrupt/`` and the previous step is used. Restoring takes the *target* shardings,
+so a checkpoint written on one mesh restores onto any other mesh or device count.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from lmtrain.errors import CheckpointError
 
+LISTING_FILE = "lmtrain_files.json"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def _sha256(path: str, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_files(step_dir: str, hashes: bool = True) -> dict[str, dict]:
+    """{relative path: {size, sha256}} for every file of the items (``state/``, ``iter/``).
+
+    Top-level files are left out: Orbax rewrites ``_CHECKPOINT_METADATA`` (commit time) and
+    adds ``commit_success.txt`` after our listing is written.
+    """
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, step_dir)
+            if os.sep not in rel:
+                continue
+            entry = {"size": os.path.getsize(full)}
+            if hashes:
+                entry["sha256"] = _sha256(full)
+            out[rel] = entry
+    return dict(sorted(out.items()))
+
+
+def write_listing(step_dir: str, hashes: bool = True) -> None:
+    """Writes the listing atomically (temp file, fsync, rename) so it is never half written."""
+    listing = {"format": "lmtrain-checkpoint-files-v1", "files": list_files(step_dir, hashes)}
+    tmp = os.path.join(step_dir, LISTING_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(listing, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, LISTING_FILE))
+
+
+def verify_step_dir(step_dir: str) -> str | None:
+    """None if every listed file is present with its size and hash; else what is wrong."""
+    path = os.path.join(step_dir, LISTING_FILE)
+    if not os.path.isdir(step_dir):
+        return f"{step_dir} does not exist"
+    if not os.path.exists(path):
+        return None  # written before listings existed; Orbax's commit is all we have
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its file listing {path} is unreadable ({type(e).__name__}: {e})"
+    for rel, want in files.items():
+        full = os.path.join(step_dir, rel)
+        if not os.path.exists(full):
+            return f"{rel} is missing"
+        size = os.path.getsize(full)
+        if size != want["size"]:
+            return (
+                f"{rel} has {size} bytes, the listing says {want['size']} (truncated or rewritten)"
+            )
+        if "sha256" in want and _sha256(full) != want["sha256"]:
+            return f"{rel} does not match its SHA-256 in {LISTING_FILE} (corrupted)"
+    return None
+
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 2,
+        async_save: bool = True,
+        hash_files: bool = True,
+        report: Callable[[str], None] = print,
+        owner: bool = False,
+    ):
+        """``owner=True`` for the one training run writing ``directory``: it removes incomplete
+        writes left by a killed run and moves corrupt steps aside. Readers (eval, generate,
+        init_from) only skip them, so they never disturb a run that is still saving."""
         self.directory = os.path.abspath(directory)
+        self.owner = owner
+        self.async_save = async_save
+        self.hash_files = hash_files
+        self.report = report
+        self._verified: set[int] = set()
+        self._pending: set[int] = set()  # saved by this process, listing not yet written
+        self._lock = threading.Lock()
+        self._is_primary = jax.process_index() == 0
+        self._reported: set[int] = set()
+        leftovers = sorted(glob.glob(os.path.join(self.directory, f"*{TMP_MARKER}*")))
+        if leftovers and self._is_primary and owner:
+            names = ", ".join(os.path.basename(p) for p in leftovers)
+            report(f"checkpoint: discarding incomplete write(s) from an earlier run: {names}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
-            enable_async_checkpointing=async_save,
+            # Always async underneath: the listing is written by Orbax's post-finalization
+            # callback, which only the async checkpointer runs. Sync saves wait right after.
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._list_uncommitted),
+            cleanup_tmp_directories=owner,
         )
-        self.mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "iter"))
+        self.mgr = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "iter")
+        )
 
+    # -- integrity -----------------------------------------------------------------------------
+    def _list_uncommitted(self) -> None:
+        """Runs after Orbax finalised the items and before its commit rename: list the tmp dir."""
+        if not self._is_primary:
+            return
+        with self._lock:
+            for step in sorted(self._pending):
+                for tmp in glob.glob(os.path.join(self.directory, f"{step}{TMP_MARKER}*")):
+                    write_listing(tmp, self.hash_files)
+                    self._pending.discard(step)
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def verify(self, step: int) -> str | None:
+        """None if step's files match its listing (cached per step for this process)."""
+        if step in self._verified:
+            return None
+        problem = verify_step_dir(self.step_dir(step))
+        if problem is None:
+            self._verified.add(step)
+        return problem
+
+    def quarantine(self, step: int, problem: str) -> str:
+        """Moves a bad step out of Orbax's directory (kept for inspection) and reports it."""
+        src = self.step_dir(step)
+        dest_root = self.directory.rstrip("/") + ".corrupt"
+        dest = os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if self._is_primary:
+            os.makedirs(dest_root, exist_ok=True)
+            shutil.move(src, dest)
+            self.report(
+                f"checkpoint: step {step} in {self.directory} is corrupt: {problem}; "
+                f"moved it to {dest} and falling back to the previous checkpoint"
+            )
+        self._verified.discard(step)
+        self.mgr.reload()
+        return dest
+
+    # -- public API ----------------------------------------------------------------------------
     def latest_step(self) -> int | None:
-        return self.mgr.latest_step()
+        """The newest step whose files check out; corrupt newer steps are set aside (owner) or
+        skipped (reader), and reported."""
+        if self.owner:
+            while (step := self.mgr.latest_step()) is not None:
+                problem = self.verify(step)
+                if problem is None:
+                    return step
+                self.quarantine(step, problem)
+            return None
+        for step in sorted(self.mgr.all_steps(), reverse=True):
+            problem = self.verify(step)
+            if problem is None:
+                return step
+            if step not in self._reported and self._is_primary:
+                self._reported.add(step)
+                self.report(
+                    f"checkpoint: skipping corrupt step {step} in {self.directory}: {problem}"
+                )
+        return None
 
     def all_steps(self) -> list[int]:
         return list(self.mgr.all_steps())
@@ -35,11 +203,26 @@ class Checkpointer:
     def save(self, step: int, state, iter_state: dict | None, *, force: bool = False) -> bool:
         args = {"state": ocp.args.StandardSave(state)}
         args["iter"] = ocp.args.JsonSave(iter_state or {})
-        return self.mgr.save(step, args=ocp.args.Composite(**args), force=force)
+        with self._lock:
+            self._pending.add(step)
+        saved = self.mgr.save(step, args=ocp.args.Composite(**args), force=force)
+        if saved:
+            self._verified.add(step)  # written by us, listed before commit
+        if not self.async_save:
+            self.mgr.wait_until_finished()
+        return saved
 
     def restore(self, step: int, abstract_state, shardings):
+        problem = self.verify(step)
+        if problem is not None:
+            raise CheckpointError(
+                f"step {step} in {self.directory} is corrupt: {problem}. Move {self.step_dir(step)} "
+                "aside (or delete it) to resume from the previous checkpoint"
+            )
         target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            shardings,
         )
         try:
             out = self.mgr.restore(
@@ -56,8 +239,13 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params, shardings):
         """Params only (fine-tuning from a pre-trained run): reads the ``params`` subtree."""
+        problem = self.verify(step)
+        if problem is not None:
+            raise CheckpointError(f"step {step} in {self.directory} is corrupt: {problem}")
         target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_params,
+            shardings,
         )
         try:
             out = self.mgr.restore(
@@ -78,6 +266,29 @@ class Checkpointer:
                 "Check that config.model matches the checkpoint's model."
             ) from e
         return out["state"]["params"]
+
+    def read_arrays(self, step: int) -> dict:
+        """The saved train state as a nested dict of numpy arrays, whatever mesh wrote it.
+
+        For comparing runs (tests, ``tools/soak.py``) without building the model.
+        """
+        import numpy as np
+
+        problem = self.verify(step)
+        if problem is not None:
+            raise CheckpointError(f"step {step} in {self.directory} is corrupt: {problem}")
+        path = os.path.join(self.step_dir(step), "state")
+        reader = ocp.PyTreeCheckpointer()
+        meta = reader.metadata(path)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return reader.restore(path, restore_args=restore_args)
+
+    def delete(self, step: int) -> None:
+        """Removes a step (a loss-spike rollback drops checkpoints taken after the spike)."""
+        self.mgr.wait_until_finished()
+        self.mgr.delete(step)
+        self._verified.discard(step)
 
     def wait(self) -> None:
         self.mgr.wait_until_finished()

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain import config as config_lib
-from lmtrain.data import pipeline
+from lmtrain.data import finetune_data, pipeline
 from lmtrain.data.text_file import prepare_text_file
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.distributed import maybe_initialize
@@ -24,12 +24,19 @@ from lmtrain.errors import ConfigError, DataError
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
 from lmtrain.model.transformer import Transformer
+from lmtrain.train import divergence
 from lmtrain.train import flops as flops_lib
+from lmtrain.train import finetune
 from lmtrain.train.checkpoint import Checkpointer
+from lmtrain.train.early_stop import EvalHooks
+from lmtrain.train.losses.dpo import DegenerateRunMonitor
+from lmtrain.train.lora_io import save_adapters
 from lmtrain.train.metrics_log import MetricsLogger
 from lmtrain.train.optim import make_optimizer
 from lmtrain.train.prefetch import Prefetcher
+from lmtrain.train.preflight import run_preflight
 from lmtrain.train.run_info import write_run_files
+from lmtrain.train.signals import PreemptionGuard, TrainingInterrupted
 from lmtrain.train.state import init_state, state_shardings
 from lmtrain.train.step import make_eval_step, make_train_step
 
@@ -49,6 +56,8 @@ class Setup:
     abstract_state: object
     shardings: object
     batch_sharding: NamedSharding
+    params_transform: object = None  # LoRA / reward head (lmtrain/train/finetune.py)
+    eval_rows: dict | None = None  # fine-tuning records runs: the eval file's rows
 
 
 def resolve_data(config, workdir: str) -> str:
@@ -68,9 +77,17 @@ def resolve_data(config, workdir: str) -> str:
 
 def build(config, workdir: str) -> Setup:
     maybe_initialize(config.distributed)
+    finetune.adopt_init_from_model(config)
     config_lib.validate(config, jax.device_count())
-    data_dir = resolve_data(config, workdir)
-    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    if finetune.uses_records(config):  # fine-tuning records: the run keeps its tokenizer itself
+        tokenizer, data_dir = finetune.records_tokenizer(config), workdir
+        if jax.process_index() == 0:
+            tokenizer.save(os.path.join(workdir, "tokenizer"))
+    else:
+        data_dir = resolve_data(config, workdir)
+        tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    if config.init_from:
+        finetune.check_same_vocabulary(config.init_from, tokenizer, config.model.vocab_size, "config.init_from")
     if config.model.vocab_size == 0:
         with config.unlocked():
             config.model.vocab_size = tokenizer.vocab_size
@@ -79,21 +96,28 @@ def build(config, workdir: str) -> Setup:
             f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} ({data_dir}/tokenizer); set it to 0 to follow the tokenizer"
         )
-    mesh = make_mesh(config.mesh.shape)
+    mesh = make_mesh(config.mesh.shape, jax.devices()[: config.mesh.num_devices or None])
     model_cfg = ModelConfig.from_config(config.model)
     model = Transformer(model_cfg)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    abstract, shardings = state_shardings(model, tx, config.data.seq_len, config.seed, mesh)
+    transform = finetune.params_transform(config, model_cfg)
+    abstract, shardings = state_shardings(model, tx, config.data.seq_len, config.seed, mesh, transform)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    return Setup(config, mesh, model, model_cfg, tokenizer, data_dir, tx, schedule, abstract, shardings, batch_sharding)
+    eval_rows = None
+    if finetune.uses_records(config) and config.data.eval_file:
+        eval_rows = finetune_data.rows_for_objective(config, tokenizer, config.data.eval_file)
+    return Setup(config, mesh, model, model_cfg, tokenizer, data_dir, tx, schedule, abstract, shardings,
+                 batch_sharding, transform, eval_rows)
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(setup: Setup, eval_step, params, max_batches: int = 0) -> dict:
+def evaluate(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None) -> dict:
     cfg = setup.config
+    if setup.eval_rows is not None:
+        return evaluate_rows(setup, eval_step, params, max_batches, frozen)
     split_dir = os.path.join(setup.data_dir, cfg.data.eval_split)
     per_process = cfg.train.global_batch_size // jax.process_count()
     sums: dict[str, float] = {}
@@ -110,41 +134,89 @@ def evaluate(setup: Setup, eval_step, params, max_batches: int = 0) -> dict:
     return result
 
 
+def evaluate_rows(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None) -> dict:
+    """Eval over a fine-tuning eval file: loss and every metric averaged over its full weight."""
+    cfg = setup.config
+    sums: dict[str, float] = {}
+    for batch in finetune_data.eval_batches(setup.eval_rows, batch_size=cfg.train.global_batch_size // jax.process_count(),
+                                            max_batches=max_batches, process_index=jax.process_index(),
+                                            process_count=jax.process_count()):
+        out = eval_step(params, to_global(batch, setup.batch_sharding), frozen)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    weight = max(sums.pop("weight", 0.0), 1.0)
+    result = {"eval/loss": sums.pop("loss_sum", 0.0) / weight, "eval/weight": weight}
+    result.update({f"eval/{k.removesuffix('_sum')}": v / weight for k, v in sums.items()})
+    if "eval/nll" in result:
+        result["eval/perplexity"] = float(np.exp(result["eval/nll"]))
+    return result
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def train(config, workdir: str, *, print_fn=print) -> dict:
-    """Trains (or resumes) the run in ``workdir``; returns the final metrics."""
+    """Trains (or resumes) the run in ``workdir``; returns the final metrics.
+
+    SIGTERM/SIGINT save the current step and raise ``TrainingInterrupted`` (rerun to resume).
+    """
+    with PreemptionGuard() as guard:
+        return _train(config, workdir, print_fn=print_fn, guard=guard)
+
+
+def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     jax.config.update("jax_threefry_partitionable", True)
     os.makedirs(workdir, exist_ok=True)
+    if config.fault.preflight:
+        run_preflight(config, workdir, print_fn=print_fn if jax.process_index() == 0 else None)
     setup = build(config, workdir)
     cfg, mesh = setup.config, setup.mesh
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                        async_save=cfg.train.async_checkpoint)
+                        async_save=cfg.train.async_checkpoint, hash_files=cfg.fault.checkpoint_hashes,
+                        report=print_fn if jax.process_index() == 0 else (lambda _: None), owner=True)
     latest = ckpt.latest_step()
     iter_state = None
     if latest is not None:
         state, iter_state = ckpt.restore(latest, setup.abstract_state, setup.shardings)
         print_fn(f"resumed from {ckpt.directory} at step {latest}")
     else:
-        state, _ = init_state(setup.model, setup.tx, cfg.data.seq_len, cfg.seed, mesh)
+        state, _ = init_state(setup.model, setup.tx, cfg.data.seq_len, cfg.seed, mesh, setup.params_transform)
+    initial, initial_shardings = None, None
+    if finetune.needs_initial_params(cfg):
+        initial, initial_shardings = finetune.initial_params(setup)
+        if latest is None:
+            state = finetune.start_state(setup, state, initial)
+    frozen, frozen_shardings, extras = finetune.frozen_trees(setup, setup.tokenizer, initial, initial_shardings)
     is_main = jax.process_index() == 0
     if is_main:
         write_run_files(workdir, cfg, data_dir=setup.data_dir, tokenizer_fingerprint=setup.tokenizer.fingerprint(),
                         mesh_shape=mesh.devices.shape, resumed_from=latest)
     per_process = cfg.train.global_batch_size // jax.process_count()
-    ds = pipeline.train_dataset(os.path.join(setup.data_dir, cfg.data.train_split), seq_len=cfg.data.seq_len,
-                                batch_size=per_process, seed=cfg.seed, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+    if finetune.uses_records(cfg):
+        rows = finetune_data.rows_for_objective(cfg, setup.tokenizer, cfg.data.train_file)
+        if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
+            rows = finetune.add_reference_logps(setup, rows, initial, cfg.train.global_batch_size)
+            if setup.eval_rows is not None:
+                setup.eval_rows = finetune.add_reference_logps(setup, setup.eval_rows, initial,
+                                                               cfg.train.global_batch_size)
+        ds = finetune_data.train_dataset(rows, batch_size=per_process, seed=cfg.seed,
+                                         process_index=jax.process_index(), process_count=jax.process_count())
+    else:
+        ds = pipeline.train_dataset(os.path.join(setup.data_dir, cfg.data.train_split), seq_len=cfg.data.seq_len,
+                                    batch_size=per_process, seed=cfg.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
     it = iter(ds)
     if iter_state:
         it.set_state(iter_state)
     batches = Prefetcher(it, cfg.data.prefetch)
 
-    train_step = make_train_step(setup.model, setup.tx, setup.schedule, cfg, mesh, setup.shardings, setup.batch_sharding)
-    eval_step = make_eval_step(setup.model, cfg, mesh, setup.shardings.params, setup.batch_sharding)
+    train_step = make_train_step(setup.model, setup.tx, setup.schedule, cfg, mesh, setup.shardings, setup.batch_sharding,
+                                 frozen_shardings, extras)
+    eval_step = make_eval_step(setup.model, cfg, mesh, setup.shardings.params, setup.batch_sharding, frozen_shardings,
+                               extras)
+    dpo_monitor = DegenerateRunMonitor(cfg.dpo.degenerate_patience, warn=print_fn) if cfg.objective == "dpo" else None
     logger = MetricsLogger(workdir, enabled=is_main)
     n_params = setup.model_cfg.param_count()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -162,15 +234,28 @@ def train(config, workdir: str, *, print_fn=print) -> dict:
         step_done, m = pending_item
         return step_done, {k: float(v) for k, v in m.items()}
 
-    for step in range(start, cfg.train.steps):
-        batch = to_global(next(batches), setup.batch_sharding)
-        state, metrics = train_step(state, batch)
+    history = divergence.BatchHistory(cfg.train.max_nonfinite_in_a_row + 2)
+    spikes = divergence.SpikeGuard(cfg.fault.spike_factor, cfg.fault.spike_window, cfg.fault.max_rollbacks)
+    steps = divergence.StepCounter(start, cfg.train.steps)
+    last_saved = latest
+    eval_hooks, stop_early = EvalHooks(cfg.train, workdir), False  # early stop / keep best
+    for step in steps:
+        history.record(step + 1, batches.get_state())
+        batch = pipeline.curriculum_batch(next(batches), step, cfg.data)  # a few bucketed lengths
+        batch = to_global(batch, setup.batch_sharding)
+        state, metrics = train_step(state, batch, frozen) if frozen is not None else train_step(state, batch)
         prev, pending = pending, (step + 1, metrics)
         steps_since += 1
         if prev is not None:
             s, m = flush(prev)
             if m["skipped"] and int(state.nonfinite_in_a_row) >= cfg.train.max_nonfinite_in_a_row:
-                raise RuntimeError(f"{cfg.train.max_nonfinite_in_a_row} non-finite steps in a row at step {s}; stopping")
+                _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, step + 1, last_saved)
+            if spikes.is_spike(m["loss"]):
+                state, batches, last_saved = _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s,
+                                                       m["loss"], state, print_fn)
+                steps.rewind(last_saved)
+                pending, steps_since, t_last = None, 0, time.perf_counter()
+                continue
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             s, m = flush(pending)
@@ -185,25 +270,124 @@ def train(config, workdir: str, *, print_fn=print) -> dict:
                      f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | {dt * 1e3:.1f} ms/step | "
                      f"MFU {100 * m['mfu']:.1f}% | ETA {_fmt_time(eta)}")
             final.update({f"train/{k}": v for k, v in m.items()})
+            if dpo_monitor is not None:
+                dpo_monitor.update(s, m)
         if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-            ev = evaluate(setup, eval_step, state.params, cfg.train.eval_batches)
+            # Periodic evals may be capped (train.eval_batches); the final one covers the whole split.
+            cap = 0 if done == cfg.train.steps else cfg.train.eval_batches
+            ev = evaluate(setup, eval_step, state.params, cap, frozen)
             logger.write(done, ev)
             final.update(ev)
+            stop_early = eval_hooks.after_eval(done, ev, state, batches.get_state())
             print_fn(f"step {done:>6} | eval loss {ev['eval/loss']:.4f} | eval ppl {ev.get('eval/perplexity', float('nan')):.2f}")
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            ckpt.save(done, state, batches.get_state(), force=True)
+            if int(state.nonfinite_in_a_row) > 0:  # keep the last good checkpoint
+                print_fn(f"step {done}: not checkpointing during {int(state.nonfinite_in_a_row)} non-finite steps")
+            else:
+                ckpt.save(done, state, batches.get_state(), force=True)
+                last_saved = done
+                if finetune.lora_enabled(cfg) and is_main:
+                    save_adapters(os.path.join(workdir, "adapters"), jax.device_get(state.params), cfg, step=done)
+        if guard.requested and done < cfg.train.steps:
+            if last_saved != done and int(state.nonfinite_in_a_row) == 0:
+                ckpt.save(done, state, batches.get_state(), force=True)
+                last_saved = done
+            ckpt.close()
+            batches.close()
+            logger.close()
+            raise TrainingInterrupted(
+                f"{guard.name} received: stopped at step {done}; the newest checkpoint is step "
+                f"{last_saved} in {ckpt.directory}. Run the same command to resume.", guard.signum)
+        if stop_early:
+            if last_saved != done:
+                ckpt.save(done, state, batches.get_state(), force=True)
+                last_saved = done
+            print_fn(f"step {done}: early stop, {cfg.train.early_stop_metric} has not improved for "
+                     f"{cfg.train.early_stop_patience} evaluations")
+            final["early_stopped_at"] = done
+            break
+    eval_hooks.close()
     ckpt.close()
     batches.close()
     final["wall_time_s"] = time.perf_counter() - t_start
     final["step"] = int(state.step)
+    final["nonfinite_total"] = int(state.nonfinite_total)
     if is_main:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2, sort_keys=True)
-    if cfg.train.samples and is_main:
-        for i, text in enumerate(sample_texts(setup, state.params, cfg.train.samples, cfg.train.sample_tokens)):
+    if cfg.train.samples and is_main and (not finetune.uses_records(cfg) or cfg.train.sample_prompt):
+        params = finetune.full_params(cfg, state.params, frozen)
+        for i, text in enumerate(sample_texts(setup, params, cfg.train.samples, cfg.train.sample_tokens)):
             print_fn(f"--- sample {i} ---\n{text}")
     logger.close()
     return final | {"state": state}
+
+
+def _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s, loss, state, print_fn):
+    """Loss spike at step s: restore the newest checkpoint before s, resume data after batch s."""
+    cfg = setup.config
+    ckpt.wait()
+    before = [k for k in ckpt.all_steps() if k < s and ckpt.verify(k) is None]
+    if not before:
+        print_fn(f"step {s}: loss {loss:.4f} spiked (> {spikes.factor} x median {spikes.median():.4f}) "
+                 "but no checkpoint precedes it; continuing")
+        return state, batches, ckpt.latest_step()
+    spikes.rollbacks += 1
+    if spikes.rollbacks > spikes.max_rollbacks:
+        ckpt.close()
+        batches.close()
+        raise divergence.TrainingDiverged(
+            f"loss spiked {spikes.rollbacks} times (config.fault.max_rollbacks={spikes.max_rollbacks}); last at "
+            f"step {s}: {loss:.4f} vs median {spikes.median():.4f}. See {divergence.ROLLBACK_FILE}; lower "
+            "config.optim.lr or raise config.fault.spike_factor")
+    target = max(before)
+    for k in ckpt.all_steps():
+        if k > target:  # taken after the spike's update: not a state to keep
+            ckpt.delete(k)
+    state, saved_iter = ckpt.restore(target, setup.abstract_state, setup.shardings)
+    resume_iter = history.get(s + 1)  # the stream just after the spiking batch
+    batches.close()
+    it = iter(ds)
+    it.set_state(resume_iter)
+    batches = Prefetcher(it, cfg.data.prefetch)
+    record = {"step": s, "loss": loss, "median": spikes.median(), "factor": spikes.factor,
+              "restored_step": target, "iter_state_restored": saved_iter, "iter_state_resumed": resume_iter}
+    if "next_index" in saved_iter and "next_index" in resume_iter:
+        record["skipped_batch_indices"] = list(range(int(saved_iter["next_index"]), int(resume_iter["next_index"])))
+    if jax.process_index() == 0:
+        divergence.log_rollback(workdir, record)
+    print_fn(f"step {s}: loss {loss:.4f} > {spikes.factor} x median {spikes.median():.4f}; rolled back to step "
+             f"{target} and skipped the data up to the spike (rollback {spikes.rollbacks}/{spikes.max_rollbacks})")
+    return state, batches, target
+
+
+def _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, done, last_saved):
+    """Too many non-finite steps in a row: keep the last good checkpoint, name the batches, stop."""
+    cfg = setup.config
+    n = int(state.nonfinite_in_a_row)
+    ckpt.close()
+    batches.close()
+    logger.close()
+    train_dir = os.path.join(setup.data_dir, cfg.data.train_split)
+    records = finetune.uses_records(cfg)  # record datasets: the batch index identifies the batch
+    num_windows = 0 if records else (pipeline.TokenStream(train_dir).num_tokens - 1) // cfg.data.seq_len
+
+    def windows(iter_state):
+        if records:
+            return None
+        return divergence.batch_window_indices(
+            num_windows, cfg.train.global_batch_size // jax.process_count(), cfg.seed,
+            int(iter_state["next_index"]), jax.process_index(), jax.process_count())
+
+    path = os.path.join(workdir, divergence.REPORT_FILE)
+    if jax.process_index() == 0:
+        divergence.write_report(
+            workdir, step=done, skipped_steps=list(range(done - n + 1, done + 1)), history=history,
+            window_lookup=windows, last_checkpoint=last_saved, nonfinite_total=int(state.nonfinite_total))
+    raise divergence.TrainingDiverged(
+        f"{n} non-finite steps in a row (config.train.max_nonfinite_in_a_row) ending at step {done}; "
+        f"the offending batches are listed in {path}; the last good checkpoint is step {last_saved}. "
+        "Lower config.optim.lr or inspect/remove that data before resuming (a resume replays it).")
 
 
 def sample_texts(setup: Setup, params, n: int, max_new: int, prompt: str | None = None, temperature: float = 0.8, top_k: int = 40, seed: int = 0):

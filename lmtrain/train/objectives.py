@@ -32,6 +32,21 @@ class LossContext:
     model: Any
     config: Any
     frozen: Any = None  # e.g. DPO reference params, distillation teacher params, LoRA base
+    extras: Any = None  # static helpers an objective needs, e.g. {"teacher_model": Transformer}
+    train: bool = True  # False in evaluation: no dropout (e.g. LoRA dropout)
+
+    def model_params(self, params, rng=None):
+        """The model's full params: with LoRA, the trainable adapters folded into the frozen base
+        (``frozen["base"]``; see lmtrain/model/lora.py); otherwise ``params`` unchanged."""
+        lora_cfg = self.config.get("lora") if hasattr(self.config, "get") else None
+        if lora_cfg is None or not lora_cfg.rank:
+            return params
+        from lmtrain.model.lora import apply_adapters
+
+        return apply_adapters(
+            self.frozen["base"], params, lora_cfg.alpha / lora_cfg.rank,
+            dropout=lora_cfg.dropout if self.train else 0.0, rng=rng,
+        )
 
 
 def register(name: str):
@@ -56,9 +71,10 @@ def token_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[j
     return lse - target_logit, lse
 
 
-def apply_model(params, batch, ctx: LossContext, **kwargs):
+def apply_model(params, batch, ctx: LossContext, rng=None, **kwargs):
     return ctx.model.apply(
-        {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"), **kwargs
+        {"params": ctx.model_params(params, rng)},
+        batch["inputs"], batch.get("positions"), batch.get("segment_ids"), **kwargs,
     )
 
 
@@ -79,3 +95,7 @@ def lm_loss(params, batch, rng, ctx: LossContext):
         loss_sum = loss_sum + z_sum
         metrics["z_loss"] = (z_sum, n)
     return loss_sum, n, metrics
+
+
+# Fine-tuning objectives register themselves on import (sft, dpo, reward, distill).
+from lmtrain.train.losses import distill, dpo, reward, sft  # noqa: E402, F401

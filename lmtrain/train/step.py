@@ -70,12 +70,14 @@ def make_train_step(
     state_shardings,
     batch_shardings,
     frozen_shardings=None,
+    extras=None,
 ):
+    """``extras``: static helpers for the objective (``LossContext.extras``), e.g. a teacher model."""
     loss_fn = OBJECTIVES[config.objective]
     microbatches = config.train.microbatches
 
     def step(state: TrainState, batch: dict, frozen=None):
-        ctx = LossContext(model=model, config=config, frozen=frozen)
+        ctx = LossContext(model=model, config=config, frozen=frozen, extras=extras)
         rng, step_rng = jax.random.split(state.rng)
         step_rng = jax.random.fold_in(step_rng, state.step)
         loss_sum, weight, metrics, grads = compute_grads(
@@ -127,12 +129,13 @@ def make_train_step(
     return run
 
 
-def make_eval_step(model, config, mesh: Mesh, params_shardings, batch_shardings, frozen_shardings=None):
+def make_eval_step(model, config, mesh: Mesh, params_shardings, batch_shardings, frozen_shardings=None,
+                   extras=None):
     """Sums of the objective's loss and weight over a batch (for exact full-split averages)."""
     loss_fn = OBJECTIVES[config.objective]
 
     def evaluate(params, batch, frozen=None):
-        ctx = LossContext(model=model, config=config, frozen=frozen)
+        ctx = LossContext(model=model, config=config, frozen=frozen, extras=extras, train=False)
         loss_sum, weight, metrics = loss_fn(params, batch, jax.random.PRNGKey(0), ctx)
         return {"loss_sum": loss_sum, "weight": weight} | {
             f"{k}_sum": s for k, (s, _) in metrics.items()

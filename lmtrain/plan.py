@@ -1,0 +1,274 @@
+"""``lmtrain plan --config <cfg> --devices <kind>:<count>``: will this run fit, and how much work is it?
+
+Everything is computed from shapes, without devices: parameters (from the model's abstract init),
+FLOPs per step (lmtrain.train.flops), and per-device bytes for params, optimizer state, gradients
+and activations under the config's mesh, logical sharding rules and remat policy.
+
+Params, optimizer state and gradients are exact for the sharding the trainer uses (the same logical
+rules and the same "drop a mesh axis that does not divide" fallback). Activations are an estimate:
+the residuals each remat policy keeps per layer, plus one layer's working set during the backward
+pass and the float32 logits. XLA's real peak differs by fusion and temporaries, so the verdict keeps
+a headroom (``USABLE_FRACTION``); tools/bench.py measures the real peak on hardware.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+
+from lmtrain.errors import ConfigError
+from lmtrain.model.config import ModelConfig
+from lmtrain.train import flops as flops_lib
+
+GiB = 1024**3
+USABLE_FRACTION = 0.9  # of device memory: the rest is left to the runtime and XLA temporaries
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceKind:
+    name: str
+    platform: str  # cpu | gpu | tpu (which attention kernels can run)
+    memory_bytes: float
+    peak_flops: float  # dense bf16 per device (lmtrain.train.flops.PEAK_FLOPS)
+
+
+DEVICE_KINDS = {
+    "cpu": DeviceKind("cpu", "cpu", 16 * GiB, flops_lib.PEAK_FLOPS["cpu"]),
+    "h100": DeviceKind("h100", "gpu", 80 * GiB, flops_lib.PEAK_FLOPS["h100"]),
+    "h200": DeviceKind("h200", "gpu", 141e9, flops_lib.PEAK_FLOPS["h200"]),
+    "a100": DeviceKind("a100", "gpu", 80 * GiB, flops_lib.PEAK_FLOPS["a100"]),
+    "tpu-v4": DeviceKind("tpu-v4", "tpu", 32 * GiB, flops_lib.PEAK_FLOPS["tpu v4"]),
+    "tpu-v5e": DeviceKind("tpu-v5e", "tpu", 16 * GiB, flops_lib.PEAK_FLOPS["tpu v5e"]),
+    "tpu-v5p": DeviceKind("tpu-v5p", "tpu", 95 * GiB, flops_lib.PEAK_FLOPS["tpu v5p"]),
+    "tpu-v6e": DeviceKind("tpu-v6e", "tpu", 32 * GiB, flops_lib.PEAK_FLOPS["tpu v6e"]),
+}
+
+
+def parse_devices(text: str) -> tuple[DeviceKind, int]:
+    """``h100:8`` → (DeviceKind, 8)."""
+    kind, _, count = text.strip().lower().partition(":")
+    kind = kind.replace(" ", "-").replace("_", "-")
+    if kind not in DEVICE_KINDS:
+        raise ConfigError(
+            f"--devices {text!r}: unknown device kind {kind!r}; choose one of {sorted(DEVICE_KINDS)}"
+        )
+    try:
+        n = int(count)
+    except ValueError:
+        raise ConfigError(f"--devices {text!r}: give a count, e.g. {kind}:8") from None
+    if n < 1:
+        raise ConfigError(f"--devices {text!r}: the count must be positive")
+    return DEVICE_KINDS[kind], n
+
+
+def _dtype_bytes(name: str) -> int:
+    return jnp.dtype(name).itemsize
+
+
+def abstract_params(cfg: ModelConfig):
+    """The model's params as logically boxed ShapeDtypeStructs (an init traced, nothing allocated)."""
+    import flax.linen as nn  # noqa: F401 (boxing)
+
+    from lmtrain.model.transformer import Transformer
+
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), tokens)["params"]
+
+
+def sharded_param_elements(boxed_params, mesh_shape: dict[str, int]) -> tuple[int, int]:
+    """(total elements, elements on one device) under LOGICAL_RULES on a mesh of these sizes."""
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec
+
+    from lmtrain.model.sharding import LOGICAL_RULES, _fit_spec
+
+    mesh = types.SimpleNamespace(shape=mesh_shape)  # _fit_spec only reads sizes
+    specs = nn.get_partition_spec(boxed_params)
+    leaves = nn.meta.unbox(boxed_params)
+    total = per_device = 0
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for spec, leaf in zip(spec_leaves, jax.tree.leaves(leaves)):
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES) if spec else PartitionSpec()
+        fitted = _fit_spec(mesh_spec, leaf.shape, mesh)
+        shard = list(leaf.shape)
+        for i, entry in enumerate(fitted):
+            for name in entry if isinstance(entry, tuple) else ((entry,) if entry else ()):
+                shard[i] //= mesh_shape[name]
+        total += math.prod(leaf.shape)
+        per_device += math.prod(shard)
+    return total, per_device
+
+
+def activation_bytes(
+    cfg: ModelConfig, batch: int, seq: int, tensor: int, remat: str, attention: str
+) -> dict[str, float]:
+    """Estimated per-device activation bytes: kept residuals (all layers) + working set + logits."""
+    c = _dtype_bytes(cfg.dtype)
+    D, F, H, K, Dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.kv_dim
+    bt = batch * seq
+    t_heads = tensor if H % tensor == 0 and K % tensor == 0 else 1
+    t_mlp = tensor if F % tensor == 0 else 1
+    qkv = bt * (H + 2 * K) * Dh * c / t_heads
+    attn_out = bt * H * Dh * c / t_heads
+    block_in = bt * D * c
+    dots = qkv + bt * D * c + bt * 2 * F * c / t_mlp + bt * D * c  # qkv, o-proj, gate|up, down
+    if attention == "xla":  # scores (float32) and probabilities
+        scores = batch * (H / t_heads) * seq * seq * (4 + c)
+    else:  # fused kernels keep the output and a float32 logsumexp per query
+        scores = batch * (H / t_heads) * seq * 4
+    # Everything one layer stores for its backward when nothing is recomputed.
+    full_layer = (
+        block_in * 3  # block input, two norm outputs
+        + qkv * 2  # projections and rotated q, k
+        + scores
+        + attn_out
+        + bt * D * c  # o-proj output
+        + bt * 3 * F * c / t_mlp  # gate|up and the gated product
+        + bt * D * c  # down-proj output
+    )
+    kept_per_layer = {
+        "none": full_layer,
+        "full": block_in,
+        "dots": block_in + dots,
+        "save_attn_out": block_in + attn_out,
+        "save_dots_and_attn_out": block_in + dots + attn_out,
+        "offload": block_in,  # the dots go to host memory
+    }
+    if remat not in kept_per_layer:
+        raise ConfigError(f"config.model.remat={remat!r}: choose one of {sorted(kept_per_layer)}")
+    V = cfg.vocab_size
+    t_vocab = tensor if V % tensor == 0 else 1
+    logits = bt * V * 4 / t_vocab * 2  # float32 logits and their gradient
+    host = dots * cfg.n_layers if remat == "offload" else 0.0
+    return {
+        "kept": kept_per_layer[remat] * cfg.n_layers,
+        "working_layer": 0.0 if remat == "none" else full_layer,
+        "logits": logits,
+        "host_offload": host,
+    }
+
+
+def plan(config, device: DeviceKind, count: int) -> dict:
+    """The numbers for one config on ``count`` devices of one kind (a JSON-ready dict)."""
+    from lmtrain import config as config_lib
+    from lmtrain.model.attention_kernels import check_available
+    from lmtrain.model.sharding import MESH_AXES, resolve_mesh_shape
+
+    cfg = copy.deepcopy(config)
+    if cfg.model.vocab_size == 0:
+        raise ConfigError(
+            "config.model.vocab_size=0 (from the tokenizer): set the vocabulary size to plan"
+        )
+    attention = cfg.model.attention
+    check_available(attention, platform=device.platform, dtype=cfg.model.dtype)
+    with cfg.unlocked():
+        cfg.model.attention = "xla"  # checked above for the target, not the machine planning it
+        if not (cfg.data.dir or cfg.data.path):
+            cfg.data.dir = "<planned>"
+    config_lib.validate(cfg, count)
+    mesh = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh.shape, count)))
+    model_cfg = dataclasses.replace(ModelConfig.from_config(cfg.model), attention=attention)
+    boxed = abstract_params(dataclasses.replace(model_cfg, attention="xla"))  # same params
+    n_params, per_device_elems = sharded_param_elements(boxed, mesh)
+    p_bytes = _dtype_bytes(model_cfg.param_dtype)
+    t = cfg.train
+    seq = cfg.data.seq_len
+    data_shards = mesh["data"] * mesh["fsdp"]
+    micro_batch = t.global_batch_size // data_shards // t.microbatches
+    params_b = per_device_elems * p_bytes
+    opt_b = 2 * per_device_elems * p_bytes  # AdamW mu and nu, in the params' dtype
+    grads_b = per_device_elems * p_bytes
+    if t.microbatches > 1:
+        grads_b += per_device_elems * 4  # the float32 accumulator of the microbatch scan
+    act = activation_bytes(model_cfg, micro_batch, seq, mesh["tensor"], model_cfg.remat, attention)
+    act_b = act["kept"] + act["working_layer"] + act["logits"]
+    total = params_b + opt_b + grads_b + act_b
+    budget = device.memory_bytes * USABLE_FRACTION
+    tokens = t.global_batch_size * seq
+    flops_step = flops_lib.flops_per_token(model_cfg, seq) * tokens
+    recompute = {"none": 0.0, "full": 1 / 3}.get(model_cfg.remat, 1 / 6)  # extra forward work
+    return {
+        "config": {
+            "remat": model_cfg.remat,
+            "attention": attention,
+            "dtype": model_cfg.dtype,
+            "seq_len": seq,
+            "global_batch": t.global_batch_size,
+            "microbatches": t.microbatches,
+        },  # fmt: skip
+        "devices": {
+            "kind": device.name,
+            "count": count,
+            "memory_gib": device.memory_bytes / GiB,
+            "peak_tflops": device.peak_flops / 1e12,
+        },  # fmt: skip
+        "mesh": mesh,
+        "params": n_params,
+        "params_closed_form": model_cfg.param_count(),
+        "tokens_per_step": tokens,
+        "per_device_batch": micro_batch,
+        "flops_per_step": flops_step,
+        "hardware_flops_per_step": flops_step * (1 + recompute),
+        "step_time_s_at_50pct_mfu": flops_step / (0.5 * device.peak_flops * count),
+        "per_device_gib": {
+            "params": params_b / GiB,
+            "optimizer": opt_b / GiB,
+            "gradients": grads_b / GiB,
+            "activations": act_b / GiB,
+            "activations_kept": act["kept"] / GiB,
+            "activations_working": (act["working_layer"] + act["logits"]) / GiB,
+            "total": total / GiB,
+            "host_offload": act["host_offload"] / GiB,
+        },
+        "budget_gib": budget / GiB,
+        "fits": bool(total <= budget),
+    }
+
+
+def format_plan(p: dict) -> str:
+    m = p["per_device_gib"]
+    d = p["devices"]
+    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [
+        f"devices     {d['count']} x {d['kind']} ({d['memory_gib']:.0f} GiB, "
+        f"{d['peak_tflops']:.0f} TFLOP/s bf16 each); mesh {mesh}",
+        f"model       {p['params']:,} params | remat {p['config']['remat']} | attention "
+        f"{p['config']['attention']} | {p['config']['dtype']}",
+        f"batch       {p['config']['global_batch']} x {p['config']['seq_len']} = "
+        f"{p['tokens_per_step']:,} tokens/step; {p['per_device_batch']} sequences per device "
+        f"per microbatch ({p['config']['microbatches']} microbatches)",
+        f"FLOPs/step  {p['flops_per_step']:.3e} model (6N + attention), "
+        f"{p['hardware_flops_per_step']:.3e} with recompute; "
+        f"{p['step_time_s_at_50pct_mfu']:.2f} s/step at 50% MFU",
+        "per device  params {params:.2f} GiB | optimizer {optimizer:.2f} GiB | gradients "
+        "{gradients:.2f} GiB | activations {activations:.2f} GiB (kept {activations_kept:.2f}, "
+        "working {activations_working:.2f})".format(**m),
+        f"total       {m['total']:.2f} GiB of {p['budget_gib']:.1f} GiB usable "
+        f"({USABLE_FRACTION:.0%} of {d['memory_gib']:.0f} GiB)"
+        + (f"; {m['host_offload']:.2f} GiB offloaded to host" if m["host_offload"] else ""),
+        "verdict     " + ("FITS" if p["fits"] else "DOES NOT FIT"),
+    ]
+    return "\n".join(lines)
+
+
+def cmd_plan(args, overrides) -> None:
+    from lmtrain.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    device, count = parse_devices(args.devices)
+    p = plan(cfg, device, count)
+    print(json.dumps(p, indent=2) if args.json else format_plan(p))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="parameters, FLOPs and per-device memory: does it fit?")
+    p.add_argument("--config", required=True)
+    p.add_argument("--devices", required=True, help="kind:count, e.g. h100:8, tpu-v5p:256")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(fn=cmd_plan)

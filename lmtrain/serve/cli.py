@@ -1,0 +1,48 @@
+"""``lmtrain serve --checkpoint <workdir>``: the OpenAI-shaped HTTP API for a checkpoint."""
+
+from __future__ import annotations
+
+
+def cmd_serve(args, overrides) -> None:
+    from lmtrain.serve.server import ServeLimits, Server, load_service
+
+    limits = ServeLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        timeout_s=args.timeout_s,
+        max_queue=args.max_queue,
+    )
+    service = load_service(
+        args.checkpoint, int8=args.int8, max_batch=args.max_batch, limits=limits, step=args.step
+    )
+    server = Server(service, args.host, args.port, verbose=args.verbose)
+    print(
+        f"serving {args.checkpoint} on {server.url} (/v1/completions, /v1/chat/completions, /health)",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser(
+        "serve", help="HTTP API (OpenAI completion/chat shapes) for a checkpoint"
+    )
+    s.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    s.add_argument("--int8", action="store_true", help="int8 weight-only quantization")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument(
+        "--max-tokens", type=int, default=256, help="largest max_tokens a request may ask"
+    )
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--timeout-s", type=float, default=60.0, help="wall-clock budget per request")
+    s.add_argument("--max-queue", type=int, default=64)
+    s.add_argument("--verbose", action="store_true", help="log every request")
+    s.set_defaults(fn=cmd_serve)

@@ -1,0 +1,221 @@
+"""The batching generation engine behind ``lmtrain serve``.
+
+Requests wait in a queue; one worker thread takes the first, collects whatever else arrives
+within ``batch_window_s`` (up to ``max_batch``) and decodes them together: prompts left-padded
+into one KV cache, one jitted prefill, then one jitted step per token for the whole batch. Each
+row samples with its own temperature/top-k/top-p, stops on its own (EOS, stop ids, its token
+budget or its deadline) and pushes every token to its request's queue as it is produced, which
+is what streaming reads. Shapes are bucketed to powers of two so compiles are few.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmtrain.model.transformer import Transformer, init_cache
+from lmtrain.quant.int8 import dequantize_params
+
+_DONE = object()
+
+
+@dataclasses.dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    deadline: float = float("inf")
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    finish_reason: str | None = None
+    output: list[int] = dataclasses.field(default_factory=list)
+
+    def tokens(self):
+        """Yields generated ids as they come; ``finish_reason`` is set when it returns."""
+        while True:
+            item = self.events.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def sample_rows(logits_BV, rng, temperature_B, top_k_B, top_p_B):
+    """Per-row sampling; temperature 0 is greedy, top_k 0 and top_p 1 are off."""
+    V = logits_BV.shape[-1]
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    kth_idx = jnp.clip(top_k_B - 1, 0, V - 1)[:, None]
+    kth = jnp.where(
+        top_k_B[:, None] > 0, jnp.take_along_axis(sorted_desc, kth_idx, axis=-1), -jnp.inf
+    )
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    cut_idx = jnp.sum(cum - probs < top_p_B[:, None], axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_desc, jnp.clip(cut_idx, 0, V - 1), axis=-1)
+    keep = logits >= jnp.maximum(kth, cutoff)
+    sampled = jax.random.categorical(rng, jnp.where(keep, logits, -jnp.inf), axis=-1).astype(
+        jnp.int32
+    )
+    return jnp.where(temperature_B > 0, sampled, greedy)
+
+
+def _bucket(n: int, minimum: int = 8) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class Engine:
+    def __init__(
+        self,
+        model_cfg,
+        params,
+        *,
+        eos_ids=(),
+        pad_id: int = 0,
+        max_batch: int = 8,
+        batch_window_s: float = 0.02,
+        quantized: bool = False,
+        seed: int = 0,
+    ):
+        self.cfg = model_cfg
+        self.model = Transformer(model_cfg)
+        self.params = params
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        self.pad_id = max(int(pad_id), 0)
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.queue: queue.Queue = queue.Queue()
+        self.stats = {"requests": 0, "batches": 0, "max_batch_size": 0, "tokens": 0}
+        self._rng = jax.random.PRNGKey(seed)
+        self._stop = threading.Event()
+        weights = (
+            (lambda p: dequantize_params(p, model_cfg.params_dtype)) if quantized else (lambda p: p)
+        )
+        model = self.model
+
+        @jax.jit
+        def prefill(p, tokens, seg, cache):
+            pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0).astype(jnp.int32)
+            logits, cache = model.apply(
+                {"params": weights(p)}, tokens, pos, seg, kv_cache=cache, cache_offset=0
+            )
+            return logits[:, -1], cache
+
+        @jax.jit
+        def step(p, pos, cache, offset, rng, temp, top_k, top_p, last):
+            nxt = sample_rows(last, rng, temp, top_k, top_p)
+            seg = jnp.ones_like(nxt)[:, None]
+            logits, cache = model.apply(
+                {"params": weights(p)},
+                nxt[:, None],
+                pos[:, None],
+                seg,
+                kv_cache=cache,
+                cache_offset=offset,
+            )
+            return nxt, logits[:, -1], cache
+
+        self._prefill, self._step = prefill, step
+        self._thread = threading.Thread(target=self._loop, name="lmtrain-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        self.queue.put(req)
+        return req
+
+    def close(self) -> None:
+        self._stop.set()
+        self.queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _collect(self) -> list[GenRequest]:
+        first = self.queue.get()
+        if first is None:
+            return []
+        batch = [first]
+        end = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get(timeout=max(end - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if item is None:
+                self._stop.set()
+                break
+            batch.append(item)
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect()
+            if not batch:
+                continue
+            try:
+                self._run(batch)
+            except BaseException as e:  # noqa: BLE001 - hand the failure to every waiting request
+                for r in batch:
+                    if r.finish_reason is None:
+                        r.finish_reason = "error"
+                        r.events.put(e)
+
+    def _run(self, batch: list[GenRequest]) -> None:
+        self.stats["requests"] += len(batch)
+        self.stats["batches"] += 1
+        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(batch))
+        B = _bucket(len(batch), 1)
+        P = _bucket(max(len(r.prompt_ids) for r in batch))
+        new = max(r.max_tokens for r in batch)
+        S = _bucket(P + new)  # cache slots; positions count real tokens, so RoPE never sees S
+        tokens = np.full((B, P), self.pad_id, np.int32)
+        seg = np.zeros((B, P), np.int32)
+        for i, r in enumerate(batch):
+            tokens[i, P - len(r.prompt_ids) :] = r.prompt_ids
+            seg[i, P - len(r.prompt_ids) :] = 1
+        seg[len(batch) :, -1] = 1  # filler rows: one real token so softmax rows stay finite
+        cache = init_cache(self.cfg, B, S)
+        last, cache = self._prefill(self.params, tokens, seg, cache)
+        pos = seg.sum(axis=1).astype(np.int32)
+        pad = lambda vals, fill: np.asarray(vals + [fill] * (B - len(batch)))  # noqa: E731
+        temp = pad([r.temperature for r in batch], 0.0).astype(np.float32)
+        top_k = pad([r.top_k for r in batch], 0).astype(np.int32)
+        top_p = pad([r.top_p for r in batch], 1.0).astype(np.float32)
+        active = [True] * len(batch)
+        for t in range(new):
+            self._rng, sub = jax.random.split(self._rng)
+            nxt, last, cache = self._step(
+                self.params, pos + t, cache, P + t, sub, temp, top_k, top_p, last
+            )
+            ids = np.asarray(nxt)
+            now = time.monotonic()
+            for i, r in enumerate(batch):
+                if not active[i]:
+                    continue
+                tok = int(ids[i])
+                if tok in self.eos_ids or tok in r.stop_ids:
+                    self._finish(r, "stop")
+                elif now > r.deadline:
+                    self._finish(r, "timeout")
+                else:
+                    r.output.append(tok)
+                    self.stats["tokens"] += 1
+                    r.events.put(tok)
+                    if len(r.output) >= r.max_tokens:
+                        self._finish(r, "length")
+                active[i] = r.finish_reason is None
+            if not any(active):
+                break
+
+    @staticmethod
+    def _finish(r: GenRequest, reason: str) -> None:
+        r.finish_reason = reason
+        r.events.put(_DONE)

@@ -1,0 +1,107 @@
+"""Two processes x four CPU devices (jax.distributed on localhost, gloo collectives) train to the
+same losses as one process x eight devices, step for step, on a (data 2, fsdp 2, tensor 2) mesh."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    pid, nproc, ndev, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+    import jax
+    import numpy as np
+    if nproc > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+    jax.config.update("jax_threefry_partitionable", True)
+    from lmtrain.config import base_config
+    from lmtrain.model.config import ModelConfig
+    from lmtrain.model.sharding import batch_sharding, make_mesh
+    from lmtrain.model.transformer import Transformer
+    from lmtrain.train.optim import make_optimizer
+    from lmtrain.train.state import init_state
+    from lmtrain.train.step import make_train_step
+
+    c = base_config()
+    c.model.update(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                   max_seq_len=16, dtype="float32")
+    c.train.update(steps=6, global_batch_size=8)
+    c.optim.update(lr=1e-2, warmup_steps=1)
+    assert jax.device_count() == 8 and jax.local_device_count() == ndev
+    mesh = make_mesh((2, 2, 2))
+    model = Transformer(ModelConfig.from_config(c.model))
+    tx, schedule = make_optimizer(c.optim, c.train.steps)
+    state, shardings = init_state(model, tx, 16, 0, mesh)
+    bs = batch_sharding(mesh)
+    step = make_train_step(model, tx, schedule, c, mesh, shardings, bs)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(c.train.steps):
+        # Counting sequences from random starts: learnable, so the loss must fall.
+        tokens = ((rng.integers(0, 64, (8, 1)) + np.arange(17)) % 64).astype(np.int32)
+        seg = np.where(np.arange(16) < 10, 1, 2).astype(np.int32) * np.ones((8, 1), np.int32)
+        pos = np.where(np.arange(16) < 10, np.arange(16), np.arange(16) - 10).astype(np.int32)
+        host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
+                "loss_mask": (seg == np.roll(seg, -1, 1)).astype(np.int32) | (np.arange(16) == 15),
+                "positions": np.broadcast_to(pos, (8, 16)).copy()}
+        batch = {k: jax.make_array_from_callback(v.shape, bs, lambda idx, v=v: v[idx])
+                 for k, v in host.items()}
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    if pid == 0:
+        with open(out, "w") as f:
+            json.dump({"losses": losses, "processes": jax.process_count()}, f)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, nproc: int, ndev: int) -> dict:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / f"out_{nproc}.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(nproc), str(ndev), port, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(nproc)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_two_processes_match_one_process(tmp_path):
+    single = _launch(tmp_path, nproc=1, ndev=8)
+    multi = _launch(tmp_path, nproc=2, ndev=4)
+    assert single["processes"] == 1 and multi["processes"] == 2
+    a, b = np.asarray(single["losses"]), np.asarray(multi["losses"])
+    assert a[-1] < a[0] - 0.5  # it trains
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

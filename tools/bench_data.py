@@ -1,0 +1,230 @@
+"""Data-preparation throughput and peak memory on a generated corpus of a given size.
+
+    python tools/bench_data.py --size-mb 1000 [--workers -1] [--keep DIR] [--config.<key>=value ...]
+
+Generates ``--size-mb`` MB of JSONL documents (pseudo-English prose from a Zipf vocabulary with the
+Gopher stop words) into a temporary directory, with the things the pipeline must handle planted at
+known rates: exact duplicates (3%), near duplicates with one word changed (3%), PII of every kind
+(5% of documents), junk that the quality filters drop (4%: too short, repeated lines, symbol soup),
+lines with invalid UTF-8 (0.1%), plus an evaluation set whose passages are planted in 20 documents.
+Then runs the full ``lmtrain data prepare`` pipeline (all stages on, SentencePiece BPE 4096) on it
+and prints documents/s, MB/s and the peak resident memory of the whole process tree (this process
+plus its worker processes, sampled every 50 ms from /proc), and the per-stage counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STOP = ["the", "be", "to", "of", "and", "that", "have", "with", "a", "in", "is", "it", "for", "on"]
+PII = [
+    "Contact jane.doe{i}@example.com for details.",
+    "Call me at +44 20 7946 {i:04d} or (555) 123-{i:04d} tomorrow.",
+    "The server at 93.184.{a}.{b} answered; so did 2001:db8:85a3::8a2e:370:{i:x}.",
+    "Paid with card 4111 1111 1111 1111 and kept the receipt.",
+    "export AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE and api_key = 'sk{i}live9x8y7z6w5v'",
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA{i}x\n-----END RSA PRIVATE KEY-----",
+    "token ghp_{i:036d} leaked in the log.",
+]
+
+
+class PeakRss:
+    """Samples the summed RSS of this process and all its descendants (psutil) every ``dt`` s."""
+
+    def __init__(self, dt: float = 0.05):
+        import psutil
+
+        self.proc, self.dt, self.peak = psutil.Process(), dt, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.dt)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_vocab(rng: np.random.Generator, n: int = 20000) -> np.ndarray:
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    p = 1.0 / np.arange(1, 27) ** 0.9
+    p /= p.sum()
+    lengths = np.clip(rng.poisson(5.0, n), 2, 12)
+    words = {"".join(rng.choice(letters, size=k, p=p)) for k in lengths}
+    return np.array(STOP + sorted(words - set(STOP)))
+
+
+def make_sentences(rng: np.random.Generator, vocab: np.ndarray, n: int) -> list[str]:
+    zipf = 1.0 / np.arange(1, vocab.size + 1) ** 1.05
+    zipf /= zipf.sum()
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(8, 25))
+        words = vocab[rng.choice(vocab.size, size=k, p=zipf)]
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+def generate(root: Path, size_mb: float, seed: int = 0) -> dict:
+    """Writes ``raw/part-*.jsonl`` and ``eval.jsonl`` under ``root``; returns what was planted."""
+    rng = np.random.default_rng(seed)
+    vocab = make_vocab(rng)
+    pool = make_sentences(rng, vocab, 50_000)
+    raw = root / "raw"
+    raw.mkdir(parents=True)
+    target = int(size_mb * 1e6)
+    # Evaluation passages are fresh text (not from the sentence pool), so only planted copies match.
+    evals = [" ".join(make_sentences(rng, vocab, 4)) for _ in range(20)]
+    with open(root / "eval.jsonl", "w") as f:
+        for e in evals:
+            f.write(json.dumps({"text": e}) + "\n")
+    planted = {"exact": 0, "near": 0, "pii_docs": 0, "junk": 0, "invalid_utf8": 0, "eval": 0}
+    written, part, docs, recent = 0, 0, 0, []
+    f = open(raw / "part-00000.jsonl", "wb")  # noqa: SIM115
+    while written < target:
+        r = rng.random()
+        if r < 0.03 and recent:
+            text = recent[int(rng.integers(len(recent)))]
+            planted["exact"] += 1
+        elif r < 0.06 and recent:
+            words = recent[int(rng.integers(len(recent)))].split(" ")
+            words[int(rng.integers(len(words)))] = "changed"
+            text = " ".join(words)
+            planted["near"] += 1
+        elif r < 0.10:
+            kind = int(rng.integers(3))
+            if kind == 0:
+                text = "Buy now. Click here."
+            elif kind == 1:
+                text = "\n".join(["Subscribe to our newsletter today and save."] * 30)
+            else:
+                text = " ".join(["#### $$$ ... ###"] * 60)
+            planted["junk"] += 1
+        else:
+            paras = []
+            for _ in range(int(rng.integers(2, 8))):
+                idx = rng.integers(0, len(pool), int(rng.integers(3, 9)))
+                paras.append(" ".join(pool[int(j)] for j in idx))
+            if rng.random() < 0.05:
+                i = int(rng.integers(10000))
+                a, b = int(rng.integers(256)), int(rng.integers(1, 255))
+                paras.insert(1, PII[int(rng.integers(len(PII)))].format(i=i, a=a, b=b))
+                planted["pii_docs"] += 1
+            if planted["eval"] < len(evals) and rng.random() < 0.001:
+                paras.insert(1, evals[planted["eval"]])
+                planted["eval"] += 1
+            text = "\n\n".join(paras)
+            if len(recent) < 256:
+                recent.append(text)
+            else:
+                recent[int(rng.integers(256))] = text
+        line = json.dumps({"id": f"d{docs}", "text": text}).encode()
+        if rng.random() < 0.001:
+            line = line.replace(b". ", b". \xff\xfe ", 1)  # invalid UTF-8 inside the JSON string
+            planted["invalid_utf8"] += 1
+        f.write(line + b"\n")
+        written += len(line) + 1
+        docs += 1
+        if f.tell() >= 64_000_000:
+            f.close()
+            part += 1
+            f = open(raw / f"part-{part:05d}.jsonl", "wb")  # noqa: SIM115
+    f.close()
+    return {"documents": docs, "bytes": written, **planted}
+
+
+def bench_config(raw: Path, eval_path: Path, workers: int):
+    from lmtrain.data.prepare_config import default_config, source
+
+    c = default_config()
+    c.sources = (source(name="bench", paths=(str(raw),), licence="generated"),)
+    c.num_workers = workers
+    c.contamination.eval_sets = (str(eval_path),)
+    c.contamination.drop = True
+    c.tokenizer.vocab_size = 4096
+    return c
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--size-mb", type=float, default=100.0)
+    p.add_argument("--workers", type=int, default=-1, help="-1: one per core")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", default="", help="keep the prepared output here")
+    p.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    args, rest = p.parse_known_args()
+    overrides = [a[len("--config.") :] for a in rest if a.startswith("--config.")]
+    if len(overrides) != len(rest):
+        p.error(f"unknown arguments {rest}")
+
+    from lmtrain.config import apply_overrides
+    from lmtrain.data.prepare import prepare
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench_data-", dir=args.tmp))
+    try:
+        t0 = time.perf_counter()
+        planted = generate(scratch, args.size_mb, args.seed)
+        gen_s = time.perf_counter() - t0
+        print(f"generated {planted['documents']:,} documents, {planted['bytes'] / 1e6:,.1f} MB in {gen_s:.1f} s; "
+              f"planted {json.dumps({k: v for k, v in planted.items() if k not in ('documents', 'bytes')})}", flush=True)  # fmt: skip
+        cfg = bench_config(scratch / "raw", scratch / "eval.jsonl", args.workers)
+        apply_overrides(cfg, overrides)
+        out = Path(args.keep) if args.keep else scratch / "out"
+        with PeakRss() as mem:
+            t0 = time.perf_counter()
+            m = prepare(cfg, out, overwrite=bool(args.keep))
+            wall = time.perf_counter() - t0
+        st = m["stages"]
+        docs, mb = st["read"]["documents"], st["read"]["bytes"] / 1e6
+        print(json.dumps({"flow": m["flow"], "errors": st["errors"]["skipped"], "decode": st["decode"],
+                          "quality_dropped": st["quality"]["dropped"], "pii": st["pii"]["replacements"],
+                          "exact_duplicates": st["dedup"]["exact_duplicates"],
+                          "near_duplicates": st["dedup"]["near_duplicates"],
+                          "contamination": [{k: e[k] for k in ("name", "contaminated_examples", "train_documents_dropped")}
+                                            for e in st["contamination"]["eval_sets"]],
+                          "chars_per_token_validation": m["tokenizer"]["chars_per_token_validation"]}, indent=1))  # fmt: skip
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print(
+            f"size {mb:,.1f} MB, {docs:,} documents, workers {args.workers} on {cores} cores, wall {wall:.1f} s"
+        )
+        print(
+            f"throughput {docs / wall:,.0f} documents/s, {mb / wall:.2f} MB/s; peak RSS (process tree) {mem.peak / 2**20:,.0f} MiB"
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
