@@ -16,18 +16,32 @@ from lmtrain.data.tokenizer import CHAT_SPECIALS, CharTokenizer
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.transformer import Transformer
 
-TOK = CharTokenizer.train([string.ascii_lowercase + string.digits + " +=?\n"], extra_specials=CHAT_SPECIALS)
+TOK = CharTokenizer.train(
+    [string.ascii_lowercase + string.digits + " +=?\n"], extra_specials=CHAT_SPECIALS
+)
 TEMPLATE = ChatTemplate()
 SEQ = 24
 
 
 def tiny_model(vocab: int = TOK.vocab_size, d_model: int = 32, n_layers: int = 2) -> Transformer:
-    return Transformer(ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=4,
-                                   n_kv_heads=2, d_ff=64, max_seq_len=SEQ, dtype="float32"))
+    return Transformer(
+        ModelConfig(
+            vocab_size=vocab,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=64,
+            max_seq_len=SEQ,
+            dtype="float32",
+        )
+    )
 
 
 def init_params(model: Transformer, seed: int = 0) -> dict:
-    return nn.meta.unbox(model.init(jax.random.PRNGKey(seed), np.zeros((1, SEQ), np.int32))["params"])
+    return nn.meta.unbox(
+        model.init(jax.random.PRNGKey(seed), np.zeros((1, SEQ), np.int32))["params"]
+    )
 
 
 def config(objective: str, **dpo):
@@ -46,7 +60,9 @@ PAIRS = [
 
 
 def preference_batch(pairs=PAIRS) -> dict[str, np.ndarray]:
-    rows = [build_preference_example(p.prompt, p.chosen, p.rejected, TOK, TEMPLATE, SEQ) for p in pairs]
+    rows = [
+        build_preference_example(p.prompt, p.chosen, p.rejected, TOK, TEMPLATE, SEQ) for p in pairs
+    ]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

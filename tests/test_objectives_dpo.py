@@ -56,7 +56,9 @@ def test_gradient_matches_finite_difference(setup):
         return mean_loss(p, batch, ctx)[0]
 
     grad = jax.grad(f)(policy)
-    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    analytic = sum(
+        float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))
+    )
     eps = 1e-3
     plus = f(jax.tree.map(lambda p, d: p + eps * d, policy, direction))
     minus = f(jax.tree.map(lambda p, d: p - eps * d, policy, direction))
@@ -76,7 +78,9 @@ def test_sigmoid_label_smoothing_and_ipo_match_hand_computation():
     loss, r_c, r_r = dpo_losses(pc, pr, rc, rr, beta=beta)
     assert float(loss[0]) == pytest.approx(-logsig(beta * h), rel=1e-6)
     loss, _, _ = dpo_losses(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
-    assert float(loss[0]) == pytest.approx(-(1 - eps) * logsig(0.75) - eps * logsig(-0.75), rel=1e-6)
+    assert float(loss[0]) == pytest.approx(
+        -(1 - eps) * logsig(0.75) - eps * logsig(-0.75), rel=1e-6
+    )
     loss, _, _ = dpo_losses(pc, pr, rc, rr, beta=beta, loss_type="ipo")
     assert float(loss[0]) == pytest.approx((1.5 - 1 / (2 * 0.5)) ** 2, rel=1e-6)  # 0.25
     assert float(r_c[0]) == pytest.approx(0.5) and float(r_r[0]) == pytest.approx(-0.25)
@@ -93,7 +97,9 @@ def test_metrics_on_a_moved_policy(setup):
     assert float(w) == 4
     np.testing.assert_allclose(m["rewards/chosen"][0] / w, chosen.mean(), rtol=1e-4)
     np.testing.assert_allclose(m["rewards/rejected"][0] / w, rejected.mean(), rtol=1e-4)
-    np.testing.assert_allclose(m["rewards/margin"][0] / w, (chosen - rejected).mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        m["rewards/margin"][0] / w, (chosen - rejected).mean(), rtol=1e-4, atol=1e-6
+    )
     assert float(m["rewards/accuracy"][0] / w) == pytest.approx(float(jnp.mean(chosen > rejected)))
     np.testing.assert_allclose(s / w, jnp.mean(-jax.nn.log_sigmoid(chosen - rejected)), rtol=1e-5)
 
@@ -102,8 +108,12 @@ def test_precomputed_reference_equals_frozen_reference(setup):
     model, params, batch = setup
     policy = jax.tree.map(lambda p: p * 0.9, params)
     rc, rr = pair_logps(model, params, batch)
-    pre = dict(batch, reference_chosen_logps=np.asarray(rc), reference_rejected_logps=np.asarray(rr))
-    a = OBJECTIVES["dpo"](policy, batch, None, LossContext(model, config("dpo"), frozen={"reference": params}))
+    pre = dict(
+        batch, reference_chosen_logps=np.asarray(rc), reference_rejected_logps=np.asarray(rr)
+    )
+    a = OBJECTIVES["dpo"](
+        policy, batch, None, LossContext(model, config("dpo"), frozen={"reference": params})
+    )
     b = OBJECTIVES["dpo"](policy, pre, None, LossContext(model, config("dpo"), frozen=None))
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
 
@@ -111,7 +121,9 @@ def test_precomputed_reference_equals_frozen_reference(setup):
 def test_padding_pairs_do_not_count(setup):
     model, params, batch = setup
     padded = {k: np.concatenate([v, np.zeros_like(v[:2])]) for k, v in batch.items()}
-    ctx = LossContext(model, config("dpo"), frozen={"reference": jax.tree.map(lambda p: p * 0.9, params)})
+    ctx = LossContext(
+        model, config("dpo"), frozen={"reference": jax.tree.map(lambda p: p * 0.9, params)}
+    )
     a, b = OBJECTIVES["dpo"](params, batch, None, ctx), OBJECTIVES["dpo"](params, padded, None, ctx)
     assert float(b[1]) == 4
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
@@ -126,7 +138,12 @@ def test_degenerate_run_monitor_warns_once_per_kind():
     assert len(out) == 1 and "stuck at zero" in out[0] and seen == out
     assert mon.update(4, stuck) == []  # once
     healthy = {"loss": 0.5, "rewards/chosen": 0.2, "rewards/rejected": -0.1, "rewards/margin": 0.3}
-    collapsed = {"loss": 1e-4, "rewards/chosen": 30.0, "rewards/rejected": -40.0, "rewards/margin": 70.0}
+    collapsed = {
+        "loss": 1e-4,
+        "rewards/chosen": 30.0,
+        "rewards/rejected": -40.0,
+        "rewards/margin": 70.0,
+    }
     assert mon.update(5, collapsed) == [] and mon.update(6, healthy) == []  # streak resets
     mon.update(7, collapsed), mon.update(8, collapsed)
     out = mon.update(9, collapsed)

@@ -38,7 +38,9 @@ def log_softmax(x):
 
 
 def numpy_nll(model, params, batch):
-    logits = np.asarray(model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]))
+    logits = np.asarray(
+        model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    )
     return -np.take_along_axis(log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
 
 
@@ -62,7 +64,10 @@ def test_sft_loss_is_response_tokens_only(model_params):
         assert t[m == 1][-1] == TOK.eos_id and TOK.pad_id != TOK.eos_id
         assert np.all(m[t == TOK.pad_id] == 0)
     # Changing prompt *targets* changes no loss term (they are masked out)...
-    other = dict(batch, targets=np.where(mask == 1, batch["targets"], (batch["targets"] + 7) % TOK.vocab_size))
+    other = dict(
+        batch,
+        targets=np.where(mask == 1, batch["targets"], (batch["targets"] + 7) % TOK.vocab_size),
+    )
     assert float(OBJECTIVES["sft"](params, other, None, ctx)[0]) == float(s)
     # ...while prompt *inputs* still matter through context.
     first_prompt = np.argmax(batch["inputs"][0] == TOK.encode("2")[0])
@@ -103,7 +108,9 @@ def test_distill_kl_with_temperature_mixed_with_lm(model_params):
     batch = sft_batch(CONVS)
     c = config("distill")
     c.distill.update(temperature=2.0, alpha=0.3)
-    ctx = LossContext(student_model, c, frozen={"teacher": teacher}, extras={"teacher_model": teacher_model})
+    ctx = LossContext(
+        student_model, c, frozen={"teacher": teacher}, extras={"teacher_model": teacher_model}
+    )
     s, w, m = OBJECTIVES["distill"](student, batch, None, ctx)
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     t = log_softmax(np.asarray(teacher_model.apply({"params": teacher}, *args)) / 2.0)
@@ -129,8 +136,10 @@ def toy_pairs(n: int, seed: int) -> list[PreferencePair]:
     def word(letters):
         return "".join(rng.choice(letters) for _ in range(rng.randint(2, 5)))
 
-    return [PreferencePair([("user", f"say {word('abcdefghwxyz')}")], word("abcd"), word("wxyz"))
-            for _ in range(n)]
+    return [
+        PreferencePair([("user", f"say {word('abcdefghwxyz')}")], word("abcd"), word("wxyz"))
+        for _ in range(n)
+    ]
 
 
 def test_reward_model_separates_a_toy_set():
@@ -174,5 +183,7 @@ def test_reward_scores_read_the_last_real_token(model_params):
     changed = {k: v.copy() for k, v in batch.items()}
     pad = changed["chosen_segment_ids"] == 0
     changed["chosen_inputs"][pad] = 5
-    np.testing.assert_allclose(OBJECTIVES["reward"](params, changed, None, ctx)[0], base[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        OBJECTIVES["reward"](params, changed, None, ctx)[0], base[0], rtol=1e-6
+    )
     assert jnp.isfinite(base[0])

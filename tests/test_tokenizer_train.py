@@ -162,3 +162,22 @@ def test_cli_retrains_from_a_prepared_dataset(tmp_path):
     assert report["validation_documents"] == m["splits"]["validation"]["documents"]
     assert report["source"] == {"prepared_dataset": str((tmp_path / "data").absolute())}
     assert Path(tmp_path / "tok2" / "tokenizer.model").exists()
+
+
+def test_prepare_can_use_a_shipped_tokenizer_instead_of_training(bpe, tmp_path):
+    from lmtrain.data.prepare import prepare
+
+    bpe.save(tmp_path / "shipped")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i, t in enumerate(corpus(12, seed=3)):
+        (raw / f"{i}.txt").write_text(t.replace("\n", " ") + " and the river.")
+    cfg = {"sources": [str(raw)], "num_workers": 0, "quality": {"min_words": 10}, "dedup": {"near": False},
+           "tokenizer": {"path": str(tmp_path / "shipped" / "tokenizer.model")}}  # fmt: skip
+    m = prepare(cfg, tmp_path / "data")
+    assert m["tokenizer"]["loaded_from"].endswith("tokenizer.model")
+    assert (
+        m["tokenizer"]["fingerprint"]
+        == bpe.fingerprint()
+        == load_tokenizer(tmp_path / "data" / "tokenizer").fingerprint()
+    )

@@ -89,12 +89,25 @@ def identical(a: dict, b: dict) -> bool:
     )
 
 
-def kill_delay(rng: random.Random, startup: float, total: float) -> float:
+def kill_delay(rng: random.Random, startup: float, total: float, left: float) -> float:
     """A third of the kills land in start-up (import, preflight, restore, compile), the rest while
-    stepping and checkpointing."""
+    stepping and checkpointing; ``left`` is the fraction of the steps this launch still has."""
     if rng.random() < 1 / 3:
         return rng.uniform(0.5, startup)
-    return rng.uniform(startup, max(0.9 * total, startup + 1))
+    return startup + rng.uniform(0.0, 0.95 * left * max(total - startup, 1.0))
+
+
+def checkpointed_step(workdir: str) -> int:
+    from lmtrain.train.checkpoint import Checkpointer
+
+    ckdir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckdir):
+        return 0
+    ck = Checkpointer(ckdir, report=lambda _: None)  # a reader: moves and deletes nothing
+    try:
+        return ck.latest_step() or 0
+    finally:
+        ck.close()
 
 
 def chaos_round(workdir: str, text: str, steps: int, timing: tuple[float, float], rng: random.Random,
@@ -111,7 +124,8 @@ def chaos_round(workdir: str, text: str, steps: int, timing: tuple[float, float]
             proc = subprocess.Popen(command(workdir, text, steps), cwd=CODE, env=env(), stdout=out,
                                     stderr=subprocess.STDOUT)  # fmt: skip
             kills_left = stats["sigkill"] + stats["sigterm"] < max_kills and time.time() < deadline
-            delay = kill_delay(rng, *timing) if kills_left else None
+            left = 1 - checkpointed_step(workdir) / steps
+            delay = kill_delay(rng, *timing, left) if kills_left else None
             try:
                 rc = proc.wait(timeout=delay)
                 sent = None

@@ -6,9 +6,11 @@ characters; ``split.method='position'`` then puts the first 90% of documents in 
 10% in validation — the same cut as nanoGPT's, moved to the nearest speech boundary. The char
 tokenizer is trained on the train split (65 characters + 4 specials on the full text).
 
-The file path: ``get_config('/path/to/tinyshakespeare.txt')`` (config-string syntax
-``configs/data/shakespeare.py:/path``), else ``$LMTRAIN_SHAKESPEARE``, else
-``data/tinyshakespeare.txt`` under the repository.
+The file path: ``$LMTRAIN_SHAKESPEARE``, else ``data/tinyshakespeare.txt`` under the repository
+(``get_config(path)`` from Python):
+
+    LMTRAIN_SHAKESPEARE=../shared/data/tinyshakespeare.txt \
+        lmtrain data prepare --config configs/data/shakespeare.py --out data_out/shakespeare
 
 Measured: 498 documents (448 train / 50 validation), 1.01M train / 0.107M validation characters,
 1 char per token, 65 characters + 4 specials.

@@ -51,7 +51,10 @@ def render(m: dict) -> str:
     ]
     rows = [(s, f"{v['documents']:,}", f"{v['chars']:,}", f"{v['tokens']:,}", len(v["index"]["shards"]))
             for s, v in m["splits"].items()]  # fmt: skip
-    out += [_table(rows, ("split", "documents", "characters", "tokens (without EOS)", "shards")), ""]
+    out += [
+        _table(rows, ("split", "documents", "characters", "tokens (without EOS)", "shards")),
+        "",
+    ]
     out += ["Documents written per licence: " + _counts(m["licences"]) + ".", ""]
     out += [
         "## Preprocessing",

@@ -63,9 +63,13 @@ def sft_rows(
 ) -> tuple[dict[str, np.ndarray], PackStats]:
     """All SFT records of ``path`` as stacked (N, seq_len) int32 arrays, plus packing counts."""
     stats = ReadStats()
-    examples = [tokenize_sft(c, tokenizer, template) for c in read_sft(path, layout=layout, stats=stats)]
+    examples = [
+        tokenize_sft(c, tokenizer, template) for c in read_sft(path, layout=layout, stats=stats)
+    ]
     if packing:
-        rows, pack = pack_examples(examples, seq_len, pad_id=tokenizer.pad_id, truncation=truncation)
+        rows, pack = pack_examples(
+            examples, seq_len, pad_id=tokenizer.pad_id, truncation=truncation
+        )
     else:
         pack, rows = PackStats(seq_len), []
         for ex in examples:
@@ -79,7 +83,12 @@ def sft_rows(
 
 
 def preference_rows(
-    path: str, tokenizer: Tokenizer, template: ChatTemplate, seq_len: int, *, truncation: str = "left_prompt"
+    path: str,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    seq_len: int,
+    *,
+    truncation: str = "left_prompt",
 ) -> dict[str, np.ndarray]:
     """All preference pairs of ``path`` as stacked ``chosen_*`` / ``rejected_*`` arrays."""
     fn = PreferenceExampleFn(tokenizer, template, seq_len, truncation)
@@ -92,8 +101,15 @@ def rows_for_objective(config, tokenizer: Tokenizer, path: str) -> dict[str, np.
     template = chat_template_for(tokenizer, d.chat_markers)
     if config.objective in PREFERENCE_OBJECTIVES:
         return preference_rows(path, tokenizer, template, d.seq_len, truncation=d.truncation)
-    rows, _ = sft_rows(path, tokenizer, template, d.seq_len, layout=d.format, packing=d.packing,
-                       truncation=d.truncation)
+    rows, _ = sft_rows(
+        path,
+        tokenizer,
+        template,
+        d.seq_len,
+        layout=d.format,
+        packing=d.packing,
+        truncation=d.truncation,
+    )
     return rows
 
 
@@ -156,12 +172,15 @@ def eval_batches(
         short = batch_size - len(take)
         if short:
             batch = {
-                k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+                k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
+                for k, v in batch.items()
             }
         yield batch
 
 
-def write_token_dataset(out_dir: str, tokenizer: Tokenizer, splits: Mapping[str, Iterable[str]]) -> dict:
+def write_token_dataset(
+    out_dir: str, tokenizer: Tokenizer, splits: Mapping[str, Iterable[str]]
+) -> dict:
     """Token shards for ``config.data.dir`` from in-memory documents and a given tokenizer.
 
     Lets a recipe pre-train on the exact vocabulary it fine-tunes with (e.g. a char tokenizer
@@ -170,8 +189,12 @@ def write_token_dataset(out_dir: str, tokenizer: Tokenizer, splits: Mapping[str,
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save(os.path.join(out_dir, "tokenizer"))
     return {
-        name: write_split(os.path.join(out_dir, name), (tokenizer.encode(t) for t in docs),
-                          vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id)
+        name: write_split(
+            os.path.join(out_dir, name),
+            (tokenizer.encode(t) for t in docs),
+            vocab_size=tokenizer.vocab_size,
+            eos_id=tokenizer.eos_id,
+        )
         for name, docs in splits.items()
     }
 

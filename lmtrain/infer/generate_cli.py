@@ -25,10 +25,13 @@ def add_generate_args(g) -> None:
     g.add_argument("--timing", action="store_true", help="print time to first token and tok/s")
 
 
-def run_generate(args, overrides, *, input_fn=input, print_fn=print) -> None:
+def run_generate(args, overrides, *, input_fn=None, print_fn=print) -> None:
+    import builtins
+
     from lmtrain.infer.loader import load_run
     from lmtrain.infer.sampling import generate_batch, truncate_at_stop
 
+    input_fn = input_fn or builtins.input  # looked up per call (tests patch it)
     run = load_run(args.workdir, args.step, overrides)
     setup, tok = run.setup, run.setup.tokenizer
     stops = [s.encode().decode("unicode_escape") for s in args.stop]

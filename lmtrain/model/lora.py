@@ -73,7 +73,9 @@ def resolve_targets(targets: Sequence[str]) -> tuple[str, ...]:
 
 
 def _layer_names(params: Mapping) -> list[str]:
-    return sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    return sorted(
+        (k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1])
+    )
 
 
 def _unbox(x):
@@ -212,5 +214,7 @@ def merge(params: Mapping) -> dict:
         return base
     adapters = lora["adapters"]
     scale = float(lora["alpha"]) / adapter_rank(adapters)
-    merged = apply_adapters(jax.tree.map(jnp.asarray, base), jax.tree.map(jnp.asarray, adapters), scale)
+    merged = apply_adapters(
+        jax.tree.map(jnp.asarray, base), jax.tree.map(jnp.asarray, adapters), scale
+    )
     return merged

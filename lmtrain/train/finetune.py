@@ -32,8 +32,21 @@ from lmtrain.model.transformer import Transformer
 from lmtrain.train.checkpoint import Checkpointer
 
 # Model keys that fix the param tree or its meaning; taken from the init_from run.
-ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-             "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias", "embed_scale", "mlp_activation")
+ARCH_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "d_ff",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "qkv_bias",
+    "embed_scale",
+    "mlp_activation",
+)
 
 
 def uses_records(config) -> bool:
@@ -105,8 +118,15 @@ def check_same_vocabulary(workdir: str, tokenizer: Tokenizer, vocab_size: int, w
             "tokenizer: leave config.data.tokenizer unset to use that run's"
         )
     their_vocab = run_cfg.get("model", {}).get("vocab_size")
-    for mine, whose in ((vocab_size, "config.model.vocab_size"), (tokenizer.vocab_size, "the tokenizer")):
-        if their_vocab and mine and (mine > their_vocab or (whose != "the tokenizer" and mine != their_vocab)):
+    for mine, whose in (
+        (vocab_size, "config.model.vocab_size"),
+        (tokenizer.vocab_size, "the tokenizer"),
+    ):
+        if (
+            their_vocab
+            and mine
+            and (mine > their_vocab or (whose != "the tokenizer" and mine != their_vocab))
+        ):
             raise ConfigError(
                 f"{what}={workdir!r} has vocab_size {their_vocab} but {whose} has {mine}; the "
                 "embedding and output layers would not match. Use that run's tokenizer and "
@@ -123,11 +143,16 @@ def params_transform(config, model_cfg: ModelConfig) -> Callable | None:
     def transform(params, rng):
         out = params
         if use_lora:
-            out = lora.init_adapters(params, config.lora.rank, config.lora.targets,
-                                     jax.random.fold_in(rng, 1))
+            out = lora.init_adapters(
+                params, config.lora.rank, config.lora.targets, jax.random.fold_in(rng, 1)
+            )
         if reward:
-            out = {**out, HEAD_KEY: init_reward_head(model_cfg.d_model, jax.random.fold_in(rng, 2),
-                                                     boxed=True)}
+            out = {
+                **out,
+                HEAD_KEY: init_reward_head(
+                    model_cfg.d_model, jax.random.fold_in(rng, 2), boxed=True
+                ),
+            }
         return out
 
     return transform
@@ -135,7 +160,9 @@ def params_transform(config, model_cfg: ModelConfig) -> Callable | None:
 
 def abstract_params(model: Transformer, seq_len: int, mesh) -> tuple[dict, dict]:
     """(abstract params, NamedShardings) of the plain model tree."""
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
+    boxed = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+    )
     return nn.meta.unbox(boxed), logical_shardings(boxed, mesh, LOGICAL_RULES)
 
 
@@ -155,7 +182,9 @@ def restore_run_params(workdir: str, abstract, shardings) -> dict:
     try:
         step = ckpt.latest_step()
         if step is None:
-            raise CheckpointError(f"{workdir}/checkpoints holds no complete checkpoint to start from")
+            raise CheckpointError(
+                f"{workdir}/checkpoints holds no complete checkpoint to start from"
+            )
         return ckpt.restore_params(step, abstract, shardings)
     finally:
         ckpt.close()
@@ -189,8 +218,12 @@ def teacher(setup, tokenizer: Tokenizer):
     """(teacher model, params, shardings) of the ``config.distill.teacher`` run."""
     cfg = setup.config
     run_cfg, _ = read_run(cfg.distill.teacher)
-    check_same_vocabulary(cfg.distill.teacher, tokenizer, cfg.model.vocab_size, "config.distill.teacher")
-    model_cfg = ModelConfig.from_config({**run_cfg["model"], "dtype": cfg.model.dtype, "remat": "none"})
+    check_same_vocabulary(
+        cfg.distill.teacher, tokenizer, cfg.model.vocab_size, "config.distill.teacher"
+    )
+    model_cfg = ModelConfig.from_config(
+        {**run_cfg["model"], "dtype": cfg.model.dtype, "remat": "none"}
+    )
     model = Transformer(model_cfg)
     abstract, shardings = abstract_params(model, cfg.data.seq_len, setup.mesh)
     with setup.mesh:
@@ -215,8 +248,10 @@ def frozen_trees(setup, tokenizer: Tokenizer, initial: dict | None, initial_shar
 
 
 def needs_initial_params(config) -> bool:
-    return bool(config.init_from) or lora_enabled(config) or (
-        config.objective == "dpo" and config.dpo.reference == "params"
+    return (
+        bool(config.init_from)
+        or lora_enabled(config)
+        or (config.objective == "dpo" and config.dpo.reference == "params")
     )
 
 
@@ -240,5 +275,8 @@ def add_reference_logps(setup, rows: dict, reference_params, batch_size: int) ->
             c, r = fn(reference_params, batch)
             chosen.append(np.asarray(c))
             rejected.append(np.asarray(r))
-    return dict(rows, reference_chosen_logps=np.concatenate(chosen)[:n].astype(np.float32),
-                reference_rejected_logps=np.concatenate(rejected)[:n].astype(np.float32))
+    return dict(
+        rows,
+        reference_chosen_logps=np.concatenate(chosen)[:n].astype(np.float32),
+        reference_rejected_logps=np.concatenate(rejected)[:n].astype(np.float32),
+    )

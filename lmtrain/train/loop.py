@@ -66,6 +66,10 @@ def resolve_data(config, workdir: str) -> str:
         if jax.process_index() == 0:
             prepare_text_file(config.data.path, return_dir, tokenizer=config.data.tokenizer,
                               val_fraction=config.data.val_fraction)
+        if jax.process_count() > 1:  # the other processes read what process 0 just wrote
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lmtrain: text file prepared")
         return return_dir
     if not os.path.isdir(config.data.dir):
         raise DataError(
@@ -168,6 +172,7 @@ def train(config, workdir: str, *, print_fn=print) -> dict:
 
 def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     jax.config.update("jax_threefry_partitionable", True)
+    maybe_initialize(config.distributed)  # before anything (preflight too) touches the backend
     os.makedirs(workdir, exist_ok=True)
     if config.fault.preflight:
         run_preflight(config, workdir, print_fn=print_fn if jax.process_index() == 0 else None)

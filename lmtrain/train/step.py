@@ -88,14 +88,24 @@ def make_train_step(
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+
+        def update(operands):
+            params, opt_state, grads = operands
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        def skip(operands):
+            return operands[0], operands[1]
+
+        # A non-finite loss or gradient skips the update (params and optimizer state untouched).
+        # lax.cond rather than a select over every leaf: the select made XLA copy the whole
+        # donated state each step to keep the old values alive.
+        new_params, new_opt = jax.lax.cond(ok, update, skip, (state.params, state.opt_state, grads))
         nonfinite = jnp.where(ok, 0, state.nonfinite_in_a_row + 1)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=new_params,
+            opt_state=new_opt,
             rng=rng,
             nonfinite_in_a_row=nonfinite,
             nonfinite_total=state.nonfinite_total + (1 - ok.astype(jnp.int32)),

@@ -30,7 +30,9 @@ def distill_loss(params, batch, rng, ctx: LossContext):
     student = apply_model(params, batch, ctx, rng)
     teacher_model = (ctx.extras or {}).get("teacher_model", ctx.model)
     teacher = teacher_model.apply(
-        {"params": ctx.frozen["teacher"]}, batch["inputs"], batch.get("positions"),
+        {"params": ctx.frozen["teacher"]},
+        batch["inputs"],
+        batch.get("positions"),
         batch.get("segment_ids"),
     )
     teacher = jax.lax.stop_gradient(teacher)

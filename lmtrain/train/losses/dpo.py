@@ -117,7 +117,13 @@ def dpo_loss(params, batch, rng, ctx: LossContext):
     pc, pr = pair_logps(ctx.model, ctx.model_params(params, rng), batch)
     rc_ref, rr_ref = reference_logps(batch, ctx)
     losses, rc, rr = dpo_losses(
-        pc, pr, rc_ref, rr_ref, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing
+        pc,
+        pr,
+        rc_ref,
+        rr_ref,
+        beta=cfg.beta,
+        loss_type=cfg.loss,
+        label_smoothing=cfg.label_smoothing,
     )
     valid = (batch["chosen_loss_mask"].sum(-1) > 0) & (batch["rejected_loss_mask"].sum(-1) > 0)
     loss_sum = jnp.sum(jnp.where(valid, losses, 0.0))
@@ -135,8 +141,14 @@ class DegenerateRunMonitor:
       lr, or use label smoothing / IPO).
     """
 
-    def __init__(self, patience: int = 50, zero_tol: float = 1e-4, loss_floor: float = 0.01,
-                 margin_limit: float = 20.0, warn=log.warning):
+    def __init__(
+        self,
+        patience: int = 50,
+        zero_tol: float = 1e-4,
+        loss_floor: float = 0.01,
+        margin_limit: float = 20.0,
+        warn=log.warning,
+    ):
         self.patience, self.zero_tol = patience, zero_tol
         self.loss_floor, self.margin_limit = loss_floor, margin_limit
         self.warn = warn
@@ -146,7 +158,9 @@ class DegenerateRunMonitor:
     def update(self, step: int, metrics: Mapping[str, float]) -> list[str]:
         """Feeds one step's metrics (keys with or without a ``train/`` prefix); returns warnings."""
         m = {k.removeprefix("train/"): float(v) for k, v in metrics.items()}
-        stuck = abs(m["rewards/chosen"]) < self.zero_tol and abs(m["rewards/rejected"]) < self.zero_tol
+        stuck = (
+            abs(m["rewards/chosen"]) < self.zero_tol and abs(m["rewards/rejected"]) < self.zero_tol
+        )
         collapsed = m["loss"] < self.loss_floor and abs(m["rewards/margin"]) > self.margin_limit
         out = []
         for kind, now in (("stuck", stuck), ("collapsed", collapsed)):

@@ -22,7 +22,10 @@ def pair_scores(params, batch, ctx: LossContext, rng=None) -> tuple[jax.Array, j
     rows = dpo.stacked_pairs(batch)
     hidden = ctx.model.apply(
         {"params": ctx.model_params(backbone, rng)},
-        rows["inputs"], rows["positions"], rows["segment_ids"], return_hidden=True,
+        rows["inputs"],
+        rows["positions"],
+        rows["segment_ids"],
+        return_hidden=True,
     )
     r = reward_scores(head, hidden, rows["segment_ids"])
     b = batch["chosen_inputs"].shape[0]

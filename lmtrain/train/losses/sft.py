@@ -49,5 +49,9 @@ def sft_loss(params, batch, rng, ctx: LossContext):
     if z:
         z_sum = (z * jnp.square(lse) * mask).sum()
         metrics["z_loss"] = (z_sum, n_tokens)
-        loss_sum = loss_sum + (z_sum if ctx.config.sft.average == "token" else z_sum / jnp.maximum(n_tokens, 1.0) * weight)
+        loss_sum = loss_sum + (
+            z_sum
+            if ctx.config.sft.average == "token"
+            else z_sum / jnp.maximum(n_tokens, 1.0) * weight
+        )
     return loss_sum, weight, metrics
