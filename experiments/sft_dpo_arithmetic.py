@@ -10,7 +10,10 @@
 2. **Pre-train** a ~0.8M-parameter Llama-style model (objective ``lm``) on that text.
 3. **SFT** from the pre-trained checkpoint (``config.init_from``), loss on responses only.
 4. **DPO** from the SFT checkpoint: chosen = the correct answer, rejected = the SFT model's own
-   wrong greedy answer when it has one, else a corrupted answer (one digit or letter changed).
+   wrong answer when it has one (greedy, else one of ``N_SAMPLES`` samples at temperature 1 on
+   training prompts; greedy only on held-out ones), else a corrupted answer (one digit or letter
+   changed). DPO adds an NLL term on the chosen answer (``config.dpo.nll_weight``, RPO) and uses
+   a small lr: plain DPO at lr 1e-4 raised reward accuracy but lowered exact match 0.940 → 0.827.
 
 After each stage it prints, on held-out prompts: exact match of greedy answers, the fraction of
 generations that end with EOS before the length cap, and (for the DPO pairs) the implicit reward
@@ -43,6 +46,7 @@ from lmtrain.train.losses.dpo import pair_logps  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 MAX_NEW = 12  # answers are at most 6 characters + <|end|>; the cap for "ends with EOS"
+N_SAMPLES = 3  # temperature-1 samples per DPO training prompt, searched for on-policy mistakes
 
 
 # ---- tasks -------------------------------------------------------------------------------------
@@ -92,8 +96,11 @@ def model_of(cfg) -> Transformer:
     return Transformer(ModelConfig.from_config(cfg.model))
 
 
-def greedy_answers(model, params, tok, prompts: list[str]) -> tuple[list[str], float]:
-    """Greedy answers (text before ``<|end|>``) and the fraction that stopped with EOS."""
+def greedy_answers(
+    model, params, tok, prompts: list[str], temperature: float = 0.0, seed: int = 0
+) -> tuple[list[str], float]:
+    """Greedy (or sampled) answers (text before ``<|end|>``) and the fraction that stopped
+    with EOS."""
     from lmtrain.data.finetune_data import chat_template_for
 
     template = chat_template_for(tok)
@@ -108,7 +115,8 @@ def greedy_answers(model, params, tok, prompts: list[str]) -> tuple[list[str], f
             max_new_tokens=MAX_NEW,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
-            temperature=0.0,
+            temperature=temperature,
+            seed=seed,
         )
         for o in outs:
             stopped += len(o) < MAX_NEW  # EOS came before the cap (EOS itself is not returned)
@@ -249,12 +257,18 @@ def main(argv=None) -> dict:
     model = model_of(sft)
     pairs = {}
     for name, tasks in (("train", dpo_tasks), ("test", test_tasks)):
-        answers, _ = greedy_answers(model, sft_params, tok, [q for q, _ in tasks])
+        prompts = [q for q, _ in tasks]
+        candidates = [greedy_answers(model, sft_params, tok, prompts)[0]]
+        if name == "train":  # on-policy mistakes: sampled answers where greedy is right
+            candidates += [
+                greedy_answers(model, sft_params, tok, prompts, temperature=1.0, seed=s)[0]
+                for s in range(N_SAMPLES)
+            ]
         recs, own = [], 0
-        for (q, a), g in zip(tasks, answers):
-            wrong = g if (g != a and g) else corrupt(a, rng)
-            own += wrong == g
-            recs.append({"prompt": q, "chosen": a, "rejected": wrong})
+        for k, (q, a) in enumerate(tasks):
+            wrong = next((c[k] for c in candidates if c[k] != a and c[k]), None)
+            own += wrong is not None
+            recs.append({"prompt": q, "chosen": a, "rejected": wrong or corrupt(a, rng)})
         pairs[name] = os.path.join(wd, f"dpo_{name}.jsonl")
         finetune_data.write_jsonl(pairs[name], recs)
         log(f"DPO {name} pairs: {len(recs)} ({own} rejected answers are the SFT model's own)")
@@ -262,11 +276,13 @@ def main(argv=None) -> dict:
     dpo.objective = "dpo"
     dpo.init_from = os.path.join(wd, "sft")
     dpo.data.update(train_file=pairs["train"], eval_file=pairs["test"], seq_len=32)
-    dpo.dpo.update(beta=0.1, degenerate_patience=5)
+    # nll_weight 2 + lr 3e-5 kept held-out exact match at the SFT level in a sweep from the same
+    # SFT model (lr 1e-4 / 5e-5 with nll_weight 1: 0.920 / 0.933; without the NLL term: 0.827).
+    dpo.dpo.update(beta=0.1, nll_weight=2.0, degenerate_patience=5)
     dpo.train.steps = steps(150, args.scale)
     dpo.train.log_every = 25
     dpo.optim.update(
-        lr=1e-4, warmup_steps=min(10, dpo.train.steps // 5), min_lr=1e-5, weight_decay=0.0
+        lr=3e-5, warmup_steps=min(10, dpo.train.steps // 5), min_lr=3e-6, weight_decay=0.0
     )
     template_rows = finetune_data.rows_for_objective(dpo, tok, pairs["test"])
     before = pair_accuracies(model, sft_params, sft_params, template_rows, dpo.dpo.beta)
@@ -275,7 +291,10 @@ def main(argv=None) -> dict:
         f"before DPO (policy = reference): held-out reward accuracy {before['reward_accuracy']:.3f} "
         f"(strict >, so ties count as wrong), log-likelihood preference {before['loglik_preference']:.3f}"
     )
-    log(f"DPO: {dpo.train.steps} steps, beta {dpo.dpo.beta}")
+    log(
+        f"DPO: {dpo.train.steps} steps, beta {dpo.dpo.beta}, nll_weight {dpo.dpo.nll_weight}, "
+        f"lr {dpo.optim.lr}"
+    )
     out = train(dpo, os.path.join(wd, "dpo"), print_fn=log)
     dpo_params = jax.device_get(out["state"].params)
     after = pair_accuracies(model, dpo_params, sft_params, template_rows, dpo.dpo.beta)

@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo
     c.dpo.label_smoothing = 0.0  # conservative DPO: assumed probability that a label is flipped
     c.dpo.reference = "params"  # params: frozen reference forward each step | precomputed: one pass
+    c.dpo.nll_weight = 0.0  # RPO: + weight x mean per-token NLL of the chosen response (0 = plain DPO)
     c.dpo.degenerate_patience = 50  # logged steps of suspicious metrics before a warning
 
     c.distill = ml_collections.ConfigDict()
@@ -357,6 +358,7 @@ def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
     need(cfg.sft.average in ("token", "sequence"), f"config.sft.average={cfg.sft.average!r}: token or sequence")
     p = cfg.dpo
     need(p.beta > 0, f"config.dpo.beta={p.beta} must be positive")
+    need(p.nll_weight >= 0, f"config.dpo.nll_weight={p.nll_weight} must be >= 0 (0 turns it off)")
     need(p.loss in ("sigmoid", "ipo"), f"config.dpo.loss={p.loss!r}: sigmoid or ipo")
     need(0.0 <= p.label_smoothing < 0.5, f"config.dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)")
     need(p.loss == "sigmoid" or p.label_smoothing == 0.0, "config.dpo.label_smoothing applies to loss=sigmoid only")

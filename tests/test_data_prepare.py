@@ -435,3 +435,54 @@ def test_default_corpus_capped_and_paragraph_segments(tmp_path):
     assert len(docs) == m["flow"]["read"] > 1
     assert "\n\n".join(docs) == "\n\n".join(paras)  # nothing lost or reordered at the cuts
     assert [d["id"] for d in listed(tmp_path / "seg", "train")][0] == "book:big.txt#L1"
+
+
+def test_time_field_split_and_docstring_corpus(tmp_path):
+    rng = random.Random(12)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    dates = [
+        "2020-01-05",
+        "2021-06-01T12:00:00",
+        "2022-03-03",
+        "2023-01-01",
+        "2023-07-09",
+        "2024-02-02",
+    ]
+    with open(raw / "news.jsonl", "w") as f:
+        for i, d in enumerate(dates):
+            f.write(json.dumps({"text": prose(rng), "date": d, "id": f"n{i}"}) + "\n")
+        f.write(json.dumps({"text": prose(rng), "id": "undated"}) + "\n")
+    src = {"name": "news", "paths": [str(raw)], "id_field": "id"}
+    split = {"method": "time", "time_field": "date", "time_cutoffs": ["2022-01-01", "2023-06-01"]}
+    cfg = config([], sources=[src], split=split, tokenizer={"kind": "char"})
+    with pytest.raises(DataError, match=r"news\.jsonl:7: time field 'date' is missing"):
+        prepare(cfg, tmp_path / "o1")
+    m = prepare({**cfg, "on_error": "skip"}, tmp_path / "o2")
+    assert m["stages"]["errors"]["skipped"] == {"bad_time_field": 1}
+    got = {s: [d["id"] for d in listed(tmp_path / "o2", s)] for s in SPLITS}
+    assert got == {
+        "train": ["news:n0", "news:n1"],
+        "validation": ["news:n2", "news:n3"],
+        "test": ["news:n4", "news:n5"],
+    }
+
+    std = {"name": "doc", "kind": "default_corpus", "mode": "docstrings", "max_files": 40}
+    m = prepare(
+        config([], sources=[std], tokenizer={"kind": "char"}, quality={"min_words": 5}),
+        tmp_path / "o3",
+    )
+    import ast
+
+    from lmtrain.data.default_corpus import stdlib_root
+    from lmtrain.data.normalize import normalize_text
+
+    train = listed(tmp_path / "o3", "train")
+    assert m["flow"]["written"] > 0 and train
+    for doc, text in zip(train, stream_texts(tmp_path / "o3", "train")):
+        rel = doc["id"].removeprefix("doc:").removesuffix("#docstrings")
+        tree = ast.parse(Path(stdlib_root(), rel).read_text(encoding="utf-8"))
+        module_doc = ast.get_docstring(tree, clean=True)
+        if module_doc:  # the document opens with the module docstring, then class/def docstrings
+            assert text.startswith(normalize_text(module_doc)[0])
+        assert "import " not in text.split("\n", 1)[0]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 
 import jax
 import numpy as np
@@ -15,11 +16,14 @@ from lmtrain.config import base_config
 from lmtrain.data import finetune_data
 from lmtrain.data.tokenizer import CharTokenizer
 from lmtrain.errors import ConfigError
+from lmtrain.infer.loader import load_run
+from lmtrain.infer.sampling import generate
 from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
 from lmtrain.model.transformer import Transformer
 from lmtrain.train import lora_io
+from lmtrain.train.divergence import REPORT_FILE, TrainingDiverged
 from lmtrain.train.finetune import abstract_params, restore_run_params
 from lmtrain.train.loop import build, train
 from tests.finetune_fixtures import TOK
@@ -206,3 +210,85 @@ def test_records_runs_need_a_tokenizer_source(files, tmp_path):
     cfg.data.update(train_file="", dir=str(files / "data"))
     with pytest.raises(ConfigError, match="objective='dpo' needs config.data.train_file"):
         build(cfg, str(tmp_path))
+
+
+PROMPTS = [TOK.encode("12+30=?"), TOK.encode("7+8=?"), TOK.encode("40+1=?")]
+
+
+def greedy(model, params) -> list[list[int]]:
+    return generate(
+        model,
+        params,
+        PROMPTS,
+        max_new_tokens=6,
+        eos_id=TOK.eos_id,
+        pad_id=TOK.pad_id,
+        temperature=0.0,
+    )
+
+
+def test_load_run_of_a_lora_run_gives_merged_params_that_generate(files, tmp_path):
+    """`lmtrain generate/eval` go through load_run; a LoRA checkpoint holds only adapters."""
+    cfg = ft_config(files, "sft", "sft")
+    cfg.train.update(steps=2, eval_every=1000)
+    cfg.lora.update(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    train(cfg, str(tmp_path), print_fn=lambda *_: None)
+    run = load_run(str(tmp_path))
+    assert dict(run.setup.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    # Independent path: the adapter files + the init_from base, merged by lora.merge.
+    merged = lora.merge(lora_io.load_lora_run(str(tmp_path)))
+    got = jax.device_get(run.params)
+    assert jax.tree.structure(got) == jax.tree.structure(merged)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, merged)
+    _, base = init_params(files)
+    assert not np.array_equal(
+        got["layers_0"]["attn"]["q_kernel"], base["layers_0"]["attn"]["q_kernel"]
+    )
+    assert greedy(run.setup.model, run.params) == greedy(run.setup.model, merged)
+
+
+def test_load_run_of_an_init_from_run_needs_no_init_from_run(files, tmp_path):
+    """A full fine-tune's checkpoint is self-contained: the base run may be gone."""
+    shutil.copytree(files / "pre", tmp_path / "pre")
+    cfg = ft_config(files, "sft", "sft", init_from=str(tmp_path / "pre"))
+    cfg.train.update(steps=2, eval_every=1000)
+    out = train(cfg, str(tmp_path / "sft"), print_fn=lambda *_: None)
+    trained = jax.device_get(out["state"].params)
+    shutil.rmtree(tmp_path / "pre")
+    run = load_run(str(tmp_path / "sft"))
+    assert run.setup.tokenizer.fingerprint() == TOK.fingerprint()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params), trained)
+    assert greedy(run.setup.model, run.params) == greedy(run.setup.model, trained)
+
+
+def test_nan_streak_in_an_sft_run_names_the_offending_rows(files, tmp_path, monkeypatch):
+    original = finetune_data.train_dataset
+    bad = {1, 2}
+
+    def poisoned(*args, **kwargs):
+        def poison(index, batch):
+            batch = dict(batch, loss_mask=batch["loss_mask"].astype(np.float32))
+            if index in bad:
+                batch["loss_mask"][:] = np.nan
+            return batch
+
+        return original(*args, **kwargs).map_with_index(poison)
+
+    monkeypatch.setattr(finetune_data, "train_dataset", poisoned)
+    cfg = ft_config(files, "sft", "sft")
+    cfg.train.update(steps=6, eval_every=1000, checkpoint_every=1, max_nonfinite_in_a_row=2)
+    with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row"):
+        train(cfg, str(tmp_path), print_fn=lambda *_: None)
+    report = json.loads((tmp_path / REPORT_FILE).read_text())
+    assert report["train_file"] == str(files / "sft.jsonl")
+    assert report["last_good_checkpoint"] == 1
+    batches = report["offending_batches"]
+    assert [b["batch_index"] for b in batches] == [1, 2]
+    # The named rows are exactly the rows of the offending batches.
+    rows = finetune_data.rows_for_objective(cfg, TOK, str(files / "sft.jsonl"))
+    ds = original(rows, batch_size=8, seed=cfg.seed)
+    for b in batches:
+        assert len(b["row_indices"]) == 8
+        np.testing.assert_array_equal(
+            rows["inputs"][b["row_indices"]], ds[b["batch_index"]]["inputs"]
+        )

@@ -148,3 +148,31 @@ def test_degenerate_run_monitor_warns_once_per_kind():
     mon.update(7, collapsed), mon.update(8, collapsed)
     out = mon.update(9, collapsed)
     assert len(out) == 1 and "over-optimisation" in out[0]
+
+
+def test_nll_weight_adds_mean_per_token_nll_of_chosen(setup):
+    """RPO: loss = dpo + w * mean over pairs of (-log pi(chosen) / chosen tokens)."""
+    model, params, batch = setup
+    policy = jax.tree.map(lambda p: p * 1.1, params)
+    beta, w = 0.2, 0.7
+    pc, pr = (np.asarray(x, np.float64) for x in pair_logps(model, policy, batch))
+    rc, rr = (np.asarray(x, np.float64) for x in pair_logps(model, params, batch))
+    n_chosen = batch["chosen_loss_mask"].sum(-1)
+    assert n_chosen.min() > 0 and len(set(n_chosen.tolist())) > 1  # lengths differ: normalised
+    h = (pc - pr) - (rc - rr)
+    dpo = np.log1p(np.exp(-beta * h))  # -log sigmoid(beta h)
+    want = np.mean(dpo + w * (-pc / n_chosen))
+    ctx = LossContext(model, config("dpo", beta=beta, nll_weight=w), frozen={"reference": params})
+    s, n, m = OBJECTIVES["dpo"](policy, batch, None, ctx)
+    assert float(n) == 4
+    assert float(s / n) == pytest.approx(want, rel=1e-5)
+    assert float(m["nll/chosen"][0] / m["nll/chosen"][1]) == pytest.approx(
+        np.mean(-pc / n_chosen), rel=1e-5
+    )
+    plain = OBJECTIVES["dpo"](
+        policy,
+        batch,
+        None,
+        LossContext(model, config("dpo", beta=beta), frozen={"reference": params}),
+    )
+    assert float(plain[0] / plain[1]) == pytest.approx(np.mean(dpo), rel=1e-5)

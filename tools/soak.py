@@ -110,7 +110,7 @@ def checkpointed_step(workdir: str) -> int:
         ck.close()
 
 
-def chaos_round(workdir: str, text: str, steps: int, timing: tuple[float, float], rng: random.Random,
+def chaos_round(workdir: str, text: str, steps: int, timing: list[float], rng: random.Random,
                 max_kills: int, deadline: float, log) -> dict:  # fmt: skip
     """Trains to completion through random kills; returns counts and the log of every launch."""
     stats = {"sigkill": 0, "sigterm": 0, "launches": 0, "resumes": [], "corrupt_reports": 0,
@@ -123,12 +123,17 @@ def chaos_round(workdir: str, text: str, steps: int, timing: tuple[float, float]
             out.flush()
             proc = subprocess.Popen(command(workdir, text, steps), cwd=CODE, env=env(), stdout=out,
                                     stderr=subprocess.STDOUT)  # fmt: skip
+            t_launch = time.time()
             kills_left = stats["sigkill"] + stats["sigterm"] < max_kills and time.time() < deadline
             left = 1 - checkpointed_step(workdir) / steps
             delay = kill_delay(rng, *timing, left) if kills_left else None
             try:
                 rc = proc.wait(timeout=delay)
                 sent = None
+                if delay is not None:  # finished before the planned kill: the machine got faster
+                    expected = timing[0] + left * (timing[1] - timing[0])
+                    scale = min(1.0, (time.time() - t_launch) / expected)
+                    timing[:] = [timing[0] * scale, timing[1] * scale]
             except subprocess.TimeoutExpired:
                 sent = rng.choice([signal.SIGKILL, signal.SIGTERM])
                 proc.send_signal(sent)
@@ -212,6 +217,7 @@ def main(argv=None) -> None:
     )
 
     rounds = []
+    timing = [startup, ref_seconds]  # start-up and total seconds of a run from step 0, adapted
     while time.time() < deadline:
         workdir = os.path.join(root, f"round{len(rounds)}")
         shutil.rmtree(workdir, ignore_errors=True)
@@ -220,7 +226,7 @@ def main(argv=None) -> None:
             workdir,
             text,
             args.steps,
-            (startup, ref_seconds),
+            timing,
             rng,
             args.max_kills_per_round,
             deadline,

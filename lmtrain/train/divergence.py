@@ -72,15 +72,21 @@ def write_report(
     window_lookup,
     last_checkpoint: int | None,
     nonfinite_total: int,
+    index_key: str = "window_indices",
+    extra: dict | None = None,
 ) -> str:
-    """Writes ``divergence.json``; ``window_lookup(iter_state) -> list[int] | None``."""
+    """Writes ``divergence.json``; ``window_lookup(iter_state) -> list[int] | None``.
+
+    ``index_key`` names what the lookup returns (``row_indices`` for fine-tuning records);
+    ``extra`` adds top-level fields (which file those rows come from).
+    """
     batches = []
     for s in skipped_steps:
         state = history.get(s)
         entry = {"step": s, "iter_state_before": state}
         if state is not None and "next_index" in state:
             entry["batch_index"] = int(state["next_index"])
-            entry["window_indices"] = window_lookup(state)
+            entry[index_key] = window_lookup(state)
         batches.append(entry)
     report = {
         "stopped_at_step": step,
@@ -88,6 +94,7 @@ def write_report(
         "nonfinite_total": nonfinite_total,
         "last_good_checkpoint": last_checkpoint,
         "offending_batches": batches,
+        **(extra or {}),
     }
     path = os.path.join(workdir, REPORT_FILE)
     with open(path, "w") as f:

@@ -199,6 +199,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         write_run_files(workdir, cfg, data_dir=setup.data_dir, tokenizer_fingerprint=setup.tokenizer.fingerprint(),
                         mesh_shape=mesh.devices.shape, resumed_from=latest)
     per_process = cfg.train.global_batch_size // jax.process_count()
+    num_records = 0  # rows of a fine-tuning records run (names the batches if it diverges)
     if finetune.uses_records(cfg):
         rows = finetune_data.rows_for_objective(cfg, setup.tokenizer, cfg.data.train_file)
         if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
@@ -206,6 +207,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             if setup.eval_rows is not None:
                 setup.eval_rows = finetune.add_reference_logps(setup, setup.eval_rows, initial,
                                                                cfg.train.global_batch_size)
+        num_records = finetune_data.num_rows(rows)
         ds = finetune_data.train_dataset(rows, batch_size=per_process, seed=cfg.seed,
                                          process_index=jax.process_index(), process_count=jax.process_count())
     else:
@@ -254,7 +256,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         if prev is not None:
             s, m = flush(prev)
             if m["skipped"] and int(state.nonfinite_in_a_row) >= cfg.train.max_nonfinite_in_a_row:
-                _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, step + 1, last_saved)
+                _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, step + 1, last_saved,
+                               num_records)
             if spikes.is_spike(m["loss"]):
                 state, batches, last_saved = _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s,
                                                        m["loss"], state, print_fn)
@@ -366,29 +369,39 @@ def _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s, loss, state
     return state, batches, target
 
 
-def _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, done, last_saved):
-    """Too many non-finite steps in a row: keep the last good checkpoint, name the batches, stop."""
+def _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, done, last_saved, num_records=0):
+    """Too many non-finite steps in a row: keep the last good checkpoint, name the batches, stop.
+
+    Token-shard runs name the windows of the train split; fine-tuning records runs
+    (``num_records`` rows, same shuffle/batch structure) name the rows of ``data.train_file``.
+    """
     cfg = setup.config
     n = int(state.nonfinite_in_a_row)
     ckpt.close()
     batches.close()
     logger.close()
-    train_dir = os.path.join(setup.data_dir, cfg.data.train_split)
-    records = finetune.uses_records(cfg)  # record datasets: the batch index identifies the batch
-    num_windows = 0 if records else (pipeline.TokenStream(train_dir).num_tokens - 1) // cfg.data.seq_len
+    extra = None
+    if finetune.uses_records(cfg):
+        num_items, index_key = num_records, "row_indices"
+        extra = {"train_file": os.path.abspath(cfg.data.train_file), "row_indices": (
+            "rows of finetune_data.rows_for_objective(config, tokenizer, train_file): one record per row, "
+            "except packed SFT rows, which hold several")}
+    else:
+        train_dir = os.path.join(setup.data_dir, cfg.data.train_split)
+        num_items = (pipeline.TokenStream(train_dir).num_tokens - 1) // cfg.data.seq_len
+        index_key = "window_indices"
 
-    def windows(iter_state):
-        if records:
-            return None
+    def items(iter_state):
         return divergence.batch_window_indices(
-            num_windows, cfg.train.global_batch_size // jax.process_count(), cfg.seed,
+            num_items, cfg.train.global_batch_size // jax.process_count(), cfg.seed,
             int(iter_state["next_index"]), jax.process_index(), jax.process_count())
 
     path = os.path.join(workdir, divergence.REPORT_FILE)
     if jax.process_index() == 0:
         divergence.write_report(
             workdir, step=done, skipped_steps=list(range(done - n + 1, done + 1)), history=history,
-            window_lookup=windows, last_checkpoint=last_saved, nonfinite_total=int(state.nonfinite_total))
+            window_lookup=items, last_checkpoint=last_saved, nonfinite_total=int(state.nonfinite_total),
+            index_key=index_key, extra=extra)
     raise divergence.TrainingDiverged(
         f"{n} non-finite steps in a row (config.train.max_nonfinite_in_a_row) ending at step {done}; "
         f"the offending batches are listed in {path}; the last good checkpoint is step {last_saved}. "

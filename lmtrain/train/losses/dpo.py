@@ -7,6 +7,13 @@ log-probs summed over response tokens, i.e. where ``loss_mask`` is 1):
   smoothing; eps = 0 is DPO, eps > 0 is conservative DPO);
 * ``ipo``: ``(h - 1 / (2 beta))^2`` (Azar et al. 2023, on summed log-probs).
 
+Optional NLL on the chosen response (RPO, Pang et al. 2024 "Iterative Reasoning Preference
+Optimization"; ``config.dpo.nll_weight`` = w, default 0): each pair's loss gains
+``w * (-log pi(y_c|x) / |y_c|)``, the chosen response's mean per-token NLL, so the pair-averaged
+loss is ``dpo + w * mean over pairs of the chosen per-token NLL``. DPO alone only moves the
+chosen-vs-rejected *difference* and often lowers the chosen likelihood too (hurting greedy
+exact match when the rejected answers are near-misses); the NLL term anchors the chosen answer.
+
 Chosen and rejected rows go through one forward pass (concatenated on the batch axis). Reference
 log-probs come from, in order: the batch (``reference_chosen_logps`` / ``reference_rejected_logps``,
 written by a pass over the data when ``config.dpo.reference='precomputed'``), frozen reference
@@ -112,7 +119,7 @@ def pair_metrics(rc: jax.Array, rr: jax.Array, valid: jax.Array, pc, pr) -> dict
 
 @register("dpo")
 def dpo_loss(params, batch, rng, ctx: LossContext):
-    """Sum of per-pair DPO/IPO losses over valid pairs (rows with response tokens)."""
+    """Sum of per-pair DPO/IPO losses (+ ``nll_weight`` x chosen per-token NLL) over valid pairs."""
     cfg = ctx.config.dpo
     pc, pr = pair_logps(ctx.model, ctx.model_params(params, rng), batch)
     rc_ref, rr_ref = reference_logps(batch, ctx)
@@ -125,9 +132,18 @@ def dpo_loss(params, batch, rng, ctx: LossContext):
         loss_type=cfg.loss,
         label_smoothing=cfg.label_smoothing,
     )
-    valid = (batch["chosen_loss_mask"].sum(-1) > 0) & (batch["rejected_loss_mask"].sum(-1) > 0)
+    chosen_tokens = batch["chosen_loss_mask"].sum(-1)
+    valid = (chosen_tokens > 0) & (batch["rejected_loss_mask"].sum(-1) > 0)
+    chosen_nll = -pc / jnp.maximum(chosen_tokens, 1).astype(jnp.float32)  # per-token mean
+    if cfg.nll_weight:
+        losses = losses + cfg.nll_weight * chosen_nll
     loss_sum = jnp.sum(jnp.where(valid, losses, 0.0))
-    return loss_sum, valid.sum().astype(jnp.float32), pair_metrics(rc, rr, valid, pc, pr)
+    metrics = pair_metrics(rc, rr, valid, pc, pr)
+    metrics["nll/chosen"] = (
+        jnp.sum(jnp.where(valid, jax.lax.stop_gradient(chosen_nll), 0.0)),
+        valid.sum(),
+    )
+    return loss_sum, valid.sum().astype(jnp.float32), metrics
 
 
 class DegenerateRunMonitor:
