@@ -104,4 +104,5 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args, overrides)
     except LmtrainError as e:
         print(f"lmtrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        # A preemption exits 128 + signal (143 for SIGTERM), as schedulers expect; other errors 2.
+        sys.exit(getattr(e, "exit_code", 2))

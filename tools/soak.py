@@ -162,9 +162,9 @@ def chaos_round(workdir: str, text: str, steps: int, timing: list[float], rng: r
         ):
             stats["sigkill_mid_write"] += 1  # killed while a checkpoint was being written
         if sent == signal.SIGTERM:
-            if rc == 2 and "SIGTERM received: stopped at step" in launch_log:
+            if rc in (2, 143) and "SIGTERM received: stopped at step" in launch_log:
                 stats["sigterm_clean_exits"] += 1
-            elif rc not in (0, 2, -signal.SIGTERM):  # -15: arrived before the handler was set
+            elif rc not in (0, 2, 143, -signal.SIGTERM):  # -15: arrived before the handler was set
                 raise RuntimeError(f"SIGTERM gave exit code {rc}; see {workdir}.log")
         log(f"  launch {stats['launches']}: {name} after {delay:.1f}s (exit {rc})")
 
