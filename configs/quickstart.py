@@ -26,8 +26,17 @@ def get_config():
         max_seq_len=128,
         dtype="float32",
     )
-    c.train.update(steps=300, global_batch_size=16, log_every=25, eval_every=100, eval_batches=8,
-                   checkpoint_every=100, samples=2, sample_tokens=120, sample_prompt="def ")
+    c.train.update(
+        steps=300,
+        global_batch_size=16,
+        log_every=25,
+        eval_every=100,
+        eval_batches=8,
+        checkpoint_every=100,
+        samples=2,
+        sample_tokens=120,
+        sample_prompt="def ",
+    )
     c.optim.update(lr=2e-3, warmup_steps=30, min_lr=2e-4, b2=0.99, weight_decay=0.1, clip_norm=1.0)
     c.mesh.shape = (-1, 1, 1)
     return c

@@ -21,9 +21,21 @@ def get_config():
     c.data.tokenizer = "char"
     c.data.val_fraction = 0.1
     c.data.seq_len = 64
-    c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=352, max_seq_len=64, dtype="float32")
-    c.train.update(steps=2000, global_batch_size=12, log_every=250, eval_every=250, eval_batches=40, checkpoint_every=1000,
-                   samples=1, sample_tokens=300)
-    c.optim.update(lr=1e-3, warmup_steps=100, min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0)
+    c.model.update(
+        d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=352, max_seq_len=64, dtype="float32"
+    )
+    c.train.update(
+        steps=2000,
+        global_batch_size=12,
+        log_every=250,
+        eval_every=250,
+        eval_batches=40,
+        checkpoint_every=1000,
+        samples=1,
+        sample_tokens=300,
+    )
+    c.optim.update(
+        lr=1e-3, warmup_steps=100, min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0
+    )
     c.mesh.shape = (-1, 1, 1)
     return c

@@ -15,7 +15,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     rest, overrides = [], []
     for a in argv:
         (overrides if a.startswith("--config.") else rest).append(a)
-    return rest, [o[len("--config."):] for o in overrides]
+    return rest, [o[len("--config.") :] for o in overrides]
 
 
 def cmd_train(args, overrides):
@@ -34,7 +34,13 @@ def cmd_data_prepare(args, overrides):
     apply_overrides(cfg, overrides)
     manifest = prepare(cfg, args.out, overwrite=args.overwrite)
     counts = manifest.get("splits", {})
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v['documents']} docs / {v['index']['num_tokens']} tokens" for k, v in counts.items()))
+    print(
+        f"wrote {args.out}: "
+        + ", ".join(
+            f"{k} {v['documents']} docs / {v['index']['num_tokens']} tokens"
+            for k, v in counts.items()
+        )
+    )
 
 
 def cmd_generate(args, overrides):

@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.microbatches = 1  # gradient accumulation inside the jitted step
     c.train.log_every = 50
     c.train.eval_every = 250
-    c.train.eval_batches = 0  # cap on periodic evals (0 = whole split); the final eval is always whole
+    c.train.eval_batches = (
+        0  # cap on periodic evals (0 = whole split); the final eval is always whole
+    )
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True
@@ -103,14 +105,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.wd_exclude = ("norm", "bias")  # regexes over param paths exempt from weight decay
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.average = "token"  # token: mean over response tokens | sequence: mean of per-sequence means
+    c.sft.average = (
+        "token"  # token: mean over response tokens | sequence: mean of per-sequence means
+    )
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
     c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo
     c.dpo.label_smoothing = 0.0  # conservative DPO: assumed probability that a label is flipped
     c.dpo.reference = "params"  # params: frozen reference forward each step | precomputed: one pass
-    c.dpo.nll_weight = 0.0  # RPO: + weight x mean per-token NLL of the chosen response (0 = plain DPO)
+    c.dpo.nll_weight = (
+        0.0  # RPO: + weight x mean per-token NLL of the chosen response (0 = plain DPO)
+    )
     c.dpo.degenerate_patience = 50  # logged steps of suspicious metrics before a warning
 
     c.distill = ml_collections.ConfigDict()
@@ -128,11 +134,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one axis may be -1 = the rest
     c.mesh.num_devices = 0  # 0 = every device; N = only the first N (e.g. 1 for a one-device run)
 
-    c.fault = ml_collections.ConfigDict()  # fault tolerance (lmtrain/train/preflight.py, checkpoint.py)
+    c.fault = (
+        ml_collections.ConfigDict()
+    )  # fault tolerance (lmtrain/train/preflight.py, checkpoint.py)
     c.fault.preflight = True  # check workdir, disk, data, vocab, mesh and batch before compiling
-    c.fault.verify_data_hashes = True  # preflight hashes data shards against their manifest (cached)
+    c.fault.verify_data_hashes = (
+        True  # preflight hashes data shards against their manifest (cached)
+    )
     c.fault.checkpoint_hashes = True  # SHA-256 of every checkpoint file in its listing (else sizes)
-    c.fault.spike_factor = 0.0  # > 1: loss > factor x recent median rolls back, skipping data; 0 = off
+    c.fault.spike_factor = (
+        0.0  # > 1: loss > factor x recent median rolls back, skipping data; 0 = off
+    )
     c.fault.spike_window = 50  # recent finite losses whose median a spike is measured against
     c.fault.max_rollbacks = 5  # more spikes than this stop the run (TrainingDiverged)
 
@@ -146,7 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
-        raise ConfigError(f"config file {path!r} not found; pass a path such as configs/quickstart.py")
+        raise ConfigError(
+            f"config file {path!r} not found; pass a path such as configs/quickstart.py"
+        )
     spec = importlib.util.spec_from_file_location(f"_lmtrain_cfg_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -293,28 +307,57 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    need(cfg.objective in OBJECTIVES, f"config.objective={cfg.objective!r}: choose one of {sorted(OBJECTIVES)}")
+    need(
+        cfg.objective in OBJECTIVES,
+        f"config.objective={cfg.objective!r}: choose one of {sorted(OBJECTIVES)}",
+    )
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
         need(m[key] > 0, f"config.model.{key}={m[key]} must be positive")
     need(m.vocab_size >= 0, "config.model.vocab_size must be >= 0 (0 = from the tokenizer)")
-    need(m.n_kv_heads <= m.n_heads, f"config.model.n_kv_heads={m.n_kv_heads} must be <= model.n_heads={m.n_heads}")
-    need(m.n_heads % m.n_kv_heads == 0, f"config.model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    need(
+        m.n_kv_heads <= m.n_heads,
+        f"config.model.n_kv_heads={m.n_kv_heads} must be <= model.n_heads={m.n_heads}",
+    )
+    need(
+        m.n_heads % m.n_kv_heads == 0,
+        f"config.model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}",
+    )
     head_dim = m.head_dim or m.d_model // m.n_heads
-    need(m.head_dim > 0 or m.d_model % m.n_heads == 0, f"config.model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
-    need(head_dim % 2 == 0, f"head dim {head_dim} must be even for rotary embeddings (config.model.head_dim)")
+    need(
+        m.head_dim > 0 or m.d_model % m.n_heads == 0,
+        f"config.model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)",
+    )
+    need(
+        head_dim % 2 == 0,
+        f"head dim {head_dim} must be even for rotary embeddings (config.model.head_dim)",
+    )
     for key in ("dtype", "param_dtype"):
-        need(m[key] in ("float32", "bfloat16", "float16"), f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16")
-    need(m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}: choose one of {REMAT_POLICIES}")
-    need(m.mlp_activation in ("silu", "gelu_tanh"), f"config.model.mlp_activation={m.mlp_activation!r}: silu or gelu_tanh")
+        need(
+            m[key] in ("float32", "bfloat16", "float16"),
+            f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16",
+        )
+    need(
+        m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}: choose one of {REMAT_POLICIES}"
+    )
+    need(
+        m.mlp_activation in ("silu", "gelu_tanh"),
+        f"config.model.mlp_activation={m.mlp_activation!r}: silu or gelu_tanh",
+    )
     from lmtrain.model.attention_kernels import check_available
 
     check_available(m.attention, dtype=m.dtype)  # ConfigError naming the backend and the fix
     need(d.seq_len > 0, "config.data.seq_len must be positive")
-    need(d.seq_len <= m.max_seq_len, f"config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len={m.max_seq_len}")
+    need(
+        d.seq_len <= m.max_seq_len,
+        f"config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len={m.max_seq_len}",
+    )
     from lmtrain.data.pipeline import check_curriculum
 
     check_curriculum(d.curriculum_start_len, d.curriculum_steps, d.seq_len)
-    need(bool(d.dir) != bool(d.path) or (d.train_file and not d.dir and not d.path), "set exactly one of config.data.dir (prepared shards) or config.data.path (one text file), or config.data.train_file (fine-tuning records)")
+    need(
+        bool(d.dir) != bool(d.path) or (d.train_file and not d.dir and not d.path),
+        "set exactly one of config.data.dir (prepared shards) or config.data.path (one text file), or config.data.train_file (fine-tuning records)",
+    )
     _validate_finetune(cfg, need)
     need(0.0 < d.val_fraction < 1.0, f"config.data.val_fraction={d.val_fraction} must be in (0, 1)")
     need(t.steps > 0, "config.train.steps must be positive")
@@ -322,9 +365,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     need(t.microbatches > 0, "config.train.microbatches must be positive")
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[key] > 0, f"config.train.{key}={t[key]} must be positive")
-    need(o.schedule in ("cosine", "linear", "constant"), f"config.optim.schedule={o.schedule!r}: cosine, linear or constant")
+    need(
+        o.schedule in ("cosine", "linear", "constant"),
+        f"config.optim.schedule={o.schedule!r}: cosine, linear or constant",
+    )
     need(o.lr > 0, "config.optim.lr must be positive")
-    need(0 <= o.warmup_steps <= max(t.steps, o.decay_steps), f"config.optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}")
+    need(
+        0 <= o.warmup_steps <= max(t.steps, o.decay_steps),
+        f"config.optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}",
+    )
     need(o.clip_norm >= 0, "config.optim.clip_norm must be >= 0 (0 = no clipping)")
     need(
         0 <= cfg.mesh.num_devices <= num_devices,
@@ -338,10 +387,19 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"config.train.global_batch_size={t.global_batch_size} must be divisible by data shards "
         f"(mesh data x fsdp = {shards}) x config.train.microbatches={t.microbatches}",
     )
-    need(cfg.distributed.initialize in ("auto", "yes", "no"), "config.distributed.initialize: auto, yes or no")
+    need(
+        cfg.distributed.initialize in ("auto", "yes", "no"),
+        "config.distributed.initialize: auto, yes or no",
+    )
     f = cfg.fault
-    need(f.spike_factor == 0 or f.spike_factor > 1, f"config.fault.spike_factor={f.spike_factor}: 0 (off) or > 1, e.g. 3")
-    need(f.spike_window > 0 and f.max_rollbacks >= 0, "config.fault.spike_window must be > 0 and fault.max_rollbacks >= 0")
+    need(
+        f.spike_factor == 0 or f.spike_factor > 1,
+        f"config.fault.spike_factor={f.spike_factor}: 0 (off) or > 1, e.g. 3",
+    )
+    need(
+        f.spike_window > 0 and f.max_rollbacks >= 0,
+        "config.fault.spike_window must be > 0 and fault.max_rollbacks >= 0",
+    )
 
 
 def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
@@ -350,21 +408,51 @@ def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
 
     d, obj = cfg.data, cfg.objective
     if obj in ("sft", "dpo", "reward"):
-        need(bool(d.train_file), f"config.objective={obj!r} needs config.data.train_file (JSONL records)")
-    need(obj != "lm" or not d.train_file, "config.data.train_file is for fine-tuning; use objective sft")
-    need(d.format in ("auto", "prompt_response", "chat", "alpaca", "seed_tasks"), f"config.data.format={d.format!r}: auto, prompt_response, chat, alpaca or seed_tasks")
-    need(d.truncation in ("left_prompt", "right"), f"config.data.truncation={d.truncation!r}: left_prompt or right")
-    need(d.chat_markers in ("auto", "special", "text"), f"config.data.chat_markers={d.chat_markers!r}: auto, special or text")
-    need(cfg.sft.average in ("token", "sequence"), f"config.sft.average={cfg.sft.average!r}: token or sequence")
+        need(
+            bool(d.train_file),
+            f"config.objective={obj!r} needs config.data.train_file (JSONL records)",
+        )
+    need(
+        obj != "lm" or not d.train_file,
+        "config.data.train_file is for fine-tuning; use objective sft",
+    )
+    need(
+        d.format in ("auto", "prompt_response", "chat", "alpaca", "seed_tasks"),
+        f"config.data.format={d.format!r}: auto, prompt_response, chat, alpaca or seed_tasks",
+    )
+    need(
+        d.truncation in ("left_prompt", "right"),
+        f"config.data.truncation={d.truncation!r}: left_prompt or right",
+    )
+    need(
+        d.chat_markers in ("auto", "special", "text"),
+        f"config.data.chat_markers={d.chat_markers!r}: auto, special or text",
+    )
+    need(
+        cfg.sft.average in ("token", "sequence"),
+        f"config.sft.average={cfg.sft.average!r}: token or sequence",
+    )
     p = cfg.dpo
     need(p.beta > 0, f"config.dpo.beta={p.beta} must be positive")
     need(p.nll_weight >= 0, f"config.dpo.nll_weight={p.nll_weight} must be >= 0 (0 turns it off)")
     need(p.loss in ("sigmoid", "ipo"), f"config.dpo.loss={p.loss!r}: sigmoid or ipo")
-    need(0.0 <= p.label_smoothing < 0.5, f"config.dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)")
-    need(p.loss == "sigmoid" or p.label_smoothing == 0.0, "config.dpo.label_smoothing applies to loss=sigmoid only")
-    need(p.reference in ("params", "precomputed"), f"config.dpo.reference={p.reference!r}: params or precomputed")
+    need(
+        0.0 <= p.label_smoothing < 0.5,
+        f"config.dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)",
+    )
+    need(
+        p.loss == "sigmoid" or p.label_smoothing == 0.0,
+        "config.dpo.label_smoothing applies to loss=sigmoid only",
+    )
+    need(
+        p.reference in ("params", "precomputed"),
+        f"config.dpo.reference={p.reference!r}: params or precomputed",
+    )
     t = cfg.distill
-    need(obj != "distill" or bool(t.teacher), "config.objective='distill' needs config.distill.teacher (a workdir)")
+    need(
+        obj != "distill" or bool(t.teacher),
+        "config.objective='distill' needs config.distill.teacher (a workdir)",
+    )
     need(t.temperature > 0, f"config.distill.temperature={t.temperature} must be positive")
     need(0.0 <= t.alpha <= 1.0, f"config.distill.alpha={t.alpha} must be in [0, 1]")
     lo = cfg.lora

@@ -23,8 +23,19 @@ def rope(x, positions, theta):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def forward(params: dict, tokens, positions, segment_ids, *, n_layers, n_heads, n_kv_heads,
-            eps=1e-5, theta=10000.0, tie=False):
+def forward(
+    params: dict,
+    tokens,
+    positions,
+    segment_ids,
+    *,
+    n_layers,
+    n_heads,
+    n_kv_heads,
+    eps=1e-5,
+    theta=10000.0,
+    tie=False,
+):
     """Logits (T, V) for one sequence."""
     p = {k: np.asarray(v, np.float64) if not isinstance(v, dict) else v for k, v in params.items()}
     x = p["embedding"][tokens]

@@ -12,13 +12,26 @@ from tests import numpy_reference
 
 
 def make(tie=False, n_kv_heads=2, dtype="float32", vocab=50):
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
-                      d_ff=48, max_seq_len=32, dtype=dtype, tie_embeddings=tie)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        d_ff=48,
+        max_seq_len=32,
+        dtype=dtype,
+        tie_embeddings=tie,
+    )
     model = Transformer(cfg)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    )
     # Non-trivial norm scales so the reference checks they are applied.
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x * (1 + 0.1 * jnp.arange(x.shape[-1]) / x.shape[-1]) if "scale" in str(p) else x,
+        lambda p, x: (
+            x * (1 + 0.1 * jnp.arange(x.shape[-1]) / x.shape[-1]) if "scale" in str(p) else x
+        ),
         params,
     )
     return cfg, model, params
@@ -56,8 +69,12 @@ def test_packed_documents_do_not_see_each_other():
     doc_a, doc_b, other_a = (rng.integers(0, cfg.vocab_size, n) for n in (6, 10, 6))
     seg = np.array([[1] * 6 + [2] * 10])
     pos = np.array([list(range(6)) + list(range(10))])
-    packed = np.asarray(model.apply({"params": params}, np.concatenate([doc_a, doc_b])[None], pos, seg))
-    packed2 = np.asarray(model.apply({"params": params}, np.concatenate([other_a, doc_b])[None], pos, seg))
+    packed = np.asarray(
+        model.apply({"params": params}, np.concatenate([doc_a, doc_b])[None], pos, seg)
+    )
+    packed2 = np.asarray(
+        model.apply({"params": params}, np.concatenate([other_a, doc_b])[None], pos, seg)
+    )
     alone = np.asarray(model.apply({"params": params}, doc_b[None]))
     np.testing.assert_allclose(packed[0, 6:], alone[0], atol=1e-5)
     np.testing.assert_allclose(packed2[0, 6:], alone[0], atol=1e-5)
@@ -75,15 +92,29 @@ def test_bf16_compute_keeps_float32_params_and_logits():
 
 @pytest.mark.parametrize("tie,qkv_bias", [(False, False), (True, True)])
 def test_param_count_formula_matches_initialised_model(tie, qkv_bias):
-    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=8, n_kv_heads=2, d_ff=160,
-                      tie_embeddings=tie, qkv_bias=qkv_bias)
-    shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+    cfg = ModelConfig(
+        vocab_size=300,
+        d_model=64,
+        n_layers=3,
+        n_heads=8,
+        n_kv_heads=2,
+        d_ff=160,
+        tie_embeddings=tie,
+        qkv_bias=qkv_bias,
+    )
+    shapes = jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    )
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
     assert n == cfg.param_count()
 
 
 def test_every_param_has_logical_axis_names():
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48)
-    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+    boxed = jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    )
     leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+    assert leaves and all(
+        isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves
+    )

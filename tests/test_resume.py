@@ -53,7 +53,11 @@ def test_checkpoint_from_8_devices_continues_on_2x2x2_and_on_one_device(tiny_cfg
         shutil.copytree(tmp_path / "a", tmp_path / name)
     ref = run(tiny_cfg, tmp_path / "a", **{"train.steps": 8, "mesh.shape": "(8,1,1)"})
     on_222 = run(tiny_cfg, tmp_path / "b", **{"train.steps": 8, "mesh.shape": "(2,2,2)"})
-    on_one = run(tiny_cfg, tmp_path / "c", **{"train.steps": 8, "mesh.shape": "(1,1,1)", "mesh.num_devices": 1})
+    on_one = run(
+        tiny_cfg,
+        tmp_path / "c",
+        **{"train.steps": 8, "mesh.shape": "(1,1,1)", "mesh.num_devices": 1},
+    )
     for other in (on_222, on_one):
         assert int(other["state"].step) == 8
         np.testing.assert_allclose(other["train/loss"], ref["train/loss"], rtol=1e-5)

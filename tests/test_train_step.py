@@ -18,7 +18,11 @@ def packed_padded_batch(rng, batch, seq, vocab):
     pos = np.zeros((batch, seq), np.int32)
     for r in range(batch):
         real = seq - (r * 5) % (seq - 4)  # padding 0 .. seq-5 tokens
-        cuts = sorted(rng.choice(np.arange(2, real - 1), size=r % 3, replace=False)) if real > 4 else []
+        cuts = (
+            sorted(rng.choice(np.arange(2, real - 1), size=r % 3, replace=False))
+            if real > 4
+            else []
+        )
         bounds = [0, *cuts, real]
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
             seg[r, a:b] = s
@@ -26,8 +30,13 @@ def packed_padded_batch(rng, batch, seq, vocab):
     # A target counts when it is in the same document as its input (no cross-document targets).
     same_doc = np.concatenate([seg[:, 1:] == seg[:, :-1], np.zeros((batch, 1), bool)], axis=1)
     loss_mask = ((seg > 0) & same_doc).astype(np.int32)
-    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-            "loss_mask": loss_mask, "segment_ids": seg, "positions": pos}
+    return {
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "loss_mask": loss_mask,
+        "segment_ids": seg,
+        "positions": pos,
+    }
 
 
 def run_steps(cfg, workdir, batches, **overrides):
@@ -35,7 +44,9 @@ def run_steps(cfg, workdir, batches, **overrides):
     apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
     setup = build(cfg, str(workdir))
     state, shardings = init_state(setup.model, setup.tx, cfg.data.seq_len, cfg.seed, setup.mesh)
-    step = make_train_step(setup.model, setup.tx, setup.schedule, cfg, setup.mesh, shardings, setup.batch_sharding)
+    step = make_train_step(
+        setup.model, setup.tx, setup.schedule, cfg, setup.mesh, shardings, setup.batch_sharding
+    )
     losses = []
     for b in batches:
         state, m = step(state, to_global(b, setup.batch_sharding))
@@ -48,9 +59,13 @@ def test_loss_after_three_steps_is_the_same_on_every_mesh(tiny_cfg, tmp_path, dt
     rng = np.random.default_rng(0)
     batches = [packed_padded_batch(rng, 16, 32, 60) for _ in range(3)]
     base = {"model.dtype": dtype, "model.vocab_size": 128}
-    ref, ref_params, _ = run_steps(tiny_cfg, tmp_path, batches, **base, **{"mesh.shape": "(1,1,1)", "mesh.num_devices": 1})
+    ref, ref_params, _ = run_steps(
+        tiny_cfg, tmp_path, batches, **base, **{"mesh.shape": "(1,1,1)", "mesh.num_devices": 1}
+    )
     for shape in ("(8,1,1)", "(1,8,1)", "(1,1,8)", "(2,2,2)"):
-        losses, params, setup = run_steps(tiny_cfg, tmp_path, batches, **base, **{"mesh.shape": shape})
+        losses, params, setup = run_steps(
+            tiny_cfg, tmp_path, batches, **base, **{"mesh.shape": shape}
+        )
         assert setup.mesh.devices.size == 8
         np.testing.assert_allclose(losses, ref, rtol=tol, err_msg=f"mesh {shape}")
     assert ref[2] < ref[0]
@@ -61,16 +76,29 @@ def test_gradient_accumulation_equals_the_big_batch_with_padding_and_packing(tin
     batch = packed_padded_batch(rng, 32, 32, 60)
     base = {"model.vocab_size": 128, "optim.clip_norm": 0.0, "train.global_batch_size": 32}
     one, params_one, setup = run_steps(tiny_cfg, tmp_path, [batch], **base)
-    four, params_four, _ = run_steps(tiny_cfg, tmp_path, [batch], **base, **{"train.microbatches": 4})
+    four, params_four, _ = run_steps(
+        tiny_cfg, tmp_path, [batch], **base, **{"train.microbatches": 4}
+    )
     np.testing.assert_allclose(four, one, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
     # Independent reference: mean NLL over every real target token of the whole batch (numpy).
     state, _ = init_state(setup.model, setup.tx, 32, 0, setup.mesh)
-    logits = np.asarray(setup.model.apply({"params": jax.device_get(state.params)}, batch["inputs"],
-                                          batch["positions"], batch["segment_ids"]), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logits = np.asarray(
+        setup.model.apply(
+            {"params": jax.device_get(state.params)},
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+        ),
+        np.float64,
+    )
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     mask = batch["loss_mask"]
     want = (nll * mask).sum() / mask.sum()
@@ -82,9 +110,16 @@ def test_gradient_accumulation_equals_the_big_batch_with_padding_and_packing(tin
 
 def test_model_overfits_one_batch(tiny_cfg, tmp_path):
     batch = packed_padded_batch(np.random.default_rng(2), 8, 16, 30)
-    overrides = {"model.vocab_size": 128, "data.seq_len": 16, "train.global_batch_size": 8,
-                 "optim.lr": 1e-2, "optim.schedule": "constant", "optim.warmup_steps": 0,
-                 "optim.weight_decay": 0.0, "model.d_model": 64}
+    overrides = {
+        "model.vocab_size": 128,
+        "data.seq_len": 16,
+        "train.global_batch_size": 8,
+        "optim.lr": 1e-2,
+        "optim.schedule": "constant",
+        "optim.warmup_steps": 0,
+        "optim.weight_decay": 0.0,
+        "model.d_model": 64,
+    }
     losses, _, _ = run_steps(tiny_cfg, tmp_path, [batch] * 150, **overrides)
     assert losses[-1] < 0.1, losses[-10:]
 
@@ -136,10 +171,22 @@ def test_cli_reports_bad_mesh_and_exits_2(tmp_path, tiny_text):
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "lmtrain", "train", "--config", "configs/shakespeare_char.py",
-         "--workdir", str(tmp_path / "w"), f"--config.data.path={tiny_text}", "--config.mesh.shape=(3,1,1)"],
-        capture_output=True, text=True,
-        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"},
+        [
+            sys.executable,
+            "-m",
+            "lmtrain",
+            "train",
+            "--config",
+            "configs/shakespeare_char.py",
+            "--workdir",
+            str(tmp_path / "w"),
+            f"--config.data.path={tiny_text}",
+            "--config.mesh.shape=(3,1,1)",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ
+        | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"},
         timeout=120,
     )
     assert out.returncode == 2, out.stderr

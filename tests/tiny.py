@@ -38,9 +38,19 @@ def tiny_config(text_path: str, **train) -> ml_collections.ConfigDict:
     c = base_config()
     c.data.path = text_path
     c.data.seq_len = 32
-    c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32, dtype="float32")
-    c.train.update(steps=8, global_batch_size=16, log_every=4, eval_every=1000, eval_batches=2,
-                   checkpoint_every=4, samples=0, async_checkpoint=False)
+    c.model.update(
+        d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32, dtype="float32"
+    )
+    c.train.update(
+        steps=8,
+        global_batch_size=16,
+        log_every=4,
+        eval_every=1000,
+        eval_batches=2,
+        checkpoint_every=4,
+        samples=0,
+        async_checkpoint=False,
+    )
     c.train.update(**train)
     c.optim.update(lr=3e-3, warmup_steps=2, decay_steps=8, min_lr=3e-4)
     c.mesh.shape = (-1, 1, 1)

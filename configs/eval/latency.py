@@ -1,6 +1,6 @@
 """Cost only: generation throughput, time to first token and per-token latency at batch 1 and 8.
 
-    lmtrain eval --checkpoint runs/shakespeare --config configs/eval/latency.py --out eval/latency
+lmtrain eval --checkpoint runs/shakespeare --config configs/eval/latency.py --out eval/latency
 """
 
 import ml_collections

@@ -30,7 +30,9 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, heads_first: bool = False) -> jax.Array:
+def apply_rope(
+    x: jax.Array, cos: jax.Array, sin: jax.Array, heads_first: bool = False
+) -> jax.Array:
     """Rotate-half RoPE (the Hugging Face Llama layout, so imported weights need no permutation).
 
     ``x`` is (B, T, H, D), or (B, H, T, D) with ``heads_first``; cos/sin are (B, T, D/2).
@@ -56,10 +58,13 @@ class Attention(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache=None, cache_offset=None):
         cfg = self.cfg
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.kv_dim
+
         def kernel(name, heads, axes):
             return self.param(
                 name,
-                nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), axes),
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=cfg.d_model**-0.5), axes
+                ),
                 (cfg.d_model, heads, D),
                 cfg.params_dtype,
             )
@@ -77,7 +82,11 @@ class Attention(nn.Module):
                 init = nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "kv"))
                 return self.param(name, init, (heads, D), cfg.params_dtype)
 
-            b = [bias("q_bias", H, "heads"), bias("k_bias", K, "kv_heads"), bias("v_bias", K, "kv_heads")]
+            b = [
+                bias("q_bias", H, "heads"),
+                bias("k_bias", K, "kv_heads"),
+                bias("v_bias", K, "kv_heads"),
+            ]
             qkv_bias = jnp.concatenate(b, axis=0).astype(cfg.compute_dtype)
         wo = self.param(
             "o_kernel",
@@ -116,8 +125,12 @@ class Attention(nn.Module):
             k_all, v_all, k_seg, k_slot = k, v, segment_ids_BT, q_slot
             new_cache = None
         else:
-            k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_offset, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_offset, 1)
+            k_all = jax.lax.dynamic_update_slice_in_dim(
+                kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_offset, 1
+            )
+            v_all = jax.lax.dynamic_update_slice_in_dim(
+                kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_offset, 1
+            )
             k_seg = kv_cache["seg"]
             k_slot = jnp.arange(k_all.shape[1])
             q_slot = q_slot + cache_offset

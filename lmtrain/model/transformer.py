@@ -61,7 +61,11 @@ class MLP(nn.Module):
         w = jnp.concatenate([w_gate, w_up], axis=1).astype(cfg.compute_dtype)
         gate_up = x_BTD.astype(cfg.compute_dtype) @ w
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        act = (
+            jax.nn.silu(gate)
+            if cfg.mlp_activation == "silu"
+            else jax.nn.gelu(gate, approximate=True)
+        )
         h = nn.with_logical_constraint(act * up, ("batch", "length", "mlp"))
         std_out = cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5
         w_down = self.param(
@@ -80,7 +84,9 @@ class Block(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache=None, cache_offset=None):
         cfg = self.cfg
         h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BTD)
-        a, new_cache = Attention(cfg, name="attn")(h, positions_BT, segment_ids_BT, kv_cache, cache_offset)
+        a, new_cache = Attention(cfg, name="attn")(
+            h, positions_BT, segment_ids_BT, kv_cache, cache_offset
+        )
         x_BTD = x_BTD + a
         h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BTD)
         x_BTD = x_BTD + MLP(cfg, name="mlp")(h)
@@ -152,7 +158,9 @@ class Transformer(nn.Module):
             out = x.astype(jnp.float32)
         elif cfg.tie_embeddings:
             out = jnp.einsum(
-                "btd,vd->btv", x, embedding.astype(cfg.compute_dtype),
+                "btd,vd->btv",
+                x,
+                embedding.astype(cfg.compute_dtype),
                 preferred_element_type=jnp.float32,
             )
         else:
@@ -178,5 +186,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache: segment 0 marks empty slots, which are never attended."""
     dtype = dtype or cfg.compute_dtype
     shape = (batch, max_len, cfg.n_kv_heads, cfg.kv_dim)
-    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+    layers = [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)
+    ]
     return {"seg": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}

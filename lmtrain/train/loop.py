@@ -24,13 +24,12 @@ from lmtrain.errors import ConfigError, DataError
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
 from lmtrain.model.transformer import Transformer
-from lmtrain.train import divergence
+from lmtrain.train import divergence, finetune
 from lmtrain.train import flops as flops_lib
-from lmtrain.train import finetune
 from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.early_stop import EvalHooks
-from lmtrain.train.losses.dpo import DegenerateRunMonitor
 from lmtrain.train.lora_io import save_adapters
+from lmtrain.train.losses.dpo import DegenerateRunMonitor
 from lmtrain.train.metrics_log import MetricsLogger
 from lmtrain.train.optim import make_optimizer
 from lmtrain.train.prefetch import Prefetcher
@@ -64,8 +63,12 @@ def resolve_data(config, workdir: str) -> str:
     if config.data.path:
         return_dir = os.path.join(workdir, "data")
         if jax.process_index() == 0:
-            prepare_text_file(config.data.path, return_dir, tokenizer=config.data.tokenizer,
-                              val_fraction=config.data.val_fraction)
+            prepare_text_file(
+                config.data.path,
+                return_dir,
+                tokenizer=config.data.tokenizer,
+                val_fraction=config.data.val_fraction,
+            )
         if jax.process_count() > 1:  # the other processes read what process 0 just wrote
             from jax.experimental import multihost_utils
 
@@ -91,7 +94,9 @@ def build(config, workdir: str) -> Setup:
         data_dir = resolve_data(config, workdir)
         tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
     if config.init_from:
-        finetune.check_same_vocabulary(config.init_from, tokenizer, config.model.vocab_size, "config.init_from")
+        finetune.check_same_vocabulary(
+            config.init_from, tokenizer, config.model.vocab_size, "config.init_from"
+        )
     if config.model.vocab_size == 0:
         with config.unlocked():
             config.model.vocab_size = tokenizer.vocab_size
@@ -105,17 +110,37 @@ def build(config, workdir: str) -> Setup:
     model = Transformer(model_cfg)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     transform = finetune.params_transform(config, model_cfg)
-    abstract, shardings = state_shardings(model, tx, config.data.seq_len, config.seed, mesh, transform)
+    abstract, shardings = state_shardings(
+        model, tx, config.data.seq_len, config.seed, mesh, transform
+    )
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     eval_rows = None
     if finetune.uses_records(config) and config.data.eval_file:
         eval_rows = finetune_data.rows_for_objective(config, tokenizer, config.data.eval_file)
-    return Setup(config, mesh, model, model_cfg, tokenizer, data_dir, tx, schedule, abstract, shardings,
-                 batch_sharding, transform, eval_rows)
+    return Setup(
+        config,
+        mesh,
+        model,
+        model_cfg,
+        tokenizer,
+        data_dir,
+        tx,
+        schedule,
+        abstract,
+        shardings,
+        batch_sharding,
+        transform,
+        eval_rows,
+    )
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    """Host batch → global arrays sharded over (data, fsdp); each process passes its own rows."""
+    if jax.process_count() == 1:  # one transfer call for the whole dict (cheaper per step)
+        return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
 
 
 def evaluate(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None) -> dict:
@@ -125,14 +150,22 @@ def evaluate(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None)
     split_dir = os.path.join(setup.data_dir, cfg.data.eval_split)
     per_process = cfg.train.global_batch_size // jax.process_count()
     sums: dict[str, float] = {}
-    for batch in pipeline.eval_batches(split_dir, seq_len=cfg.data.seq_len, batch_size=per_process,
-                                       max_batches=max_batches, process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
+    for batch in pipeline.eval_batches(
+        split_dir,
+        seq_len=cfg.data.seq_len,
+        batch_size=per_process,
+        max_batches=max_batches,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
         out = eval_step(params, to_global(batch, setup.batch_sharding))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     weight = max(sums.get("weight", 0.0), 1.0)
-    result = {"eval/loss": sums.get("loss_sum", 0.0) / weight, "eval/tokens": sums.get("weight", 0.0)}
+    result = {
+        "eval/loss": sums.get("loss_sum", 0.0) / weight,
+        "eval/tokens": sums.get("weight", 0.0),
+    }
     if "nll_sum" in sums:
         result["eval/perplexity"] = float(np.exp(sums["nll_sum"] / weight))
     return result
@@ -142,9 +175,13 @@ def evaluate_rows(setup: Setup, eval_step, params, max_batches: int = 0, frozen=
     """Eval over a fine-tuning eval file: loss and every metric averaged over its full weight."""
     cfg = setup.config
     sums: dict[str, float] = {}
-    for batch in finetune_data.eval_batches(setup.eval_rows, batch_size=cfg.train.global_batch_size // jax.process_count(),
-                                            max_batches=max_batches, process_index=jax.process_index(),
-                                            process_count=jax.process_count()):
+    for batch in finetune_data.eval_batches(
+        setup.eval_rows,
+        batch_size=cfg.train.global_batch_size // jax.process_count(),
+        max_batches=max_batches,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
         out = eval_step(params, to_global(batch, setup.batch_sharding), frozen)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -178,26 +215,41 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         run_preflight(config, workdir, print_fn=print_fn if jax.process_index() == 0 else None)
     setup = build(config, workdir)
     cfg, mesh = setup.config, setup.mesh
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                        async_save=cfg.train.async_checkpoint, hash_files=cfg.fault.checkpoint_hashes,
-                        report=print_fn if jax.process_index() == 0 else (lambda _: None), owner=True)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=cfg.train.keep_checkpoints,
+        async_save=cfg.train.async_checkpoint,
+        hash_files=cfg.fault.checkpoint_hashes,
+        report=print_fn if jax.process_index() == 0 else (lambda _: None),
+        owner=True,
+    )
     latest = ckpt.latest_step()
     iter_state = None
     if latest is not None:
         state, iter_state = ckpt.restore(latest, setup.abstract_state, setup.shardings)
         print_fn(f"resumed from {ckpt.directory} at step {latest}")
     else:
-        state, _ = init_state(setup.model, setup.tx, cfg.data.seq_len, cfg.seed, mesh, setup.params_transform)
+        state, _ = init_state(
+            setup.model, setup.tx, cfg.data.seq_len, cfg.seed, mesh, setup.params_transform
+        )
     initial, initial_shardings = None, None
     if finetune.needs_initial_params(cfg):
         initial, initial_shardings = finetune.initial_params(setup)
         if latest is None:
             state = finetune.start_state(setup, state, initial)
-    frozen, frozen_shardings, extras = finetune.frozen_trees(setup, setup.tokenizer, initial, initial_shardings)
+    frozen, frozen_shardings, extras = finetune.frozen_trees(
+        setup, setup.tokenizer, initial, initial_shardings
+    )
     is_main = jax.process_index() == 0
     if is_main:
-        write_run_files(workdir, cfg, data_dir=setup.data_dir, tokenizer_fingerprint=setup.tokenizer.fingerprint(),
-                        mesh_shape=mesh.devices.shape, resumed_from=latest)
+        write_run_files(
+            workdir,
+            cfg,
+            data_dir=setup.data_dir,
+            tokenizer_fingerprint=setup.tokenizer.fingerprint(),
+            mesh_shape=mesh.devices.shape,
+            resumed_from=latest,
+        )
     per_process = cfg.train.global_batch_size // jax.process_count()
     num_records = 0  # rows of a fine-tuning records run (names the batches if it diverges)
     if finetune.uses_records(cfg):
@@ -205,33 +257,66 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
             rows = finetune.add_reference_logps(setup, rows, initial, cfg.train.global_batch_size)
             if setup.eval_rows is not None:
-                setup.eval_rows = finetune.add_reference_logps(setup, setup.eval_rows, initial,
-                                                               cfg.train.global_batch_size)
+                setup.eval_rows = finetune.add_reference_logps(
+                    setup, setup.eval_rows, initial, cfg.train.global_batch_size
+                )
         num_records = finetune_data.num_rows(rows)
-        ds = finetune_data.train_dataset(rows, batch_size=per_process, seed=cfg.seed,
-                                         process_index=jax.process_index(), process_count=jax.process_count())
+        ds = finetune_data.train_dataset(
+            rows,
+            batch_size=per_process,
+            seed=cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     else:
-        ds = pipeline.train_dataset(os.path.join(setup.data_dir, cfg.data.train_split), seq_len=cfg.data.seq_len,
-                                    batch_size=per_process, seed=cfg.seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-    it = iter(ds)
+        ds = pipeline.train_dataset(
+            os.path.join(setup.data_dir, cfg.data.train_split),
+            seq_len=cfg.data.seq_len,
+            batch_size=per_process,
+            seed=cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    it = pipeline.iterate(ds)
     if iter_state:
         it.set_state(iter_state)
     batches = Prefetcher(it, cfg.data.prefetch)
 
-    train_step = make_train_step(setup.model, setup.tx, setup.schedule, cfg, mesh, setup.shardings, setup.batch_sharding,
-                                 frozen_shardings, extras)
-    eval_step = make_eval_step(setup.model, cfg, mesh, setup.shardings.params, setup.batch_sharding, frozen_shardings,
-                               extras)
-    dpo_monitor = DegenerateRunMonitor(cfg.dpo.degenerate_patience, warn=print_fn) if cfg.objective == "dpo" else None
+    train_step = make_train_step(
+        setup.model,
+        setup.tx,
+        setup.schedule,
+        cfg,
+        mesh,
+        setup.shardings,
+        setup.batch_sharding,
+        frozen_shardings,
+        extras,
+    )
+    eval_step = make_eval_step(
+        setup.model,
+        cfg,
+        mesh,
+        setup.shardings.params,
+        setup.batch_sharding,
+        frozen_shardings,
+        extras,
+    )
+    dpo_monitor = (
+        DegenerateRunMonitor(cfg.dpo.degenerate_patience, warn=print_fn)
+        if cfg.objective == "dpo"
+        else None
+    )
     logger = MetricsLogger(workdir, enabled=is_main)
     n_params = setup.model_cfg.param_count()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     flops_per_step = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len) * tokens_per_step
     peak = cfg.train.peak_flops or flops_lib.device_peak_flops()
     start = int(state.step)
-    print_fn(f"model: {n_params:,} params | mesh {dict(mesh.shape)} | {jax.device_count()} devices | "
-             f"batch {cfg.train.global_batch_size}x{cfg.data.seq_len} | steps {start}->{cfg.train.steps}")
+    print_fn(
+        f"model: {n_params:,} params | mesh {dict(mesh.shape)} | {jax.device_count()} devices | "
+        f"batch {cfg.train.global_batch_size}x{cfg.data.seq_len} | steps {start}->{cfg.train.steps}"
+    )
 
     pending = None  # metrics fetched one step late so dispatch stays asynchronous
     t_last, steps_since, final = time.perf_counter(), 0, {}
@@ -242,7 +327,9 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         return step_done, {k: float(v) for k, v in m.items()}
 
     history = divergence.BatchHistory(cfg.train.max_nonfinite_in_a_row + 2)
-    spikes = divergence.SpikeGuard(cfg.fault.spike_factor, cfg.fault.spike_window, cfg.fault.max_rollbacks)
+    spikes = divergence.SpikeGuard(
+        cfg.fault.spike_factor, cfg.fault.spike_window, cfg.fault.max_rollbacks
+    )
     steps = divergence.StepCounter(start, cfg.train.steps)
     last_saved = latest
     eval_hooks, stop_early = EvalHooks(cfg.train, workdir), False  # early stop / keep best
@@ -250,17 +337,40 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         history.record(step + 1, batches.get_state())
         batch = pipeline.curriculum_batch(next(batches), step, cfg.data)  # a few bucketed lengths
         batch = to_global(batch, setup.batch_sharding)
-        state, metrics = train_step(state, batch, frozen) if frozen is not None else train_step(state, batch)
+        state, metrics = (
+            train_step(state, batch, frozen) if frozen is not None else train_step(state, batch)
+        )
         prev, pending = pending, (step + 1, metrics)
         steps_since += 1
         if prev is not None:
             s, m = flush(prev)
             if m["skipped"] and int(state.nonfinite_in_a_row) >= cfg.train.max_nonfinite_in_a_row:
-                _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, step + 1, last_saved,
-                               num_records)
+                _stop_diverged(
+                    setup,
+                    workdir,
+                    ckpt,
+                    batches,
+                    logger,
+                    history,
+                    state,
+                    step + 1,
+                    last_saved,
+                    num_records,
+                )
             if spikes.is_spike(m["loss"]):
-                state, batches, last_saved = _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s,
-                                                       m["loss"], state, print_fn)
+                state, batches, last_saved = _rollback(
+                    setup,
+                    workdir,
+                    ckpt,
+                    ds,
+                    batches,
+                    history,
+                    spikes,
+                    s,
+                    m["loss"],
+                    state,
+                    print_fn,
+                )
                 steps.rewind(last_saved)
                 pending, steps_since, t_last = None, 0, time.perf_counter()
                 continue
@@ -270,13 +380,20 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             now = time.perf_counter()
             dt = (now - t_last) / max(steps_since, 1)
             t_last, steps_since = now, 0
-            m.update({"step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                      "mfu": flops_per_step / dt / (peak * jax.device_count()) if peak else 0.0})
+            m.update(
+                {
+                    "step_time_s": dt,
+                    "tokens_per_s": tokens_per_step / dt,
+                    "mfu": flops_per_step / dt / (peak * jax.device_count()) if peak else 0.0,
+                }
+            )
             logger.write(s, {f"train/{k}": v for k, v in m.items()})
             eta = dt * (cfg.train.steps - done)
-            print_fn(f"step {s:>6}/{cfg.train.steps} | loss {m['loss']:.4f} | gnorm {m['grad_norm']:.3f} | "
-                     f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | {dt * 1e3:.1f} ms/step | "
-                     f"MFU {100 * m['mfu']:.1f}% | ETA {_fmt_time(eta)}")
+            print_fn(
+                f"step {s:>6}/{cfg.train.steps} | loss {m['loss']:.4f} | gnorm {m['grad_norm']:.3f} | "
+                f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | {dt * 1e3:.1f} ms/step | "
+                f"MFU {100 * m['mfu']:.1f}% | ETA {_fmt_time(eta)}"
+            )
             final.update({f"train/{k}": v for k, v in m.items()})
             if dpo_monitor is not None:
                 dpo_monitor.update(s, m)
@@ -287,15 +404,24 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             logger.write(done, ev)
             final.update(ev)
             stop_early = eval_hooks.after_eval(done, ev, state, batches.get_state())
-            print_fn(f"step {done:>6} | eval loss {ev['eval/loss']:.4f} | eval ppl {ev.get('eval/perplexity', float('nan')):.2f}")
+            print_fn(
+                f"step {done:>6} | eval loss {ev['eval/loss']:.4f} | eval ppl {ev.get('eval/perplexity', float('nan')):.2f}"
+            )
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             if int(state.nonfinite_in_a_row) > 0:  # keep the last good checkpoint
-                print_fn(f"step {done}: not checkpointing during {int(state.nonfinite_in_a_row)} non-finite steps")
+                print_fn(
+                    f"step {done}: not checkpointing during {int(state.nonfinite_in_a_row)} non-finite steps"
+                )
             else:
                 ckpt.save(done, state, batches.get_state(), force=True)
                 last_saved = done
                 if finetune.lora_enabled(cfg) and is_main:
-                    save_adapters(os.path.join(workdir, "adapters"), jax.device_get(state.params), cfg, step=done)
+                    save_adapters(
+                        os.path.join(workdir, "adapters"),
+                        jax.device_get(state.params),
+                        cfg,
+                        step=done,
+                    )
         if guard.requested and done < cfg.train.steps:
             if last_saved != done and int(state.nonfinite_in_a_row) == 0:
                 ckpt.save(done, state, batches.get_state(), force=True)
@@ -305,13 +431,17 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             logger.close()
             raise TrainingInterrupted(
                 f"{guard.name} received: stopped at step {done}; the newest checkpoint is step "
-                f"{last_saved} in {ckpt.directory}. Run the same command to resume.", guard.signum)
+                f"{last_saved} in {ckpt.directory}. Run the same command to resume.",
+                guard.signum,
+            )
         if stop_early:
             if last_saved != done:
                 ckpt.save(done, state, batches.get_state(), force=True)
                 last_saved = done
-            print_fn(f"step {done}: early stop, {cfg.train.early_stop_metric} has not improved for "
-                     f"{cfg.train.early_stop_patience} evaluations")
+            print_fn(
+                f"step {done}: early stop, {cfg.train.early_stop_metric} has not improved for "
+                f"{cfg.train.early_stop_patience} evaluations"
+            )
             final["early_stopped_at"] = done
             break
     eval_hooks.close()
@@ -323,9 +453,15 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     if is_main:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2, sort_keys=True)
-    if cfg.train.samples and is_main and (not finetune.uses_records(cfg) or cfg.train.sample_prompt):
+    if (
+        cfg.train.samples
+        and is_main
+        and (not finetune.uses_records(cfg) or cfg.train.sample_prompt)
+    ):
         params = finetune.full_params(cfg, state.params, frozen)
-        for i, text in enumerate(sample_texts(setup, params, cfg.train.samples, cfg.train.sample_tokens)):
+        for i, text in enumerate(
+            sample_texts(setup, params, cfg.train.samples, cfg.train.sample_tokens)
+        ):
             print_fn(f"--- sample {i} ---\n{text}")
     logger.close()
     return final | {"state": state}
@@ -337,8 +473,10 @@ def _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s, loss, state
     ckpt.wait()
     before = [k for k in ckpt.all_steps() if k < s and ckpt.verify(k) is None]
     if not before:
-        print_fn(f"step {s}: loss {loss:.4f} spiked (> {spikes.factor} x median {spikes.median():.4f}) "
-                 "but no checkpoint precedes it; continuing")
+        print_fn(
+            f"step {s}: loss {loss:.4f} spiked (> {spikes.factor} x median {spikes.median():.4f}) "
+            "but no checkpoint precedes it; continuing"
+        )
         return state, batches, ckpt.latest_step()
     spikes.rollbacks += 1
     if spikes.rollbacks > spikes.max_rollbacks:
@@ -347,7 +485,8 @@ def _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s, loss, state
         raise divergence.TrainingDiverged(
             f"loss spiked {spikes.rollbacks} times (config.fault.max_rollbacks={spikes.max_rollbacks}); last at "
             f"step {s}: {loss:.4f} vs median {spikes.median():.4f}. See {divergence.ROLLBACK_FILE}; lower "
-            "config.optim.lr or raise config.fault.spike_factor")
+            "config.optim.lr or raise config.fault.spike_factor"
+        )
     target = max(before)
     for k in ckpt.all_steps():
         if k > target:  # taken after the spike's update: not a state to keep
@@ -355,21 +494,34 @@ def _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s, loss, state
     state, saved_iter = ckpt.restore(target, setup.abstract_state, setup.shardings)
     resume_iter = history.get(s + 1)  # the stream just after the spiking batch
     batches.close()
-    it = iter(ds)
+    it = pipeline.iterate(ds)
     it.set_state(resume_iter)
     batches = Prefetcher(it, cfg.data.prefetch)
-    record = {"step": s, "loss": loss, "median": spikes.median(), "factor": spikes.factor,
-              "restored_step": target, "iter_state_restored": saved_iter, "iter_state_resumed": resume_iter}
+    record = {
+        "step": s,
+        "loss": loss,
+        "median": spikes.median(),
+        "factor": spikes.factor,
+        "restored_step": target,
+        "iter_state_restored": saved_iter,
+        "iter_state_resumed": resume_iter,
+    }
     if "next_index" in saved_iter and "next_index" in resume_iter:
-        record["skipped_batch_indices"] = list(range(int(saved_iter["next_index"]), int(resume_iter["next_index"])))
+        record["skipped_batch_indices"] = list(
+            range(int(saved_iter["next_index"]), int(resume_iter["next_index"]))
+        )
     if jax.process_index() == 0:
         divergence.log_rollback(workdir, record)
-    print_fn(f"step {s}: loss {loss:.4f} > {spikes.factor} x median {spikes.median():.4f}; rolled back to step "
-             f"{target} and skipped the data up to the spike (rollback {spikes.rollbacks}/{spikes.max_rollbacks})")
+    print_fn(
+        f"step {s}: loss {loss:.4f} > {spikes.factor} x median {spikes.median():.4f}; rolled back to step "
+        f"{target} and skipped the data up to the spike (rollback {spikes.rollbacks}/{spikes.max_rollbacks})"
+    )
     return state, batches, target
 
 
-def _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, done, last_saved, num_records=0):
+def _stop_diverged(
+    setup, workdir, ckpt, batches, logger, history, state, done, last_saved, num_records=0
+):
     """Too many non-finite steps in a row: keep the last good checkpoint, name the batches, stop.
 
     Token-shard runs name the windows of the train split; fine-tuning records runs
@@ -383,9 +535,13 @@ def _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, done, 
     extra = None
     if finetune.uses_records(cfg):
         num_items, index_key = num_records, "row_indices"
-        extra = {"train_file": os.path.abspath(cfg.data.train_file), "row_indices": (
-            "rows of finetune_data.rows_for_objective(config, tokenizer, train_file): one record per row, "
-            "except packed SFT rows, which hold several")}
+        extra = {
+            "train_file": os.path.abspath(cfg.data.train_file),
+            "row_indices": (
+                "rows of finetune_data.rows_for_objective(config, tokenizer, train_file): one record per row, "
+                "except packed SFT rows, which hold several"
+            ),
+        }
     else:
         train_dir = os.path.join(setup.data_dir, cfg.data.train_split)
         num_items = (pipeline.TokenStream(train_dir).num_tokens - 1) // cfg.data.seq_len
@@ -393,22 +549,44 @@ def _stop_diverged(setup, workdir, ckpt, batches, logger, history, state, done, 
 
     def items(iter_state):
         return divergence.batch_window_indices(
-            num_items, cfg.train.global_batch_size // jax.process_count(), cfg.seed,
-            int(iter_state["next_index"]), jax.process_index(), jax.process_count())
+            num_items,
+            cfg.train.global_batch_size // jax.process_count(),
+            cfg.seed,
+            int(iter_state["next_index"]),
+            jax.process_index(),
+            jax.process_count(),
+        )
 
     path = os.path.join(workdir, divergence.REPORT_FILE)
     if jax.process_index() == 0:
         divergence.write_report(
-            workdir, step=done, skipped_steps=list(range(done - n + 1, done + 1)), history=history,
-            window_lookup=items, last_checkpoint=last_saved, nonfinite_total=int(state.nonfinite_total),
-            index_key=index_key, extra=extra)
+            workdir,
+            step=done,
+            skipped_steps=list(range(done - n + 1, done + 1)),
+            history=history,
+            window_lookup=items,
+            last_checkpoint=last_saved,
+            nonfinite_total=int(state.nonfinite_total),
+            index_key=index_key,
+            extra=extra,
+        )
     raise divergence.TrainingDiverged(
         f"{n} non-finite steps in a row (config.train.max_nonfinite_in_a_row) ending at step {done}; "
         f"the offending batches are listed in {path}; the last good checkpoint is step {last_saved}. "
-        "Lower config.optim.lr or inspect/remove that data before resuming (a resume replays it).")
+        "Lower config.optim.lr or inspect/remove that data before resuming (a resume replays it)."
+    )
 
 
-def sample_texts(setup: Setup, params, n: int, max_new: int, prompt: str | None = None, temperature: float = 0.8, top_k: int = 40, seed: int = 0):
+def sample_texts(
+    setup: Setup,
+    params,
+    n: int,
+    max_new: int,
+    prompt: str | None = None,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+):
     from lmtrain.infer.sampling import generate
 
     tok = setup.tokenizer
@@ -416,11 +594,22 @@ def sample_texts(setup: Setup, params, n: int, max_new: int, prompt: str | None 
     if prompt:
         ids = tok.encode(prompt)
     else:
-        stream_ids = pipeline.TokenStream(os.path.join(setup.data_dir, setup.config.data.eval_split)).read(0, 16)
+        stream_ids = pipeline.TokenStream(
+            os.path.join(setup.data_dir, setup.config.data.eval_split)
+        ).read(0, 16)
         ids = [int(i) for i in stream_ids]
     params = jax.device_get(params)
-    outs = generate(setup.model, params, [ids] * n, max_new_tokens=max_new, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                    temperature=temperature, top_k=top_k, seed=seed)
+    outs = generate(
+        setup.model,
+        params,
+        [ids] * n,
+        max_new_tokens=max_new,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+    )
     return [tok.decode(ids + o) for o in outs]
 
 

@@ -25,8 +25,14 @@ class MetricsLogger:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in metrics.items()}
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        clean = {
+            k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
+            for k, v in metrics.items()
+        }
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in clean.items()
+        }
         self._f.write(json.dumps({"step": int(step), **clean}) + "\n")
         if self._tb is not None:
             for k, v in clean.items():

@@ -44,8 +44,11 @@ class LossContext:
         from lmtrain.model.lora import apply_adapters
 
         return apply_adapters(
-            self.frozen["base"], params, lora_cfg.alpha / lora_cfg.rank,
-            dropout=lora_cfg.dropout if self.train else 0.0, rng=rng,
+            self.frozen["base"],
+            params,
+            lora_cfg.alpha / lora_cfg.rank,
+            dropout=lora_cfg.dropout if self.train else 0.0,
+            rng=rng,
         )
 
 
@@ -57,7 +60,9 @@ def register(name: str):
     return wrap
 
 
-def token_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_cross_entropy(
+    logits_BTV: jax.Array, targets_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-partition (for z-loss), both float32."""
     logits = logits_BTV.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -74,7 +79,10 @@ def token_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[j
 def apply_model(params, batch, ctx: LossContext, rng=None, **kwargs):
     return ctx.model.apply(
         {"params": ctx.model_params(params, rng)},
-        batch["inputs"], batch.get("positions"), batch.get("segment_ids"), **kwargs,
+        batch["inputs"],
+        batch.get("positions"),
+        batch.get("segment_ids"),
+        **kwargs,
     )
 
 

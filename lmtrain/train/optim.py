@@ -13,7 +13,10 @@ def lr_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedul
     decay_steps = o.decay_steps or total_steps
     if o.schedule == "constant":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
+            [
+                optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
+                optax.constant_schedule(o.lr),
+            ],
             [o.warmup_steps],
         )
     if o.schedule == "cosine":
@@ -44,7 +47,9 @@ def weight_decay_mask(params, exclude_patterns) -> object:
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    o: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = lr_schedule(o, total_steps)
     parts = []
     if o.clip_norm > 0:

@@ -24,8 +24,14 @@ class TrainState:
     nonfinite_total: jax.Array
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int, boxed: bool,
-             params_transform: Callable | None = None):
+def _init_fn(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    seq_len: int,
+    seed: int,
+    boxed: bool,
+    params_transform: Callable | None = None,
+):
     def init():
         rng = jax.random.PRNGKey(seed)
         init_rng, train_rng = jax.random.split(rng)
@@ -53,7 +59,9 @@ def state_shardings(model, tx, seq_len: int, seed: int, mesh: Mesh, params_trans
 
 def init_state(model, tx, seq_len: int, seed: int, mesh: Mesh, params_transform=None):
     abstract, shardings = state_shardings(model, tx, seq_len, seed, mesh, params_transform)
-    init = jax.jit(_init_fn(model, tx, seq_len, seed, False, params_transform), out_shardings=shardings)
+    init = jax.jit(
+        _init_fn(model, tx, seq_len, seed, False, params_transform), out_shardings=shardings
+    )
     with mesh:
         state = init()
     return state, shardings

@@ -139,8 +139,9 @@ def make_train_step(
     return run
 
 
-def make_eval_step(model, config, mesh: Mesh, params_shardings, batch_shardings, frozen_shardings=None,
-                   extras=None):
+def make_eval_step(
+    model, config, mesh: Mesh, params_shardings, batch_shardings, frozen_shardings=None, extras=None
+):
     """Sums of the objective's loss and weight over a batch (for exact full-split averages)."""
     loss_fn = OBJECTIVES[config.objective]
 
