@@ -324,7 +324,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
 
     def flush(pending_item):
         step_done, m = pending_item
-        return step_done, {k: float(v) for k, v in m.items()}
+        # One device-to-host transfer for all metrics (not one per scalar).
+        return step_done, {k: float(v) for k, v in jax.device_get(m).items()}
 
     history = divergence.BatchHistory(cfg.train.max_nonfinite_in_a_row + 2)
     spikes = divergence.SpikeGuard(
