@@ -65,3 +65,20 @@ def test_checkpoint_from_8_devices_continues_on_2x2x2_and_on_one_device(tiny_cfg
         for a, b in zip(leaves(ref["state"]), leaves(other["state"])):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert len(on_one["state"].params["embedding"].sharding.device_set) == 1
+
+
+def test_logged_train_loss_avg_is_the_mean_over_the_log_interval(tiny_cfg, tmp_path):
+    import json
+
+    def logged(workdir):
+        rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+        return {r["step"]: r for r in rows if "train/loss" in r}
+
+    run(tiny_cfg, tmp_path / "every", **{"train.steps": 8, "train.log_every": 1})
+    run(tiny_cfg, tmp_path / "four", **{"train.steps": 8, "train.log_every": 4})
+    each, four = logged(tmp_path / "every"), logged(tmp_path / "four")
+    assert sorted(four) == [4, 8]
+    for end in (4, 8):
+        want = np.mean([each[s]["train/loss"] for s in range(end - 3, end + 1)])
+        np.testing.assert_allclose(four[end]["train/loss_avg"], want, rtol=1e-6)
+        assert four[end]["train/loss"] == each[end]["train/loss"]  # the last step's loss

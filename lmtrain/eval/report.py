@@ -59,7 +59,8 @@ def _is_number(v: Any) -> bool:
 def read_loss_curves(metrics_jsonl: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     """Read ``(step, loss)`` points for ``train/loss`` and ``eval/loss`` from a run's JSONL.
 
-    A line contributes a train point if it has ``step`` and ``train/loss``, and an eval point if
+    A line contributes a train point if it has ``step`` and ``train/loss`` (``train/loss_avg``, the
+    mean over the log interval, is preferred when present), and an eval point if
     it has ``step`` and ``eval/loss``; other lines are skipped. A truncated last line (a run
     still writing, or killed mid-write) is ignored; a malformed line elsewhere is an error.
     When a resumed run logs a step twice, the later value wins.
@@ -86,6 +87,8 @@ def read_loss_curves(metrics_jsonl: str | os.PathLike) -> dict[str, list[tuple[i
             continue
         for name in curves:
             value = row.get(f"{name}/loss")
+            if name == "train" and _is_number(row.get("train/loss_avg")):
+                value = row["train/loss_avg"]  # the mean over the log interval, when logged
             if _is_number(value):
                 curves[name][int(row["step"])] = float(value)
     return {name: sorted(points.items()) for name, points in curves.items()}

@@ -322,10 +322,17 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     t_last, steps_since, final = time.perf_counter(), 0, {}
     t_start = t_last
 
+    loss_acc = {"sum": 0.0, "n": 0, "last_step": -1}  # mean train loss over the log interval
+
     def flush(pending_item):
         step_done, m = pending_item
         # One device-to-host transfer for all metrics (not one per scalar).
-        return step_done, {k: float(v) for k, v in jax.device_get(m).items()}
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if step_done > loss_acc["last_step"] and np.isfinite(m["loss"]):
+            loss_acc["sum"] += m["loss"]
+            loss_acc["n"] += 1
+            loss_acc["last_step"] = step_done
+        return step_done, m
 
     history = divergence.BatchHistory(cfg.train.max_nonfinite_in_a_row + 2)
     spikes = divergence.SpikeGuard(
@@ -381,6 +388,9 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             now = time.perf_counter()
             dt = (now - t_last) / max(steps_since, 1)
             t_last, steps_since = now, 0
+            if loss_acc["n"]:
+                m["loss_avg"] = loss_acc["sum"] / loss_acc["n"]
+            loss_acc.update(sum=0.0, n=0)
             m.update(
                 {
                     "step_time_s": dt,
@@ -391,7 +401,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             logger.write(s, {f"train/{k}": v for k, v in m.items()})
             eta = dt * (cfg.train.steps - done)
             print_fn(
-                f"step {s:>6}/{cfg.train.steps} | loss {m['loss']:.4f} | gnorm {m['grad_norm']:.3f} | "
+                f"step {s:>6}/{cfg.train.steps} | loss {m.get('loss_avg', m['loss']):.4f} | gnorm {m['grad_norm']:.3f} | "
                 f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | {dt * 1e3:.1f} ms/step | "
                 f"MFU {100 * m['mfu']:.1f}% | ETA {_fmt_time(eta)}"
             )
