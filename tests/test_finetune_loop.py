@@ -247,6 +247,27 @@ def test_load_run_of_a_lora_run_gives_merged_params_that_generate(files, tmp_pat
     assert greedy(run.setup.model, run.params) == greedy(run.setup.model, merged)
 
 
+def test_init_from_a_lora_run_starts_from_its_merged_params(files, tmp_path):
+    """Chaining stages (LoRA SFT -> DPO/SFT): a LoRA checkpoint holds adapters only."""
+    from lmtrain.train import finetune
+
+    cfg = ft_config(files, "sft", "sft")
+    cfg.train.update(steps=2, eval_every=1000)
+    cfg.lora.update(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    train(cfg, str(tmp_path / "lora"), print_fn=lambda *_: None)
+    merged = lora.merge(lora_io.load_lora_run(str(tmp_path / "lora")))  # independent path
+
+    nxt = ft_config(files, "sft", "sft", init_from=str(tmp_path / "lora"))
+    nxt.train.update(steps=1, eval_every=1000)
+    setup = build(nxt, str(tmp_path / "next"))
+    start, _ = finetune.initial_params(setup)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+        jax.device_get(start),
+        merged,
+    )
+
+
 def test_load_run_of_an_init_from_run_needs_no_init_from_run(files, tmp_path):
     """A full fine-tune's checkpoint is self-contained: the base run may be gone."""
     shutil.copytree(files / "pre", tmp_path / "pre")
@@ -292,3 +313,12 @@ def test_nan_streak_in_an_sft_run_names_the_offending_rows(files, tmp_path, monk
         np.testing.assert_array_equal(
             rows["inputs"][b["row_indices"]], ds[b["batch_index"]]["inputs"]
         )
+
+
+def test_records_run_without_an_eval_file_trains_and_skips_eval(files, tmp_path):
+    cfg = ft_config(files, "sft", "sft")
+    cfg.data.eval_file = ""
+    cfg.train.update(steps=2, eval_every=1)
+    out = train(cfg, str(tmp_path), print_fn=lambda *_: None)
+    assert int(out["state"].step) == 2 and "eval/loss" not in out
+    assert math.isfinite(out["train/loss"])

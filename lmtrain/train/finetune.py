@@ -178,6 +178,16 @@ def seed_params(model: Transformer, seq_len: int, seed: int, shardings) -> dict:
 
 
 def restore_run_params(workdir: str, abstract, shardings) -> dict:
+    """The latest params of an lmtrain run; a LoRA run's adapters come merged into its base."""
+    run_config, _ = read_run(workdir)
+    if run_config.get("lora", {}).get("rank", 0) > 0:
+        # Its checkpoint holds adapters only: rebuild base + adapters (following its own
+        # init_from chain) the way inference loads it, then lay them out for this run's mesh.
+        # Loaded on one device first, which suits the model sizes LoRA chains are used with here.
+        from lmtrain.infer.loader import load_run
+
+        loaded = load_run(workdir, overrides=("mesh.shape=(1,1,1)", "mesh.num_devices=1"))
+        return jax.device_put(loaded.params, shardings)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         step = ckpt.latest_step()

@@ -408,7 +408,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             final.update({f"train/{k}": v for k, v in m.items()})
             if dpo_monitor is not None:
                 dpo_monitor.update(s, m)
-        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+        has_eval = not (finetune.uses_records(cfg) and setup.eval_rows is None)  # no eval_file
+        if has_eval and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
             # Periodic evals may be capped (train.eval_batches); the final one covers the whole split.
             cap = 0 if done == cfg.train.steps else cfg.train.eval_batches
             ev = evaluate(setup, eval_step, state.params, cap, frozen)
