@@ -7,6 +7,7 @@ with a pre-trained model loads through the same ``load_tokenizer`` call.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ DEFAULT_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 CHAT_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface; ids of pad/bos/eos/unk are always distinct."""
 
     kind: str
@@ -31,25 +32,29 @@ class Tokenizer:
     eos_id: int
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of ids, special tokens included."""
 
+    @abc.abstractmethod
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        raise NotImplementedError
+        """Ids of ``text``, with BOS/EOS added when asked."""
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        """Text of ``ids``."""
 
+    @abc.abstractmethod
     def token_id(self, piece: str) -> int:
         """Id of a special token such as ``<|assistant|>``; raises if absent."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save(self, directory: str | os.PathLike) -> None:
-        raise NotImplementedError
+        """Writes the files ``load_tokenizer(directory)`` reads back."""
 
+    @abc.abstractmethod
     def fingerprint(self) -> str:
         """sha256 over the saved files: identifies the vocabulary in checkpoints and manifests."""
-        raise NotImplementedError
 
 
 class CharTokenizer(Tokenizer):
