@@ -191,9 +191,7 @@ def test_eos_stop_sequence_and_length_cap(model_and_params):
 
 def test_sharded_generation_equals_single_device(model_and_params):
     model, params = model_and_params
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (emulated) devices")
-    mesh = make_mesh((2, 2, 2))
+    mesh = make_mesh((2, 2, 2))  # tests/conftest.py gives every test 8 emulated devices
     prompts = _prompts()  # 3 rows: padded to 4 for the 2x2 data shards
     want, want_logits = generate(
         model, params, prompts, max_new_tokens=6, eos_id=NO_EOS, return_logits=True

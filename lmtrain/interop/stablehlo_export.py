@@ -26,31 +26,13 @@ from lmtrain.interop.safetensors_io import SafetensorsReader, TensorSpec, write_
 from lmtrain.interop.workdir import load_workdir
 from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
+from lmtrain.model.param_tree import flatten, unflatten
 from lmtrain.model.transformer import Transformer, init_cache
 
 FORWARD = "forward.jax_exported"
 DECODE = "decode.jax_exported"
 PARAMS = "params.safetensors"
 MANIFEST = "manifest.json"
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        out.update(_flatten(v, name + "/") if isinstance(v, dict) else {name: np.asarray(v)})
-    return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for name, v in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 def export_functions(
@@ -98,7 +80,7 @@ def export_stablehlo(
     for name, exp in ((FORWARD, fwd), (DECODE, dec)):
         with open(os.path.join(out_dir, name), "wb") as f:
             f.write(bytes(exp.serialize()))
-    flat = _flatten(params)
+    flat = flatten(params)
     write_safetensors(
         out_dir,
         [TensorSpec(k, v.shape, v.dtype, lambda v=v: v) for k, v in flat.items()],
@@ -159,7 +141,7 @@ class ExportedModel:
         with open(os.path.join(directory, DECODE), "rb") as f:
             self._decode = jax.export.deserialize(bytearray(f.read()))
         reader = SafetensorsReader(os.path.join(directory, PARAMS))
-        self.params = _unflatten({n: np.array(reader.get(n)) for n in reader.names()})
+        self.params = unflatten({n: np.array(reader.get(n)) for n in reader.names()})
 
     def forward(self, tokens) -> np.ndarray:
         return np.asarray(self._forward.call(self.params, jnp.asarray(tokens, jnp.int32)))

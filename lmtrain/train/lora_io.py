@@ -23,31 +23,10 @@ import numpy as np
 
 from lmtrain.errors import CheckpointError
 from lmtrain.model import lora
+from lmtrain.model.param_tree import flatten, unflatten
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, name + "/"))
-        else:
-            out[name] = np.ascontiguousarray(np.asarray(v, np.float32))
-    return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for name, v in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 def save_adapters(directory: str, adapters: Mapping, config, *, step: int | None = None) -> str:
@@ -55,7 +34,7 @@ def save_adapters(directory: str, adapters: Mapping, config, *, step: int | None
     from safetensors.numpy import save_file
 
     os.makedirs(directory, exist_ok=True)
-    flat = _flatten(adapters)
+    flat = {k: np.ascontiguousarray(v, np.float32) for k, v in flatten(adapters).items()}
     path = os.path.join(directory, WEIGHTS_FILE)
     save_file(flat, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -84,7 +63,7 @@ def load_adapters(directory: str) -> tuple[dict, dict]:
             raise CheckpointError(f"{p} not found; a LoRA run writes it to <workdir>/adapters")
     with open(cfg) as f:
         meta = json.load(f)
-    adapters = _unflatten(load_file(weights))
+    adapters = unflatten(load_file(weights))
     rank = lora.adapter_rank(adapters)
     if rank != meta["rank"]:
         raise CheckpointError(f"{weights}: adapters have rank {rank} but {cfg} says {meta['rank']}")
