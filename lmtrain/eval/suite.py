@@ -319,11 +319,9 @@ def _format(template: str, row: Mapping[str, Any], where: str) -> str:
         ) from e
 
 
-def run_generation(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
-    rows = read_jsonl(t["path"], t["max_examples"])
-    prompts = [_format(t["prompt_template"], r, f"{t['path']} row {i}") for i, r in enumerate(rows)]
-    refs = [_references(r, t, f"{t['path']} row {i}") for i, r in enumerate(rows)]
-    preds = ctx.complete(
+def _complete(ctx: EvalContext, prompts: list[str], t: Mapping[str, Any]) -> list[str]:
+    """Completions of ``prompts`` with the task's sampling settings."""
+    return ctx.complete(
         prompts,
         max_new_tokens=t["max_new_tokens"],
         stop=t["stop"],
@@ -333,6 +331,13 @@ def run_generation(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
         seed=t["seed"],
         bos=t["bos"],
     )
+
+
+def run_generation(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
+    rows = read_jsonl(t["path"], t["max_examples"])
+    prompts = [_format(t["prompt_template"], r, f"{t['path']} row {i}") for i, r in enumerate(rows)]
+    refs = [_references(r, t, f"{t['path']} row {i}") for i, r in enumerate(rows)]
+    preds = _complete(ctx, prompts, t)
     examples = []
     for r, pred, ref in zip(rows, preds, refs):
         ex = dict(r, _pred=pred, _refs=ref)
@@ -394,16 +399,7 @@ def run_code(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
     problems = [CodeProblem.from_mapping(r) for r in rows]
     n = int(t["num_samples"])
     prompts = [p.prompt for p in problems for _ in range(n)]
-    completions = ctx.complete(
-        prompts,
-        max_new_tokens=t["max_new_tokens"],
-        stop=t["stop"],
-        temperature=t["temperature"],
-        top_k=t["top_k"],
-        top_p=t["top_p"],
-        seed=t["seed"],
-        bos=t["bos"],
-    )
+    completions = _complete(ctx, prompts, t)
     samples = {p.task_id: completions[i * n : (i + 1) * n] for i, p in enumerate(problems)}
     limits = ExecLimits(timeout_s=float(t["timeout_s"]), memory_bytes=int(t["memory_mb"]) << 20)
     res = evaluate_pass_at_k(problems, samples, [int(k) for k in t["ks"]], limits=limits)
