@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from lmtrain.model import matmul
 from lmtrain.model.attention_kernels import (  # noqa: F401 (re-exported)
     _MASK_VALUE,
     attention_mask,
@@ -73,8 +74,8 @@ class Attention(nn.Module):
         wk = kernel("k_kernel", K, ("embed", "kv_heads", "kv"))
         wv = kernel("v_kernel", K, ("embed", "kv_heads", "kv"))
         # One matmul for q, k and v (params stay separate, so checkpoints map 1:1 to HF layouts).
-        w = jnp.concatenate([wq, wk, wv], axis=1).astype(cfg.compute_dtype)
-        x = x_BTD.astype(cfg.compute_dtype)
+        w = jnp.concatenate([wq, wk, wv], axis=1)
+        x, dt = x_BTD, cfg.compute_dtype
         qkv_bias = None
         if cfg.qkv_bias:  # Qwen2-style biases on q, k and v.
 
@@ -96,25 +97,25 @@ class Attention(nn.Module):
             ),
             (H, D, cfg.d_model),
             cfg.params_dtype,
-        ).astype(cfg.compute_dtype)
+        )
         cos, sin = rope_tables(positions_BT, D, cfg.rope_theta)
 
         if kv_cache is None and cfg.attention == "xla":
             # Training / scoring fast path: heads-first (B, H, T, D) from the projection on, so
             # the attention matmuls need no transposes. Same maths as the general path below.
-            qkv = jnp.einsum("btd,dhe->bhte", x, w)
+            qkv = matmul.einsum("btd,dhe->bhte", x, w, dt, cfg.remat == "none").astype(dt)
             if qkv_bias is not None:
                 qkv = qkv + qkv_bias[None, :, None, :]
             # split (not slicing): its gradient is one concatenate, where slices' would be pads.
             q, k, v = jnp.split(qkv, [H, H + K], axis=1)
             q = apply_rope(q, cos, sin, heads_first=True)
             k = apply_rope(k, cos, sin, heads_first=True)
-            out = xla_attention_head_major(q, k, v, segment_ids_BT)
+            out = xla_attention_head_major(q, k, v, segment_ids_BT, cfg.remat == "none")
             out = nn.with_logical_constraint(out, ("batch", "heads", "length", "kv"))
             out = checkpoint_name(out, "attn_out")
-            return jnp.einsum("bhte,hed->btd", out, wo), None
+            return matmul.einsum("bhte,hed->btd", out, wo, dt, cfg.remat == "none").astype(dt), None
 
-        qkv = jnp.einsum("btd,dhe->bthe", x, w)
+        qkv = matmul.einsum("btd,dhe->bthe", x, w, dt, cfg.remat == "none").astype(dt)
         if qkv_bias is not None:
             qkv = qkv + qkv_bias
         q, k, v = jnp.split(qkv, [H, H + K], axis=2)
@@ -145,5 +146,5 @@ class Attention(nn.Module):
             out = out.reshape(B, T, H, D)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = checkpoint_name(out, "attn_out")
-        y = jnp.einsum("bthe,hed->btd", out, wo)
+        y = matmul.einsum("bthe,hed->btd", out, wo, dt, cfg.remat == "none").astype(dt)
         return y, new_cache

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from lmtrain.errors import ConfigError
+from lmtrain.model import matmul
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "flash")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -88,7 +89,11 @@ def xla_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, seg_B
 
 
 def xla_attention_head_major(
-    q_BHTD: jax.Array, k_BKTD: jax.Array, v_BKTD: jax.Array, seg_BT: jax.Array
+    q_BHTD: jax.Array,
+    k_BKTD: jax.Array,
+    v_BKTD: jax.Array,
+    seg_BT: jax.Array,
+    custom_grad: bool = True,
 ) -> jax.Array:
     """The 'xla' core in head-major layout (the training fast path). Returns (B, H, T, D).
 
@@ -100,10 +105,12 @@ def xla_attention_head_major(
     slot = jnp.arange(T)
     mask = attention_mask(slot, slot, seg_BT, seg_BT)  # (B, 1, 1, T, T)
     q = (q_BHTD * jnp.asarray(D**-0.5, q_BHTD.dtype)).reshape(B, K, H // K, T, D)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k_BKTD, preferred_element_type=jnp.float32)
+    scores = matmul.einsum("bkgtd,bksd->bkgts", q, k_BKTD, q.dtype, custom_grad)
+    scores = scores.astype(jnp.float32)
     scores = jnp.where(mask, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKTD.dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v_BKTD).reshape(B, H, T, D)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = matmul.einsum("bkgts,bksd->bkgtd", probs, v_BKTD, v_BKTD.dtype, custom_grad)
+    return out.astype(v_BKTD.dtype).reshape(B, H, T, D)
 
 
 def cudnn_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, seg_BT: jax.Array):

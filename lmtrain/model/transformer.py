@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from lmtrain.model import matmul
 from lmtrain.model.attention import Attention
 from lmtrain.model.config import ModelConfig
 
@@ -58,8 +59,10 @@ class MLP(nn.Module):
         w_gate = self.param("gate_kernel", init, (cfg.d_model, cfg.d_ff), cfg.params_dtype)
         w_up = self.param("up_kernel", init, (cfg.d_model, cfg.d_ff), cfg.params_dtype)
         # gate and up in one matmul; params stay separate (1:1 with HF checkpoints).
-        w = jnp.concatenate([w_gate, w_up], axis=1).astype(cfg.compute_dtype)
-        gate_up = x_BTD.astype(cfg.compute_dtype) @ w
+        w = jnp.concatenate([w_gate, w_up], axis=1)
+        gate_up = matmul.einsum(
+            "btd,df->btf", x_BTD, w, cfg.compute_dtype, cfg.remat == "none"
+        ).astype(cfg.compute_dtype)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         act = (
             jax.nn.silu(gate)
@@ -74,7 +77,9 @@ class MLP(nn.Module):
             (cfg.d_ff, cfg.d_model),
             cfg.params_dtype,
         )
-        return h @ w_down.astype(cfg.compute_dtype)
+        return matmul.einsum(
+            "btf,fd->btd", h, w_down, cfg.compute_dtype, cfg.remat == "none"
+        ).astype(cfg.compute_dtype)
 
 
 class Block(nn.Module):
@@ -129,11 +134,14 @@ class Transformer(nn.Module):
         if cfg.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
             # Small vocabularies: a one-hot matmul beats gather/scatter-add (notably on CPU).
             onehot = jax.nn.one_hot(tokens_BT, cfg.vocab_size, dtype=cfg.compute_dtype)
-            x = onehot @ embedding.astype(cfg.compute_dtype)
+            x = matmul.einsum(
+                "btv,vd->btd", onehot, embedding, cfg.compute_dtype, cfg.remat == "none"
+            )
+            x = x.astype(cfg.compute_dtype)
         else:
             x = jnp.take(embedding, tokens_BT, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype)
+            x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype, cfg.remat == "none")
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         block_cls = Block
@@ -157,12 +165,7 @@ class Transformer(nn.Module):
         if return_hidden:
             out = x.astype(jnp.float32)
         elif cfg.tie_embeddings:
-            out = jnp.einsum(
-                "btd,vd->btv",
-                x,
-                embedding.astype(cfg.compute_dtype),
-                preferred_element_type=jnp.float32,
-            )
+            out = matmul.einsum("btd,vd->btv", x, embedding, cfg.compute_dtype, cfg.remat == "none")
         else:
             w = self.param(
                 "lm_head",
@@ -172,9 +175,7 @@ class Transformer(nn.Module):
                 (cfg.d_model, cfg.vocab_size),
                 cfg.params_dtype,
             )
-            out = jnp.einsum(
-                "btd,dv->btv", x, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
-            )
+            out = matmul.einsum("btd,dv->btv", x, w, cfg.compute_dtype, cfg.remat == "none")
         if not return_hidden:
             out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
         if kv_cache is None:
