@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mlp_activation = "silu"
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
+    # Matmul operands ("" = model.dtype), float32 accumulation. float32 activations with bfloat16
+    # matmuls is the fast mix on CPUs with AMX / AVX512-BF16 (tools/bench_shakespeare.py).
+    c.model.matmul_dtype = ""
     c.model.remat = "none"
     c.model.attention = "xla"
 
@@ -74,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 250
     c.train.eval_batches = (
         0  # cap on periodic evals (0 = whole split); the final eval is always whole
+    )
+    c.train.eval_batch_size = (
+        0  # rows per eval batch (0 = global_batch_size); eval_batches counts these
     )
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
@@ -331,9 +337,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         head_dim % 2 == 0,
         f"head dim {head_dim} must be even for rotary embeddings (config.model.head_dim)",
     )
-    for key in ("dtype", "param_dtype"):
+    for key in ("dtype", "param_dtype", "matmul_dtype"):
+        allowed = ("float32", "bfloat16", "float16") + (("",) if key == "matmul_dtype" else ())
         need(
-            m[key] in ("float32", "bfloat16", "float16"),
+            m[key] in allowed,
             f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16",
         )
     need(
@@ -386,6 +393,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         t.global_batch_size % (shards * t.microbatches) == 0,
         f"config.train.global_batch_size={t.global_batch_size} must be divisible by data shards "
         f"(mesh data x fsdp = {shards}) x config.train.microbatches={t.microbatches}",
+    )
+    need(
+        t.eval_batch_size >= 0 and (t.eval_batch_size or t.global_batch_size) % shards == 0,
+        f"config.train.eval_batch_size={t.eval_batch_size} must be 0 (= global_batch_size) or a "
+        f"positive multiple of the data shards (mesh data x fsdp = {shards})",
     )
     need(
         cfg.distributed.initialize in ("auto", "yes", "no"),

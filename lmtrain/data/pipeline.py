@@ -123,14 +123,15 @@ def eval_batches(
     if max_batches:
         n_batches = min(n_batches, max_batches)
     for b in range(n_batches):
-        rows = [
-            window_to_example(src[i], stream.eos_id)
-            for i in indices[b * batch_size : (b + 1) * batch_size]
-        ]
-        while len(rows) < batch_size:
-            pad = {k: np.zeros_like(v) for k, v in rows[0].items()}
-            rows.append(pad)
-        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        idx = indices[b * batch_size : (b + 1) * batch_size]
+        batch = windows_to_examples(np.stack([src[i] for i in idx]), stream.eos_id)
+        if len(idx) < batch_size:  # padding rows: segment 0 and loss mask 0, so they never count
+            pad = batch_size - len(idx)
+            batch = {
+                k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                for k, v in batch.items()
+            }
+        yield batch
 
 
 def check_curriculum(start_len: int, steps: int, seq_len: int) -> None:

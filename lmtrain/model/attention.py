@@ -75,7 +75,8 @@ class Attention(nn.Module):
         wv = kernel("v_kernel", K, ("embed", "kv_heads", "kv"))
         # One matmul for q, k and v (params stay separate, so checkpoints map 1:1 to HF layouts).
         w = jnp.concatenate([wq, wk, wv], axis=1)
-        x, dt = x_BTD, cfg.compute_dtype
+        x, dt, mm = x_BTD, cfg.compute_dtype, cfg.matmul_compute_dtype
+        custom = cfg.remat == "none"  # custom VJPs would hide the dots from remat policies
         qkv_bias = None
         if cfg.qkv_bias:  # Qwen2-style biases on q, k and v.
 
@@ -103,19 +104,19 @@ class Attention(nn.Module):
         if kv_cache is None and cfg.attention == "xla":
             # Training / scoring fast path: heads-first (B, H, T, D) from the projection on, so
             # the attention matmuls need no transposes. Same maths as the general path below.
-            qkv = matmul.einsum("btd,dhe->bhte", x, w, dt, cfg.remat == "none").astype(dt)
+            qkv = matmul.einsum("btd,dhe->bhte", x, w, mm, custom).astype(dt)
             if qkv_bias is not None:
                 qkv = qkv + qkv_bias[None, :, None, :]
             # split (not slicing): its gradient is one concatenate, where slices' would be pads.
             q, k, v = jnp.split(qkv, [H, H + K], axis=1)
             q = apply_rope(q, cos, sin, heads_first=True)
             k = apply_rope(k, cos, sin, heads_first=True)
-            out = xla_attention_head_major(q, k, v, segment_ids_BT, cfg.remat == "none")
+            out = xla_attention_head_major(q, k, v, segment_ids_BT, mm, custom)
             out = nn.with_logical_constraint(out, ("batch", "heads", "length", "kv"))
             out = checkpoint_name(out, "attn_out")
-            return matmul.einsum("bhte,hed->btd", out, wo, dt, cfg.remat == "none").astype(dt), None
+            return matmul.einsum("bhte,hed->btd", out, wo, mm, custom).astype(dt), None
 
-        qkv = matmul.einsum("btd,dhe->bthe", x, w, dt, cfg.remat == "none").astype(dt)
+        qkv = matmul.einsum("btd,dhe->bthe", x, w, mm, custom).astype(dt)
         if qkv_bias is not None:
             qkv = qkv + qkv_bias
         q, k, v = jnp.split(qkv, [H, H + K], axis=2)
@@ -146,5 +147,5 @@ class Attention(nn.Module):
             out = out.reshape(B, T, H, D)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = checkpoint_name(out, "attn_out")
-        y = matmul.einsum("bthe,hed->btd", out, wo, dt, cfg.remat == "none").astype(dt)
+        y = matmul.einsum("bthe,hed->btd", out, wo, mm, custom).astype(dt)
         return y, new_cache

@@ -93,6 +93,7 @@ def xla_attention_head_major(
     k_BKTD: jax.Array,
     v_BKTD: jax.Array,
     seg_BT: jax.Array,
+    matmul_dtype=None,
     custom_grad: bool = True,
 ) -> jax.Array:
     """The 'xla' core in head-major layout (the training fast path). Returns (B, H, T, D).
@@ -105,11 +106,12 @@ def xla_attention_head_major(
     slot = jnp.arange(T)
     mask = attention_mask(slot, slot, seg_BT, seg_BT)  # (B, 1, 1, T, T)
     q = (q_BHTD * jnp.asarray(D**-0.5, q_BHTD.dtype)).reshape(B, K, H // K, T, D)
-    scores = matmul.einsum("bkgtd,bksd->bkgts", q, k_BKTD, q.dtype, custom_grad)
+    mm = matmul_dtype or q.dtype
+    scores = matmul.einsum("bkgtd,bksd->bkgts", q, k_BKTD, mm, custom_grad)
     scores = scores.astype(jnp.float32)
     scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = matmul.einsum("bkgts,bksd->bkgtd", probs, v_BKTD, v_BKTD.dtype, custom_grad)
+    out = matmul.einsum("bkgts,bksd->bkgtd", probs, v_BKTD, mm, custom_grad)
     return out.astype(v_BKTD.dtype).reshape(B, H, T, D)
 
 

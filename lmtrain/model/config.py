@@ -23,7 +23,8 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2
     embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model)
     mlp_activation: str = "silu"  # silu (Llama) | gelu_tanh (Gemma)
-    dtype: str = "bfloat16"  # compute dtype
+    dtype: str = "bfloat16"  # compute dtype: activations and elementwise maths
+    matmul_dtype: str = ""  # operands of matmuls ("" = dtype); accumulation is always float32
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
@@ -35,6 +36,10 @@ class ModelConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def matmul_compute_dtype(self):
+        return jnp.dtype(self.matmul_dtype or self.dtype)
 
     @property
     def params_dtype(self):

@@ -61,7 +61,7 @@ class MLP(nn.Module):
         # gate and up in one matmul; params stay separate (1:1 with HF checkpoints).
         w = jnp.concatenate([w_gate, w_up], axis=1)
         gate_up = matmul.einsum(
-            "btd,df->btf", x_BTD, w, cfg.compute_dtype, cfg.remat == "none"
+            "btd,df->btf", x_BTD, w, cfg.matmul_compute_dtype, cfg.remat == "none"
         ).astype(cfg.compute_dtype)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         act = (
@@ -78,7 +78,7 @@ class MLP(nn.Module):
             cfg.params_dtype,
         )
         return matmul.einsum(
-            "btf,fd->btd", h, w_down, cfg.compute_dtype, cfg.remat == "none"
+            "btf,fd->btd", h, w_down, cfg.matmul_compute_dtype, cfg.remat == "none"
         ).astype(cfg.compute_dtype)
 
 
@@ -135,13 +135,13 @@ class Transformer(nn.Module):
             # Small vocabularies: a one-hot matmul beats gather/scatter-add (notably on CPU).
             onehot = jax.nn.one_hot(tokens_BT, cfg.vocab_size, dtype=cfg.compute_dtype)
             x = matmul.einsum(
-                "btv,vd->btd", onehot, embedding, cfg.compute_dtype, cfg.remat == "none"
+                "btv,vd->btd", onehot, embedding, cfg.matmul_compute_dtype, cfg.remat == "none"
             )
             x = x.astype(cfg.compute_dtype)
         else:
             x = jnp.take(embedding, tokens_BT, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype, cfg.remat == "none")
+            x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         block_cls = Block
@@ -165,7 +165,9 @@ class Transformer(nn.Module):
         if return_hidden:
             out = x.astype(jnp.float32)
         elif cfg.tie_embeddings:
-            out = matmul.einsum("btd,vd->btv", x, embedding, cfg.compute_dtype, cfg.remat == "none")
+            out = matmul.einsum(
+                "btd,vd->btv", x, embedding, cfg.matmul_compute_dtype, cfg.remat == "none"
+            )
         else:
             w = self.param(
                 "lm_head",
@@ -175,7 +177,7 @@ class Transformer(nn.Module):
                 (cfg.d_model, cfg.vocab_size),
                 cfg.params_dtype,
             )
-            out = matmul.einsum("btd,dv->btv", x, w, cfg.compute_dtype, cfg.remat == "none")
+            out = matmul.einsum("btd,dv->btv", x, w, cfg.matmul_compute_dtype, cfg.remat == "none")
         if not return_hidden:
             out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
         if kv_cache is None:

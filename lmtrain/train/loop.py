@@ -143,13 +143,27 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
     }
 
 
+def eval_rows_per_process(cfg) -> int:
+    """This process's rows of an eval batch (``train.eval_batch_size``, default the train batch)."""
+    return (cfg.train.eval_batch_size or cfg.train.global_batch_size) // jax.process_count()
+
+
+def _sum_results(outs: list[dict]) -> dict[str, float]:
+    """Per-batch eval sums → totals, in float64 on the host (one device-to-host transfer)."""
+    sums: dict[str, float] = {}
+    for out in jax.device_get(outs):
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return sums
+
+
 def evaluate(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None) -> dict:
     cfg = setup.config
     if setup.eval_rows is not None:
         return evaluate_rows(setup, eval_step, params, max_batches, frozen)
     split_dir = os.path.join(setup.data_dir, cfg.data.eval_split)
-    per_process = cfg.train.global_batch_size // jax.process_count()
-    sums: dict[str, float] = {}
+    per_process = eval_rows_per_process(cfg)
+    outs = []  # device results, fetched once at the end: dispatch never waits for the host
     for batch in pipeline.eval_batches(
         split_dir,
         seq_len=cfg.data.seq_len,
@@ -158,9 +172,8 @@ def evaluate(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None)
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     ):
-        out = eval_step(params, to_global(batch, setup.batch_sharding))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        outs.append(eval_step(params, to_global(batch, setup.batch_sharding)))
+    sums = _sum_results(outs)
     weight = max(sums.get("weight", 0.0), 1.0)
     result = {
         "eval/loss": sums.get("loss_sum", 0.0) / weight,
@@ -174,17 +187,16 @@ def evaluate(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None)
 def evaluate_rows(setup: Setup, eval_step, params, max_batches: int = 0, frozen=None) -> dict:
     """Eval over a fine-tuning eval file: loss and every metric averaged over its full weight."""
     cfg = setup.config
-    sums: dict[str, float] = {}
+    outs = []
     for batch in finetune_data.eval_batches(
         setup.eval_rows,
-        batch_size=cfg.train.global_batch_size // jax.process_count(),
+        batch_size=eval_rows_per_process(cfg),
         max_batches=max_batches,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     ):
-        out = eval_step(params, to_global(batch, setup.batch_sharding), frozen)
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        outs.append(eval_step(params, to_global(batch, setup.batch_sharding), frozen))
+    sums = _sum_results(outs)
     weight = max(sums.pop("weight", 0.0), 1.0)
     result = {"eval/loss": sums.pop("loss_sum", 0.0) / weight, "eval/weight": weight}
     result.update({f"eval/{k.removesuffix('_sum')}": v / weight for k, v in sums.items()})
