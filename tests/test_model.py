@@ -11,7 +11,7 @@ from lmtrain.model.transformer import Transformer
 from tests import numpy_reference
 
 
-def make(tie=False, n_kv_heads=2, dtype="float32", vocab=50):
+def make(tie=False, n_kv_heads=2, dtype="float32", vocab=50, matmul_dtype=""):
     cfg = ModelConfig(
         vocab_size=vocab,
         d_model=32,
@@ -21,6 +21,7 @@ def make(tie=False, n_kv_heads=2, dtype="float32", vocab=50):
         d_ff=48,
         max_seq_len=32,
         dtype=dtype,
+        matmul_dtype=matmul_dtype,
         tie_embeddings=tie,
     )
     model = Transformer(cfg)
@@ -88,6 +89,39 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     _, model32, _ = make(dtype="float32")
     ref = model32.apply({"params": params}, jnp.zeros((1, 8), jnp.int32))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=0.1)
+
+
+def test_bf16_matmuls_with_float32_activations_match_numpy_and_float32_grads():
+    """The CPU fast mix (model.matmul_dtype=bfloat16): logits near the float64 reference, and
+    gradients through the bf16 custom VJP near the float32 model's."""
+    cfg, model, params = make(matmul_dtype="bfloat16")
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 16))
+    pos = np.tile(np.arange(16), (2, 1))
+    seg = np.ones((2, 16), np.int32)
+    got = model.apply({"params": params}, tokens, pos, seg)
+    want = numpy_reference.forward(
+        jax.device_get(params), tokens[0], pos[0], seg[0], n_layers=2, n_heads=4, n_kv_heads=2
+    )
+    scale = np.abs(want).max()
+    assert np.abs(np.asarray(got[0]) - want).max() < 2e-2 * scale  # bf16 operands: ~3 digits
+    assert np.abs(np.asarray(got[0]) - want).max() > 1e-6 * scale  # really rounded to bf16
+
+    _, model32, _ = make()
+
+    def loss(m):
+        def f(p):
+            logits = m.apply({"params": p}, tokens, pos, seg)
+            return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        return f
+
+    g16 = jax.grad(loss(model))(params)
+    g32 = jax.grad(loss(model32))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g16), jax.tree.leaves(g32)):
+        assert a.dtype == jnp.float32
+        rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+        assert rel < 3e-2, (jax.tree_util.keystr(path), rel)
 
 
 @pytest.mark.parametrize("tie,qkv_bias", [(False, False), (True, True)])

@@ -150,6 +150,8 @@ def test_weight_decay_skips_norms_and_vectors(tiny_cfg, tmp_path):
         ("model.n_kv_heads=3", "config.model.n_heads"),
         ("mesh.shape=(3,1,1)", "config.mesh.shape"),
         ("train.global_batch_size=12", "config.train.global_batch_size"),
+        ("model.matmul_dtype=int8", "config.model.matmul_dtype"),
+        ("train.eval_batch_size=12", "config.train.eval_batch_size"),
     ],
 )
 def test_bad_config_fails_before_compile_naming_the_key(override, needle):
