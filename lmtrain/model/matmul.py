@@ -3,12 +3,12 @@
 Why a helper: XLA:CPU runs a bf16 x bf16 dot fast (AMX / AVX512-BF16, ~470 GF/s at nanoGPT sizes
 on our 2-core machine) only when its output is float32; a dot whose output is bf16 is rewritten to
 a float32 dot (~210 GF/s) plus converts. Autodiff of ``einsum(..., preferred_element_type=f32)``
-feeds the float32 cotangent to the backward dots, so they run in float32 too. On CPU,
-:func:`einsum` therefore casts the cotangent to the compute dtype itself (a custom VJP), as mixed
-precision does on accelerators; GPUs and TPUs keep JAX's own differentiation.
+feeds the float32 cotangent to the backward dots, so they run in float32 too. :func:`einsum`
+therefore casts the cotangent to the compute dtype itself (a custom VJP), which is the usual mixed
+precision on GPUs and TPUs as well: bf16 operands and float32 accumulation in all three GEMMs.
 
 A custom VJP hides its dots from remat policies (``dots``, ``save_dots_and_attn_out``), so callers
-pass ``custom_grad=False`` when a policy is set and get JAX's differentiation there too.
+pass ``custom_grad=False`` when a policy is set and get plain low-precision dots instead.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, dtype, custom_grad: bool = Tru
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32 or dtype.itemsize >= 4:
         return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
-    if custom_grad and jax.default_backend() == "cpu" and _differentiable_by_spec(spec):
+    if custom_grad and _differentiable_by_spec(spec):
         return _einsum_lowp(spec, x, w, dtype)
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    # Under remat policies: plain dots with a low-precision result, so that JAX's backward dots
+    # also take low-precision operands (a float32 result would hand them a float32 cotangent).
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype)).astype(jnp.float32)
