@@ -341,7 +341,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         allowed = ("float32", "bfloat16", "float16") + (("",) if key == "matmul_dtype" else ())
         need(
             m[key] in allowed,
-            f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16",
+            f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16"
+            + (' (or "" for model.dtype)' if key == "matmul_dtype" else ""),
         )
     need(
         m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}: choose one of {REMAT_POLICIES}"

@@ -8,7 +8,7 @@ from lmtrain.data.pipeline import (
     curriculum_batch,
     curriculum_seq_len,
     split_rows,
-    window_to_example,
+    windows_to_examples,
 )
 from lmtrain.errors import ConfigError
 
@@ -23,8 +23,7 @@ def test_lengths_double_in_equal_stages_then_stay_full():
 
 def test_split_rows_keeps_every_token_mask_and_segment():
     rng = np.random.default_rng(0)
-    rows = [window_to_example(rng.integers(0, 5, 65).astype(np.int32), eos_id=0) for _ in range(3)]
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batch = windows_to_examples(rng.integers(0, 5, (3, 65)).astype(np.int32), eos_id=0)
     short = split_rows(batch, 16)
     assert short["inputs"].shape == (12, 16)
     for k in batch:

@@ -61,11 +61,6 @@ def windows_to_examples(windows: np.ndarray, eos_id: int) -> dict[str, np.ndarra
     }
 
 
-def window_to_example(window: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
-    """One window's example (see :func:`windows_to_examples`)."""
-    return {k: v[0] for k, v in windows_to_examples(window[None], eos_id).items()}
-
-
 def train_dataset(
     split_dir: str,
     *,
