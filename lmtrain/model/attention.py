@@ -8,9 +8,12 @@ and the same rule serves training and cached decoding.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lmtrain.model import matmul
@@ -24,11 +27,40 @@ from lmtrain.model.attention_kernels import (  # noqa: F401 (re-exported)
 from lmtrain.model.config import ModelConfig
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape (B, T, head_dim/2) for integer positions (B, T)."""
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, table_len: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (B, T, head_dim/2) for integer positions (B, T).
+
+    With ``table_len`` the values are gathered from constant (table_len, head_dim/2) tables:
+    computed in the graph, XLA fuses sin/cos into every consumer and evaluates them once per
+    (head, element) instead of once per position (on CPU the q/k rotations and their backward
+    were then the slowest fusions of a small model's step). Positions outside the table read
+    NaN, so misuse shows up in the loss instead of as a silently wrong rotation.
+    """
+    if 0 < table_len and table_len * head_dim <= _MAX_ROPE_TABLE:
+        tables = _rope_constants(table_len, head_dim, theta)
+        return tuple(
+            jnp.take(jnp.asarray(t), positions, axis=0, mode="fill", fill_value=jnp.nan)
+            for t in tables
+        )
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
+
+
+_MAX_ROPE_TABLE = 1 << 20  # table_len * head_dim: two float32 tables of at most 2 MiB each
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_constants(table_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The in-graph formula's float32 angles; cos/sin correctly rounded from float64."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / (np.float32(theta) ** exponent)
+    angles = (np.arange(table_len, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(
+        np.float64
+    )
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def apply_rope(
@@ -99,7 +131,10 @@ class Attention(nn.Module):
             (H, D, cfg.d_model),
             cfg.params_dtype,
         )
-        cos, sin = rope_tables(positions_BT, D, cfg.rope_theta)
+        # Without a cache, positions lie within the model's context (or the call's length); decoding
+        # positions can run past it, so the cached path keeps the formula.
+        table_len = 0 if kv_cache is not None else max(cfg.max_seq_len, x_BTD.shape[1])
+        cos, sin = rope_tables(positions_BT, D, cfg.rope_theta, table_len)
 
         if kv_cache is None and cfg.attention == "xla":
             # Training / scoring fast path: heads-first (B, H, T, D) from the projection on, so
