@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.samples = 2  # samples printed at the end
     c.train.sample_tokens = 200
     c.train.sample_prompt = ""
+    c.train.compilation_cache_dir = "~/.cache/lmtrain/xla"  # persistent XLA cache; "" = off
     c.train.peak_flops = 0.0  # per device; 0 = from the device table (lmtrain/train/flops.py)
     # Early stopping / best checkpoint (lmtrain/train/early_stop.py); patience counts evaluations.
     c.train.early_stop_patience = 0  # 0 = off

@@ -24,7 +24,7 @@ from lmtrain.errors import ConfigError, DataError
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
 from lmtrain.model.transformer import Transformer
-from lmtrain.train import divergence, finetune
+from lmtrain.train import compile_cache, divergence, finetune
 from lmtrain.train import flops as flops_lib
 from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.early_stop import EvalHooks
@@ -221,6 +221,7 @@ def train(config, workdir: str, *, print_fn=print) -> dict:
 
 def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     jax.config.update("jax_threefry_partitionable", True)
+    compile_cache.enable(config.train.get("compilation_cache_dir", ""))
     maybe_initialize(config.distributed)  # before anything (preflight too) touches the backend
     os.makedirs(workdir, exist_ok=True)
     if config.fault.preflight:
