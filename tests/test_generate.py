@@ -226,3 +226,21 @@ def test_bad_arguments_raise_clear_errors(model_and_params):
         generate(model, params, [[5]], max_new_tokens=0, eos_id=2)
     with pytest.raises(LmtrainError, match="top_p=1.5"):
         generate(model, params, [[5]], max_new_tokens=3, eos_id=2, top_p=1.5)
+
+
+def test_generation_past_the_context_slides_a_half_context_window(model_and_params):
+    """Outputs longer than max_seq_len (64) continue from the last 32 tokens, never from
+    positions the model was not built for; within the context it is plain generate."""
+    from lmtrain.infer.sampling import generate_past_context
+
+    model, params = model_and_params
+    prompt = list(np.random.default_rng(5).integers(1, VOCAB, 10))
+    short = generate_past_context(model, params, [prompt], max_new_tokens=20, eos_id=NO_EOS)
+    assert short == generate(model, params, [prompt], max_new_tokens=20, eos_id=NO_EOS)
+
+    out = generate_past_context(model, params, [prompt], max_new_tokens=100, eos_id=NO_EOS)[0]
+    assert len(out) == 100
+    for j in (0, 32, 64, 96):  # the first token of each round, from a full forward pass
+        window = (prompt + out[:j])[-32:]
+        logits = model.apply({"params": params}, jnp.asarray([window], jnp.int32))
+        assert out[j] == int(np.argmax(np.asarray(logits)[0, -1])), j

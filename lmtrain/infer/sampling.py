@@ -326,6 +326,51 @@ class _MeshContext:
         return self.mesh.__exit__(*exc)
 
 
+def generate_past_context(
+    model,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    seed: int = 0,
+    **kwargs,
+) -> list[list[int]]:
+    """:func:`generate` for outputs longer than the model's context (``cfg.max_seq_len``).
+
+    Past the context RoPE positions were never trained and the text degenerates, so the window
+    slides: each round continues every row from its last ``max_seq_len // 2`` tokens and adds
+    ``max_seq_len // 2`` more (nanoGPT's sampler crops its context the same way, one token at a
+    time). Every round has the same shapes, so it compiles once. Rows end at EOS.
+    """
+    ctx = model.cfg.max_seq_len
+    if max(len(p) for p in prompts) + max_new_tokens <= ctx:
+        return generate(
+            model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed,
+            **kwargs,
+        )  # fmt: skip
+    keep = ctx // 2
+    step = ctx - keep
+    texts = [list(p) for p in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    for r in range(-(-max_new_tokens // step)):
+        if not live:
+            break
+        windows = [(texts[i] + outs[i])[-keep:] for i in live]
+        new = generate(
+            model, params, windows, max_new_tokens=step, eos_id=eos_id, seed=seed + r,
+            prompt_len_multiple=keep, **kwargs,
+        )  # fmt: skip
+        still = []
+        for i, toks in zip(live, new):
+            outs[i].extend(toks)
+            if len(toks) == step and len(outs[i]) < max_new_tokens:  # shorter: it hit EOS
+                still.append(i)
+        live = still
+    return [o[:max_new_tokens] for o in outs]
+
+
 def generate(
     model,
     params,

@@ -132,8 +132,10 @@ class Attention(nn.Module):
             cfg.params_dtype,
         )
         # Without a cache, positions lie within the model's context (or the call's length); decoding
-        # positions can run past it, so the cached path keeps the formula.
-        table_len = 0 if kv_cache is not None else max(cfg.max_seq_len, x_BTD.shape[1])
+        # positions can run past it, so the cached path keeps the formula; so does a symbolic
+        # length (shape-polymorphic export), which cannot size a table.
+        T = x_BTD.shape[1]
+        table_len = max(cfg.max_seq_len, T) if kv_cache is None and isinstance(T, int) else 0
         cos, sin = rope_tables(positions_BT, D, cfg.rope_theta, table_len)
 
         if kv_cache is None and cfg.attention == "xla":

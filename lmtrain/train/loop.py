@@ -612,7 +612,7 @@ def sample_texts(
     top_k: int = 40,
     seed: int = 0,
 ):
-    from lmtrain.infer.sampling import generate
+    from lmtrain.infer.sampling import generate_past_context
 
     tok = setup.tokenizer
     prompt = prompt if prompt is not None else setup.config.train.sample_prompt
@@ -624,7 +624,7 @@ def sample_texts(
         ).read(0, 16)
         ids = [int(i) for i in stream_ids]
     params = jax.device_get(params)
-    outs = generate(
+    outs = generate_past_context(
         setup.model,
         params,
         [ids] * n,
