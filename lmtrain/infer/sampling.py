@@ -344,7 +344,7 @@ def generate_past_context(
     time). Every round has the same shapes, so it compiles once. Rows end at EOS.
     """
     ctx = model.cfg.max_seq_len
-    if max(len(p) for p in prompts) + max_new_tokens <= ctx:
+    if ctx < 2 or max(len(p) for p in prompts) + max_new_tokens <= ctx:
         return generate(
             model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed,
             **kwargs,
