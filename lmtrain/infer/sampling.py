@@ -339,8 +339,8 @@ def generate_past_context(
     """:func:`generate` for outputs longer than the model's context (``cfg.max_seq_len``).
 
     Past the context RoPE positions were never trained and the text degenerates, so the window
-    slides: each round continues every row from its last ``max_seq_len // 2`` tokens and adds
-    ``max_seq_len // 2`` more (nanoGPT's sampler crops its context the same way, one token at a
+    slides: each round continues every row from its last ``max_seq_len // 2`` tokens and fills
+    the rest of the context (nanoGPT's sampler crops its context the same way, one token at a
     time). Every round has the same shapes, so it compiles once. Rows end at EOS.
     """
     ctx = model.cfg.max_seq_len
