@@ -73,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.global_batch_size = 32
     c.train.microbatches = 1  # gradient accumulation inside the jitted step
+    # Train steps run per jitted call (lax.scan over stacked batches): less host work per step
+    # for small models; metrics stay per step. Groups never straddle a log/eval/checkpoint step.
+    c.train.steps_per_dispatch = 1
+    # Gradient reduction over data shards: auto (one flat all-reduce on CPU under pure data
+    # parallelism, else XLA's per-parameter SPMD reduction) | flat | spmd.
+    c.train.grad_sync = "auto"
     c.train.log_every = 50
     c.train.eval_every = 250
     c.train.eval_batches = (
@@ -372,6 +378,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     need(t.steps > 0, "config.train.steps must be positive")
     need(t.global_batch_size > 0, "config.train.global_batch_size must be positive")
     need(t.microbatches > 0, "config.train.microbatches must be positive")
+    need(
+        t.steps_per_dispatch > 0,
+        f"config.train.steps_per_dispatch={t.steps_per_dispatch} must be positive (1 = one step per call)",
+    )
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[key] > 0, f"config.train.{key}={t[key]} must be positive")
     need(
@@ -400,6 +410,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         t.eval_batch_size >= 0 and (t.eval_batch_size or t.global_batch_size) % shards == 0,
         f"config.train.eval_batch_size={t.eval_batch_size} must be 0 (= global_batch_size) or a "
         f"positive multiple of the data shards (mesh data x fsdp = {shards})",
+    )
+    grad_sync = t.get("grad_sync", "auto")
+    need(
+        grad_sync in ("auto", "flat", "spmd"),
+        f"config.train.grad_sync={grad_sync!r}: auto, flat or spmd",
+    )
+    need(
+        grad_sync != "flat" or (mesh[1] == 1 and mesh[2] == 1 and m.attention == "xla"),
+        f"config.train.grad_sync='flat' needs pure data parallelism with the xla attention "
+        f"(mesh fsdp = tensor = 1, model.attention='xla'; here mesh {mesh}, attention "
+        f"{m.attention!r}); use 'auto' or 'spmd'",
     )
     need(
         cfg.distributed.initialize in ("auto", "yes", "no"),

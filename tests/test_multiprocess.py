@@ -1,5 +1,6 @@
 """Two processes x four CPU devices (jax.distributed on localhost, gloo collectives) train to the
-same losses as one process x eight devices, step for step, on a (data 2, fsdp 2, tensor 2) mesh."""
+same losses as one process x eight devices, step for step: on a (data 2, fsdp 2, tensor 2) mesh,
+and on (8, 1, 1) with the flat gradient all-reduce and several steps per call."""
 
 import json
 import os
@@ -27,7 +28,7 @@ WORKER = textwrap.dedent(
     from lmtrain.model.transformer import Transformer
     from lmtrain.train.optim import make_optimizer
     from lmtrain.train.state import init_state
-    from lmtrain.train.step import make_train_step
+    from lmtrain.train.step import make_train_step, stacked_shardings
 
     c = base_config()
     c.model.update(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -35,29 +36,44 @@ WORKER = textwrap.dedent(
     c.train.update(steps=6, global_batch_size=8)
     c.optim.update(lr=1e-2, warmup_steps=1)
     assert jax.device_count() == 8 and jax.local_device_count() == ndev
-    mesh = make_mesh((2, 2, 2))
-    model = Transformer(ModelConfig.from_config(c.model))
-    tx, schedule = make_optimizer(c.optim, c.train.steps)
-    state, shardings = init_state(model, tx, 16, 0, mesh)
-    bs = batch_sharding(mesh)
-    step = make_train_step(model, tx, schedule, c, mesh, shardings, bs)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(c.train.steps):
-        # Counting sequences from random starts: learnable, so the loss must fall.
-        tokens = ((rng.integers(0, 64, (8, 1)) + np.arange(17)) % 64).astype(np.int32)
-        seg = np.where(np.arange(16) < 10, 1, 2).astype(np.int32) * np.ones((8, 1), np.int32)
-        pos = np.where(np.arange(16) < 10, np.arange(16), np.arange(16) - 10).astype(np.int32)
-        host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
-                "loss_mask": (seg == np.roll(seg, -1, 1)).astype(np.int32) | (np.arange(16) == 15),
-                "positions": np.broadcast_to(pos, (8, 16)).copy()}
-        batch = {k: jax.make_array_from_callback(v.shape, bs, lambda idx, v=v: v[idx])
-                 for k, v in host.items()}
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    def batches(rng):
+        for _ in range(c.train.steps):
+            # Counting sequences from random starts: learnable, so the loss must fall.
+            tokens = ((rng.integers(0, 64, (8, 1)) + np.arange(17)) % 64).astype(np.int32)
+            seg = np.where(np.arange(16) < 10, 1, 2).astype(np.int32) * np.ones((8, 1), np.int32)
+            pos = np.where(np.arange(16) < 10, np.arange(16), np.arange(16) - 10).astype(np.int32)
+            yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
+                   "loss_mask": (seg == np.roll(seg, -1, 1)).astype(np.int32) | (np.arange(16) == 15),
+                   "positions": np.broadcast_to(pos, (8, 16)).copy()}
+
+    def global_array(v, sharding):
+        return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
+
+    def train(shape, group):
+        mesh = make_mesh(shape)
+        model = Transformer(ModelConfig.from_config(c.model))
+        tx, schedule = make_optimizer(c.optim, c.train.steps)
+        state, shardings = init_state(model, tx, 16, 0, mesh)
+        bs = batch_sharding(mesh)
+        step = make_train_step(model, tx, schedule, c, mesh, shardings, bs)
+        hosts, losses = list(batches(np.random.default_rng(0))), []
+        for i in range(0, c.train.steps, group):
+            if group == 1:
+                state, m = step(state, {k: global_array(v, bs) for k, v in hosts[i].items()})
+                losses.append(float(m["loss"]))
+            else:
+                stacked = {k: np.stack([h[k] for h in hosts[i : i + group]]) for k in hosts[i]}
+                sk = stacked_shardings(bs)
+                state, m = step.multi(state, {k: global_array(v, sk) for k, v in stacked.items()})
+                losses.extend(float(x) for x in np.asarray(m["loss"]))
+        return losses
+
+    losses = train((2, 2, 2), 1)
+    c.train.grad_sync = "flat"
+    flat_losses = train((8, 1, 1), 3)
     if pid == 0:
         with open(out, "w") as f:
-            json.dump({"losses": losses, "processes": jax.process_count()}, f)
+            json.dump({"losses": losses, "flat": flat_losses, "processes": jax.process_count()}, f)
     """
 )
 
@@ -102,6 +118,9 @@ def test_two_processes_match_one_process(tmp_path):
     single = _launch(tmp_path, nproc=1, ndev=8)
     multi = _launch(tmp_path, nproc=2, ndev=4)
     assert single["processes"] == 1 and multi["processes"] == 2
-    a, b = np.asarray(single["losses"]), np.asarray(multi["losses"])
-    assert a[-1] < a[0] - 0.5  # it trains
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for key in ("losses", "flat"):
+        a, b = np.asarray(single[key]), np.asarray(multi[key])
+        assert len(a) == 6 and a[-1] < a[0] - 0.5, key  # it trains
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=key)
+    # the (8, 1, 1) flat run trains the same model on the same batches as the (2, 2, 2) one
+    np.testing.assert_allclose(single["flat"], single["losses"], rtol=1e-4)

@@ -82,3 +82,58 @@ def test_logged_train_loss_avg_is_the_mean_over_the_log_interval(tiny_cfg, tmp_p
         want = np.mean([each[s]["train/loss"] for s in range(end - 3, end + 1)])
         np.testing.assert_allclose(four[end]["train/loss_avg"], want, rtol=1e-6)
         assert four[end]["train/loss"] == each[end]["train/loss"]  # the last step's loss
+
+
+def test_several_steps_per_dispatch_give_the_same_run_and_checkpoints(tiny_cfg, tmp_path):
+    """train.steps_per_dispatch groups steps into one call; logs, evals and checkpoints still
+    land on their steps (log_every=3 is not a multiple of 2: those steps run one per call)."""
+    import json
+
+    def logged(workdir):
+        rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+        return {r["step"]: r for r in rows if "train/loss" in r}
+
+    common = {"train.steps": 8, "train.log_every": 3, "train.eval_every": 4}
+    one = run(tiny_cfg, tmp_path / "one", **common)
+    grouped = run(tiny_cfg, tmp_path / "two", **common, **{"train.steps_per_dispatch": 2})
+    a, b = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [3, 6, 8]
+    for s in a:
+        for k in ("train/loss", "train/loss_avg", "train/grad_norm", "train/lr"):
+            np.testing.assert_allclose(b[s][k], a[s][k], rtol=1e-6, err_msg=f"step {s} {k}")
+    np.testing.assert_allclose(grouped["eval/loss"], one["eval/loss"], rtol=1e-6)
+    for x, y in zip(leaves(one["state"]), leaves(grouped["state"])):
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
+    saved = lambda w: sorted(p.name for p in (w / "checkpoints").iterdir() if p.name.isdigit())  # noqa: E731
+    assert saved(tmp_path / "one") == saved(tmp_path / "two") == ["4", "8"]
+    # and a grouped run resumes exactly
+    run(tiny_cfg, tmp_path / "split", **{**common, "train.steps": 4, "train.steps_per_dispatch": 2})
+    resumed = run(tiny_cfg, tmp_path / "split", **common, **{"train.steps_per_dispatch": 2})
+    for x, y in zip(leaves(grouped["state"]), leaves(resumed["state"])):
+        np.testing.assert_array_equal(y, x)
+
+
+def test_dispatch_size_never_straddles_a_log_eval_or_checkpoint_step(tiny_cfg):
+    from lmtrain.train.loop import dispatch_size
+
+    cfg = tiny_cfg.copy_and_resolve_references()
+    apply_overrides(
+        cfg,
+        [
+            "train.steps=100",
+            "train.log_every=10",
+            "train.eval_every=20",
+            "train.checkpoint_every=50",
+        ],
+    )
+    assert dispatch_size(0, 5, cfg) == 5  # steps 1..5
+    assert dispatch_size(5, 5, cfg) == 5  # ends on the log step 10
+    assert dispatch_size(7, 5, cfg) == 1  # 8..12 would pass the log step 10
+    assert dispatch_size(96, 5, cfg) == 1  # 97..101 would run past the end
+    assert dispatch_size(0, 1, cfg) == 1
+    apply_overrides(cfg, ["data.curriculum_start_len=8", "data.curriculum_steps=40"])
+    lengths = [pipeline.curriculum_seq_len(s, 8, 40, cfg.data.seq_len) for s in range(100)]
+    for s in range(0, 95, 5):
+        if dispatch_size(s, 5, cfg) == 5:
+            assert len(set(lengths[s : s + 5])) == 1
+    assert dispatch_size(5, 5, cfg) == 5 and dispatch_size(10, 5, cfg) == 1  # length 8 → 16 at 13

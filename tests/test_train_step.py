@@ -194,3 +194,79 @@ def test_cli_reports_bad_mesh_and_exits_2(tmp_path, tiny_text):
     assert out.returncode == 2, out.stderr
     assert "config.mesh.shape=(3, 1, 1)" in out.stderr and "8" in out.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_several_steps_per_call_equal_one_step_per_call(tiny_cfg, tmp_path):
+    """``multi`` (lax.scan over stacked batches) applies the same updates as k separate calls."""
+    import jax.numpy as jnp
+
+    from lmtrain.train.step import stacked_shardings
+
+    rng = np.random.default_rng(3)
+    batches = [packed_padded_batch(rng, 16, 32, 60) for _ in range(4)]
+    cfg = tiny_cfg.copy_and_resolve_references()
+    apply_overrides(cfg, ["model.vocab_size=128"])
+    setup = build(cfg, str(tmp_path))
+
+    def fresh():
+        state, shardings = init_state(setup.model, setup.tx, cfg.data.seq_len, cfg.seed, setup.mesh)
+        step = make_train_step(
+            setup.model, setup.tx, setup.schedule, cfg, setup.mesh, shardings, setup.batch_sharding
+        )
+        return state, step
+
+    state, step = fresh()
+    singles = []
+    for b in batches:
+        state, m = step(state, to_global(b, setup.batch_sharding))
+        singles.append(jax.device_get(m))
+    one_params = jax.device_get(state.params)
+
+    state, step = fresh()
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    state, m = step.multi(state, to_global(stacked, stacked_shardings(setup.batch_sharding)))
+    m = jax.device_get(m)
+    assert int(state.step) == 4
+    for j, want in enumerate(singles):
+        for k, v in want.items():
+            np.testing.assert_allclose(m[k][j], v, rtol=1e-6, err_msg=f"step {j + 1} {k}")
+    for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(jax.device_get(state.params))):
+        np.testing.assert_allclose(jnp.asarray(b), a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_flat_gradient_all_reduce_equals_the_spmd_reduction(tiny_cfg, tmp_path, microbatches):
+    """One raveled psum over data shards (train.grad_sync=flat) gives XLA's SPMD gradients."""
+    rng = np.random.default_rng(4)
+    batches = [packed_padded_batch(rng, 16, 32, 60) for _ in range(3)]
+    base = {"model.vocab_size": 128, "mesh.shape": "(8,1,1)", "train.microbatches": microbatches}
+    spmd, spmd_params, _ = run_steps(
+        tiny_cfg, tmp_path, batches, **base, **{"train.grad_sync": "spmd"}
+    )
+    flat, flat_params, _ = run_steps(
+        tiny_cfg, tmp_path, batches, **base, **{"train.grad_sync": "flat"}
+    )
+    np.testing.assert_allclose(flat, spmd, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(spmd_params), jax.tree.leaves(flat_params)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_sync_choice_and_its_config_errors(tiny_cfg):
+    from lmtrain.model.sharding import make_mesh
+    from lmtrain.train.step import uses_flat_grad_sync
+
+    cfg = tiny_cfg.copy_and_resolve_references()
+    assert uses_flat_grad_sync(cfg, make_mesh((8, 1, 1)))  # auto: CPU, pure data parallelism
+    assert not uses_flat_grad_sync(cfg, make_mesh((2, 2, 2)))  # fsdp / tensor: SPMD reduction
+    assert not uses_flat_grad_sync(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
+    apply_overrides(cfg, ["train.grad_sync=spmd"])
+    assert not uses_flat_grad_sync(cfg, make_mesh((8, 1, 1)))
+    for overrides, message in [
+        (["train.grad_sync=ring"], "auto, flat or spmd"),
+        (["train.grad_sync=flat", "mesh.shape=(2,4,1)"], "needs pure data parallelism"),
+        (["train.steps_per_dispatch=0"], "steps_per_dispatch=0 must be positive"),
+    ]:
+        bad = tiny_cfg.copy_and_resolve_references()
+        apply_overrides(bad, overrides)
+        with pytest.raises(ConfigError, match=message):
+            validate(bad, 8)

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec
 
 from lmtrain.errors import ConfigError
 from lmtrain.model import matmul
+from lmtrain.model.sharding import shard_map
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "flash")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -257,15 +258,8 @@ def _sharded(local_fn, q_BTHD, k_BTKD, v_BTKD, seg_BT, interpret: bool):
     heads = "tensor" if q_BTHD.shape[2] % t == 0 and k_BTKD.shape[2] % t == 0 else None
     qkv_spec = PartitionSpec(batch, None, heads, None)
     seg_spec = PartitionSpec(batch, None)
-    shard_map = getattr(jax, "shard_map", None)
-    if shard_map is not None:
-        kw = {"check_vma": False}
-    else:  # pragma: no cover - jax < 0.6
-        from jax.experimental.shard_map import shard_map
-
-        kw = {"check_rep": False}
     return shard_map(
-        fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec, **kw
+        fn, mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec
     )(q_BTHD, k_BTKD, v_BTKD, seg_BT)
 
 

@@ -112,3 +112,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def data_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_map(fn, mesh: Mesh, in_specs, out_specs):
+    """``jax.shard_map`` (jax >= 0.6) or the experimental one, without replication checks."""
+    sm = getattr(jax, "shard_map", None)
+    if sm is not None:
+        return sm(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as sm  # pragma: no cover - jax < 0.6
+
+    return sm(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

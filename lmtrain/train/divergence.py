@@ -123,6 +123,10 @@ class StepCounter:
     def rewind(self, step: int) -> None:
         self.next = step
 
+    def skip(self, n: int) -> None:
+        """The current call ran ``n`` steps past the one just yielded (several steps per call)."""
+        self.next += n
+
 
 class SpikeGuard:
     """Flags a loss above ``factor`` x the median of the last ``window`` finite losses.

@@ -37,7 +37,7 @@ from lmtrain.train.preflight import run_preflight
 from lmtrain.train.run_info import write_run_files
 from lmtrain.train.signals import PreemptionGuard, TrainingInterrupted
 from lmtrain.train.state import init_state, state_shardings
-from lmtrain.train.step import make_eval_step, make_train_step
+from lmtrain.train.step import make_eval_step, make_train_step, stacked_shardings
 
 
 @dataclasses.dataclass
@@ -205,6 +205,31 @@ def evaluate_rows(setup: Setup, eval_step, params, max_batches: int = 0, frozen=
     return result
 
 
+def dispatch_size(step: int, group: int, cfg) -> int:
+    """Steps the call after ``step`` runs: ``group`` unless one of them but the last logs,
+    evaluates or checkpoints, the run ends inside it, or the curriculum length changes in it; else 1.
+    """
+    t, d = cfg.train, cfg.data
+    last = step + group  # the step count after the group
+    if group <= 1 or last > t.steps:
+        return 1
+    for every in (t.log_every, t.eval_every, t.checkpoint_every):
+        if (step // every + 1) * every < last:  # the next multiple falls inside the group
+            return 1
+    start_len = d.get("curriculum_start_len", 0)
+    if start_len:
+        length = lambda s: pipeline.curriculum_seq_len(  # noqa: E731
+            s, start_len, d.get("curriculum_steps", 0), d.seq_len
+        )
+        if length(step) != length(last - 1):  # lengths only grow: equal ends, equal throughout
+            return 1
+    return group
+
+
+def _shapes(batch: dict) -> dict:
+    return {k: np.shape(v) for k, v in batch.items()}
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -331,23 +356,48 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         f"batch {cfg.train.global_batch_size}x{cfg.data.seq_len} | steps {start}->{cfg.train.steps}"
     )
 
-    pending = None  # metrics fetched one step late so dispatch stays asynchronous
+    group = max(int(cfg.train.get("steps_per_dispatch", 1)), 1)
+    stacked_sharding = stacked_shardings(setup.batch_sharding)
+    pending = []  # [(first step, steps, device metrics)] fetched one dispatch late (async)
     t_last, steps_since, final = time.perf_counter(), 0, {}
     t_start = t_last
 
     loss_acc = {"sum": 0.0, "n": 0, "last_step": -1}  # mean train loss over the log interval
 
-    def flush(pending_item):
-        step_done, m = pending_item
-        # One device-to-host transfer for all metrics (not one per scalar).
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if step_done > loss_acc["last_step"] and np.isfinite(m["loss"]):
-            loss_acc["sum"] += m["loss"]
-            loss_acc["n"] += 1
-            loss_acc["last_step"] = step_done
-        return step_done, m
+    def flush(items) -> list[tuple[int, dict]]:
+        """(step, metrics) per step of the dispatched calls; adds their losses to the log mean."""
+        rows = []
+        for first, n, device_metrics in items:
+            host = jax.device_get(device_metrics)  # one transfer per call, not one per scalar
+            for j in range(n):
+                m = {k: float(v if np.ndim(v) == 0 else v[j]) for k, v in host.items()}
+                rows.append((first + j, m))
+        for step_done, m in rows:
+            if step_done > loss_acc["last_step"] and np.isfinite(m["loss"]):
+                loss_acc["sum"] += m["loss"]
+                loss_acc["n"] += 1
+                loss_acc["last_step"] = step_done
+        return rows
 
-    history = divergence.BatchHistory(cfg.train.max_nonfinite_in_a_row + 2)
+    def dispatch(state, step):
+        """Runs the next step, or the next ``group`` steps in one call; returns the pending items."""
+        n = dispatch_size(step, group, cfg)
+        host = []
+        for j in range(n):
+            history.record(step + j + 1, batches.get_state())
+            # a few bucketed lengths under a sequence-length curriculum
+            host.append(pipeline.curriculum_batch(next(batches), step + j, cfg.data))
+        if n > 1 and all(_shapes(b) == _shapes(host[0]) for b in host):
+            stacked = {k: np.stack([b[k] for b in host]) for k in host[0]}
+            state, m = train_step.multi(state, to_global(stacked, stacked_sharding), frozen)
+            return state, [(step + 1, n, m)]
+        items = []
+        for j, b in enumerate(host):  # one step per call (also batches of differing shapes)
+            state, m = train_step(state, to_global(b, setup.batch_sharding), frozen)
+            items.append((step + j + 1, 1, m))
+        return state, items
+
+    history = divergence.BatchHistory(cfg.train.max_nonfinite_in_a_row + 2 + 2 * group)
     spikes = divergence.SpikeGuard(
         cfg.fault.spike_factor, cfg.fault.spike_window, cfg.fault.max_rollbacks
     )
@@ -355,16 +405,14 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     last_saved = latest
     eval_hooks, stop_early = EvalHooks(cfg.train, workdir), False  # early stop / keep best
     for step in steps:
-        history.record(step + 1, batches.get_state())
-        batch = pipeline.curriculum_batch(next(batches), step, cfg.data)  # a few bucketed lengths
-        batch = to_global(batch, setup.batch_sharding)
-        state, metrics = (
-            train_step(state, batch, frozen) if frozen is not None else train_step(state, batch)
-        )
-        prev, pending = pending, (step + 1, metrics)
-        steps_since += 1
-        if prev is not None:
-            s, m = flush(prev)
+        state, items = dispatch(state, step)
+        n = sum(item[1] for item in items)
+        steps.skip(n - 1)
+        done = step + n
+        prev, pending = pending, items
+        steps_since += n
+        rolled_back = False
+        for s, m in flush(prev):
             if m["skipped"] and int(state.nonfinite_in_a_row) >= cfg.train.max_nonfinite_in_a_row:
                 _stop_diverged(
                     setup,
@@ -374,7 +422,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
                     logger,
                     history,
                     state,
-                    step + 1,
+                    done,
                     last_saved,
                     num_records,
                 )
@@ -393,11 +441,13 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
                     print_fn,
                 )
                 steps.rewind(last_saved)
-                pending, steps_since, t_last = None, 0, time.perf_counter()
-                continue
-        done = step + 1
+                pending, steps_since, t_last = [], 0, time.perf_counter()
+                rolled_back = True
+                break
+        if rolled_back:
+            continue
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            s, m = flush(pending)
+            s, m = flush(pending)[-1]
             now = time.perf_counter()
             dt = (now - t_last) / max(steps_since, 1)
             t_last, steps_since = now, 0

@@ -63,8 +63,16 @@ def init_state(model, tx, seq_len: int, seed: int, mesh: Mesh, params_transform=
         _init_fn(model, tx, seq_len, seed, False, params_transform), out_shardings=shardings
     )
     with mesh:
-        state = init()
+        state = init.lower().compile(
+            compiler_options=_INIT_COMPILER_OPTIONS.get(jax.default_backend())
+        )()
     return state, shardings
+
+
+# Init runs once: on CPU, LLVM's -O1 instead of -O2 takes ~25% off its compile (0.55 of 2.2 s for
+# the shakespeare model, whose init is ~400 unrolled threefry fusions) and gives bitwise the
+# same values; the program itself runs a few milliseconds longer.
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

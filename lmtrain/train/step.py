@@ -1,36 +1,44 @@
 """The one train step: microbatched gradients, one normalisation, clipping, AdamW, finite guard.
 
 ``make_train_step`` returns a function jitted with explicit in/out shardings and the state
-donated. Every objective (lm, sft, dpo, reward, distill) runs through it.
+donated. Every objective (lm, sft, dpo, reward, distill) runs through it. Its ``multi`` runs
+several steps in one call (``lax.scan`` over stacked batches): the same updates, one dispatch.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmtrain.model.sharding import LOGICAL_RULES
+from lmtrain.model.sharding import LOGICAL_RULES, shard_map
 from lmtrain.train.objectives import OBJECTIVES, LossContext
 from lmtrain.train.state import TrainState
 
 
-def _split_microbatches(batch: dict, m: int) -> dict:
+def _split_microbatches(batch: dict, m: int, constrain: bool = True) -> dict:
     """(B, ...) → (M, B/M, ...) taking rows m, m+M, ...: each microbatch spans every data shard."""
 
     def split(x):
         b = x.shape[0]
         y = x.reshape(b // m, m, *x.shape[1:])
         y = jnp.swapaxes(y, 0, 1)
+        if not constrain:  # inside shard_map: already this shard's rows
+            return y
         spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
         return jax.lax.with_sharding_constraint(y, spec)
 
     return jax.tree.map(split, batch)
 
 
-def compute_grads(loss_fn, params, batch, rng, ctx: LossContext, microbatches: int):
+def compute_grads(
+    loss_fn, params, batch, rng, ctx: LossContext, microbatches: int, constrain: bool = True
+):
     """Sums of loss, weight, metrics and grads over microbatches (not yet normalised)."""
 
     def f(p, mb, r):
@@ -42,7 +50,7 @@ def compute_grads(loss_fn, params, batch, rng, ctx: LossContext, microbatches: i
         (loss_sum, (weight, metrics)), grads = grad_fn(params, batch, rng)
         return loss_sum, weight, metrics, grads
 
-    mbs = _split_microbatches(batch, microbatches)
+    mbs = _split_microbatches(batch, microbatches, constrain)
     rngs = jax.random.split(rng, microbatches)
     first = jax.tree.map(lambda x: x[0], mbs)
     (l0, (w0, m0)), g0 = jax.eval_shape(grad_fn, params, first, rngs[0])
@@ -61,6 +69,55 @@ def compute_grads(loss_fn, params, batch, rng, ctx: LossContext, microbatches: i
     return loss_sum, weight, metrics, grads
 
 
+BATCH_AXES = ("data", "fsdp")
+
+
+def uses_flat_grad_sync(config, mesh: Mesh) -> bool:
+    """Whether gradients are summed over data shards as one flat buffer (``train.grad_sync``).
+
+    ``auto`` picks it on CPU under pure data parallelism: XLA:CPU's all-reduce costs ~55 µs per
+    operand, so one buffer instead of one per parameter saved ~1.5 ms of a 20 ms step. On GPU
+    and TPU the SPMD reduction stays: XLA overlaps its per-layer all-reduces with the backward.
+    """
+    mode = config.train.get("grad_sync", "auto")
+    data_only = mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1 and mesh.shape["data"] > 1
+    if mode == "spmd" or not data_only or config.model.attention != "xla":
+        return False
+    return mode == "flat" or jax.default_backend() == "cpu"
+
+
+def compute_grads_flat(
+    loss_fn, params, batch, rng, ctx: LossContext, microbatches: int, mesh: Mesh
+):
+    """``compute_grads`` per data shard (shard_map), then one psum of everything as one vector.
+
+    Params (and frozen trees) are replicated under pure data parallelism; each shard differentiates
+    its rows, and loss, weight, metrics and grads are raveled into a single float32 buffer so the
+    reduction is one collective. Dropout keys differ per shard (the shard index is folded in).
+    """
+
+    def local(params, batch, rng, frozen):
+        shard = jax.lax.axis_index(BATCH_AXES)
+        local_ctx = dataclasses.replace(ctx, frozen=frozen)
+        with nn.logical_axis_rules(()):  # no sharding constraints inside the manual region
+            sums = compute_grads(
+                loss_fn,
+                params,
+                batch,
+                jax.random.fold_in(rng, shard),
+                local_ctx,
+                microbatches,
+                False,
+            )
+        flat, unravel = ravel_pytree(sums)
+        return unravel(jax.lax.psum(flat.astype(jnp.float32), BATCH_AXES).astype(flat.dtype))
+
+    replicated, rows = PartitionSpec(), PartitionSpec(BATCH_AXES)
+    return shard_map(
+        local, mesh, in_specs=(replicated, rows, replicated, replicated), out_specs=replicated
+    )(params, batch, rng, ctx.frozen)
+
+
 def make_train_step(
     model,
     tx: optax.GradientTransformation,
@@ -75,14 +132,20 @@ def make_train_step(
     """``extras``: static helpers for the objective (``LossContext.extras``), e.g. a teacher model."""
     loss_fn = OBJECTIVES[config.objective]
     microbatches = config.train.microbatches
+    flat = uses_flat_grad_sync(config, mesh)
 
     def step(state: TrainState, batch: dict, frozen=None):
         ctx = LossContext(model=model, config=config, frozen=frozen, extras=extras)
         rng, step_rng = jax.random.split(state.rng)
         step_rng = jax.random.fold_in(step_rng, state.step)
-        loss_sum, weight, metrics, grads = compute_grads(
-            loss_fn, state.params, batch, step_rng, ctx, microbatches
-        )
+        if flat:
+            loss_sum, weight, metrics, grads = compute_grads_flat(
+                loss_fn, state.params, batch, step_rng, ctx, microbatches, mesh
+            )
+        else:
+            loss_sum, weight, metrics, grads = compute_grads(
+                loss_fn, state.params, batch, step_rng, ctx, microbatches
+            )
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss = loss_sum / denom
@@ -135,8 +198,33 @@ def make_train_step(
         with mesh, nn.logical_axis_rules(LOGICAL_RULES):
             return jitted(state, batch, frozen)
 
+    def steps(state: TrainState, batches: dict, frozen=None):
+        return jax.lax.scan(lambda s, b: step(s, b, frozen), state, batches)
+
+    jitted_multi = jax.jit(
+        steps,
+        in_shardings=(state_shardings, stacked_shardings(batch_shardings), frozen_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    def multi(state, batches, frozen=None):
+        """k steps on batches stacked as (k, B, ...); metrics come back as (k,) arrays."""
+        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+            return jitted_multi(state, batches, frozen)
+
     run.jitted = jitted
+    run.multi = multi
     return run
+
+
+def stacked_shardings(batch_shardings):
+    """Batch shardings with a leading unsharded axis: k batches stacked for ``multi``."""
+    return jax.tree.map(
+        lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)),
+        batch_shardings,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
 
 
 def make_eval_step(
