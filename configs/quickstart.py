@@ -30,6 +30,7 @@ def get_config():
         steps=300,
         global_batch_size=16,
         log_every=25,
+        steps_per_dispatch=25,  # one jitted call per log interval (metrics stay per step)
         eval_every=100,
         eval_batches=8,
         checkpoint_every=100,

@@ -95,6 +95,29 @@ def verify_step_dir(step_dir: str) -> str | None:
     return None
 
 
+def _single_writer_saves_on_cpu() -> None:
+    """On CPU, turn off Orbax's replica-parallel save (its default everywhere but GPU).
+
+    It splits each replicated array across the devices holding it so they write in parallel,
+    slicing with one jitted ``slice`` per shape and device: on CPU, where one host writes
+    anyway, that is only compile time (0.45 s on the shakespeare run's first save, 2.9 s for a
+    40-shape tree; 0.08 s per save without it). Process-wide: Orbax keeps one handler registry.
+    """
+    if jax.default_backend() != "cpu":
+        return
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    if not getattr(handler, "_use_replica_parallel", False):
+        return
+    try:
+        single = ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False,
+            array_metadata_store=getattr(handler, "_array_metadata_store", None),
+        )
+    except TypeError:  # pragma: no cover - an Orbax without these options: keep its default
+        return
+    ocp.type_handlers.register_type_handler(jax.Array, single, override=True)
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -123,6 +146,7 @@ class Checkpointer:
         if leftovers and self._is_primary and owner:
             names = ", ".join(os.path.basename(p) for p in leftovers)
             report(f"checkpoint: discarding incomplete write(s) from an earlier run: {names}")
+        _single_writer_saves_on_cpu()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
