@@ -244,3 +244,21 @@ def test_generation_past_the_context_slides_a_half_context_window(model_and_para
         window = (prompt + out[:j])[-32:]
         logits = model.apply({"params": params}, jnp.asarray([window], jnp.int32))
         assert out[j] == int(np.argmax(np.asarray(logits)[0, -1])), j
+
+
+def test_past_the_context_rows_end_at_a_stop_sequence_with_their_reason(model_and_params):
+    """The sliding rounds keep stop sequences and finish reasons (used by `lmtrain generate`)."""
+    from lmtrain.infer.sampling import generate_batch_past_context
+
+    model, params = model_and_params
+    prompt = list(np.random.default_rng(6).integers(1, VOCAB, 10))
+    free = generate_batch_past_context(model, params, [prompt], max_new_tokens=100, eos_id=NO_EOS)
+    out = free.tokens[0]
+    assert len(out) == 100 and free.finish_reasons == ["length"]
+    # a token pair inside the second round (outputs 32..63) that does not occur earlier
+    j = next(j for j in range(33, 62) if all(out[i : i + 2] != out[j : j + 2] for i in range(j)))
+    stopped = generate_batch_past_context(
+        model, params, [prompt], max_new_tokens=100, eos_id=NO_EOS, stop_sequences=[out[j : j + 2]]
+    )
+    assert stopped.tokens == [out[:j]] and stopped.finish_reasons == ["stop"]
+    assert stopped.timing["prefill_s"] > 0 and stopped.timing["steps"] > 0

@@ -96,8 +96,8 @@ def main(argv=None) -> None:
         variants.append(make("flat", 1))
     variants.append(make("flat" if args.devices > 1 else "spmd", k))
     times = {v["name"]: [] for v in variants}
-    # One-step variants alternate round by round; the grouped one runs after them: once its scan
-    # program has run, later one-step calls in the same process ran ~40% slower on XLA:CPU.
+    # One-step variants alternate round by round; the grouped one runs after them (in one
+    # measurement, one-step calls interleaved with its scan program ran up to ~40% slower).
     for phase in (variants[:-1], variants[-1:]):
         for v in phase:  # compile and warm up
             run_round(v)

@@ -29,7 +29,7 @@ def run_generate(args, overrides, *, input_fn=None, print_fn=print) -> None:
     import builtins
 
     from lmtrain.infer.loader import load_run
-    from lmtrain.infer.sampling import generate_batch, truncate_at_stop
+    from lmtrain.infer.sampling import generate_batch_past_context, truncate_at_stop
 
     input_fn = input_fn or builtins.input  # looked up per call (tests patch it)
     run = load_run(args.workdir, args.step, overrides)
@@ -49,7 +49,7 @@ def run_generate(args, overrides, *, input_fn=None, print_fn=print) -> None:
             prompt = args.prompt
         ids = tok.encode(prompt) or [tok.bos_id]
         t0 = time.perf_counter()
-        g = generate_batch(
+        g = generate_batch_past_context(  # past the context the window slides
             setup.model,
             run.params,
             [ids] * args.num_samples,

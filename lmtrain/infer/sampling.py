@@ -326,7 +326,7 @@ class _MeshContext:
         return self.mesh.__exit__(*exc)
 
 
-def generate_past_context(
+def generate_batch_past_context(
     model,
     params,
     prompts: Sequence[Sequence[int]],
@@ -335,40 +335,62 @@ def generate_past_context(
     eos_id: int,
     seed: int = 0,
     **kwargs,
-) -> list[list[int]]:
-    """:func:`generate` for outputs longer than the model's context (``cfg.max_seq_len``).
+) -> Generation:
+    """:func:`generate_batch` for outputs longer than the model's context (``cfg.max_seq_len``).
 
     Past the context RoPE positions were never trained and the text degenerates, so the window
     slides: each round continues every row from its last ``max_seq_len // 2`` tokens and fills
     the rest of the context (nanoGPT's sampler crops its context the same way, one token at a
-    time). Every round has the same shapes, so it compiles once. Rows end at EOS.
+    time). Every round has the same shapes, so it compiles once. A row ends at EOS or a stop
+    sequence (matched within a round; ``truncate_at_stop`` on the text catches one that spans
+    two). ``timing``: ``prefill_s`` of the first round, the rest counted as decode.
     """
     ctx = model.cfg.max_seq_len
     if ctx < 2 or max(len(p) for p in prompts) + max_new_tokens <= ctx:
-        return generate(
+        return generate_batch(
             model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed,
             **kwargs,
         )  # fmt: skip
+    if kwargs.get("return_logits"):
+        raise LmtrainError(
+            f"return_logits needs prompt + max_new_tokens within the model's context ({ctx})"
+        )
     keep = ctx // 2
     step = ctx - keep
     texts = [list(p) for p in prompts]
     outs: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    timing = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
     live = list(range(len(prompts)))
     for r in range(-(-max_new_tokens // step)):
         if not live:
             break
         windows = [(texts[i] + outs[i])[-keep:] for i in live]
-        new = generate(
+        g = generate_batch(
             model, params, windows, max_new_tokens=step, eos_id=eos_id, seed=seed + r,
             prompt_len_multiple=keep, **kwargs,
         )  # fmt: skip
+        if r == 0:
+            timing["prefill_s"] = g.timing["prefill_s"]
+        else:
+            timing["decode_s"] += g.timing["prefill_s"]
+        timing["decode_s"] += g.timing["decode_s"]
+        timing["steps"] += g.timing["steps"]
         still = []
-        for i, toks in zip(live, new):
+        for i, toks, why in zip(live, g.tokens, g.finish_reasons):
             outs[i].extend(toks)
-            if len(toks) == step and len(outs[i]) < max_new_tokens:  # shorter: it hit EOS
+            reasons[i] = why
+            if why == "length" and len(outs[i]) < max_new_tokens:  # else EOS, a stop or done
                 still.append(i)
         live = still
-    return [o[:max_new_tokens] for o in outs]
+    return Generation([o[:max_new_tokens] for o in outs], reasons, None, timing)
+
+
+def generate_past_context(model, params, prompts, *, max_new_tokens: int, eos_id: int, **kwargs):
+    """Per prompt, the generated ids of :func:`generate_batch_past_context`."""
+    return generate_batch_past_context(
+        model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **kwargs
+    ).tokens
 
 
 def generate(
