@@ -334,7 +334,8 @@ class _SkipOne:
         return self.ds[i + (i >= self.gap)]
 
 
-def test_loss_spike_rolls_back_and_skips_the_data(tmp_path, text_file, monkeypatch):
+@pytest.mark.parametrize("group", [1, 2])  # 2: the spike is seen a call late, mid-group
+def test_loss_spike_rolls_back_and_skips_the_data(tmp_path, text_file, monkeypatch, group):
     import grain
     import jax.numpy as jnp
 
@@ -357,6 +358,8 @@ def test_loss_spike_rolls_back_and_skips_the_data(tmp_path, text_file, monkeypat
 
     monkeypatch.setitem(objectives.OBJECTIVES, "lm", scaled_lm)
     extra = {"train.steps": 16, "train.checkpoint_every": 4, "train.keep_checkpoints": 3}
+    if group > 1:
+        extra.update({"train.steps_per_dispatch": group, "train.log_every": 4})
 
     # Spike on batch 9 (step 10): rolls back to step 8 and continues with batch 10.
     monkeypatch.setattr(

@@ -282,9 +282,14 @@ def test_load_run_of_an_init_from_run_needs_no_init_from_run(files, tmp_path):
     assert greedy(run.setup.model, run.params) == greedy(run.setup.model, trained)
 
 
-def test_nan_streak_in_an_sft_run_names_the_offending_rows(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "group,bad,last_good",
+    [(1, (1, 2), 1), (2, (3, 4), 2)],  # 2 steps per call: the streak ends inside a later call
+)
+def test_nan_streak_in_an_sft_run_names_the_offending_rows(
+    files, tmp_path, monkeypatch, group, bad, last_good
+):
     original = finetune_data.train_dataset
-    bad = {1, 2}
 
     def poisoned(*args, **kwargs):
         def poison(index, batch):
@@ -297,14 +302,22 @@ def test_nan_streak_in_an_sft_run_names_the_offending_rows(files, tmp_path, monk
 
     monkeypatch.setattr(finetune_data, "train_dataset", poisoned)
     cfg = ft_config(files, "sft", "sft")
-    cfg.train.update(steps=6, eval_every=1000, checkpoint_every=1, max_nonfinite_in_a_row=2)
+    cfg.train.update(
+        steps=8,
+        eval_every=1000,
+        log_every=group,
+        checkpoint_every=group,
+        steps_per_dispatch=group,
+        max_nonfinite_in_a_row=2,
+    )
     with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row"):
         train(cfg, str(tmp_path), print_fn=lambda *_: None)
     report = json.loads((tmp_path / REPORT_FILE).read_text())
     assert report["train_file"] == str(files / "sft.jsonl")
-    assert report["last_good_checkpoint"] == 1
+    assert report["last_good_checkpoint"] == last_good
     batches = report["offending_batches"]
-    assert [b["batch_index"] for b in batches] == [1, 2]
+    assert [b["batch_index"] for b in batches] == list(bad)
+    assert report["stopped_at_step"] == bad[1] + 1  # steps count from 1, batches from 0
     # The named rows are exactly the rows of the offending batches.
     rows = finetune_data.rows_for_objective(cfg, TOK, str(files / "sft.jsonl"))
     ds = original(rows, batch_size=8, seed=cfg.seed)

@@ -404,6 +404,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     steps = divergence.StepCounter(start, cfg.train.steps)
     last_saved = latest
     eval_hooks, stop_early = EvalHooks(cfg.train, workdir), False  # early stop / keep best
+    streak = 0  # skipped (non-finite) steps in a row
     for step in steps:
         state, items = dispatch(state, step)
         n = sum(item[1] for item in items)
@@ -411,9 +412,17 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         done = step + n
         prev, pending = pending, items
         steps_since += n
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or guard.requested:
+            # A checkpoint may follow: check the newest steps too, so none is saved after a
+            # non-finite streak that is only seen later (the save waits for this state anyway).
+            prev, pending = prev + pending, []
         rolled_back = False
-        for s, m in flush(prev):
-            if m["skipped"] and int(state.nonfinite_in_a_row) >= cfg.train.max_nonfinite_in_a_row:
+        rows = flush(prev)
+        for s, m in rows:
+            # Counted from the per-step metrics, not the state: the state is a call or two ahead
+            # and a streak that ends inside that lag would otherwise go unseen.
+            streak = streak + 1 if m["skipped"] else 0
+            if streak >= cfg.train.max_nonfinite_in_a_row:
                 _stop_diverged(
                     setup,
                     workdir,
@@ -422,7 +431,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
                     logger,
                     history,
                     state,
-                    done,
+                    s,
+                    streak,
                     last_saved,
                     num_records,
                 )
@@ -441,13 +451,13 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
                     print_fn,
                 )
                 steps.rewind(last_saved)
-                pending, steps_since, t_last = [], 0, time.perf_counter()
+                pending, steps_since, t_last, streak = [], 0, time.perf_counter(), 0
                 rolled_back = True
                 break
         if rolled_back:
             continue
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            s, m = flush(pending)[-1]
+            s, m = (flush(pending) if pending else rows)[-1]
             now = time.perf_counter()
             dt = (now - t_last) / max(steps_since, 1)
             t_last, steps_since = now, 0
@@ -595,7 +605,7 @@ def _rollback(setup, workdir, ckpt, ds, batches, history, spikes, s, loss, state
 
 
 def _stop_diverged(
-    setup, workdir, ckpt, batches, logger, history, state, done, last_saved, num_records=0
+    setup, workdir, ckpt, batches, logger, history, state, done, n, last_saved, num_records=0
 ):
     """Too many non-finite steps in a row: keep the last good checkpoint, name the batches, stop.
 
@@ -603,7 +613,6 @@ def _stop_diverged(
     (``num_records`` rows, same shuffle/batch structure) name the rows of ``data.train_file``.
     """
     cfg = setup.config
-    n = int(state.nonfinite_in_a_row)
     ckpt.close()
     batches.close()
     logger.close()
