@@ -177,6 +177,34 @@ def test_dpo_with_lora_and_precomputed_reference(files, tmp_path):
     assert logged[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+@pytest.mark.parametrize("reference", ["params", "precomputed"])
+def test_dpo_lora_with_flat_grads_and_grouped_steps_matches_spmd_per_step(
+    files, tmp_path, reference
+):
+    """On a pure data-parallel mesh the flat all-reduce (shard_map) gets the frozen trees (LoRA
+    base, DPO reference) as replicated inputs, and 2 steps per call run them through the scan:
+    the same run as XLA's SPMD reduction one step per call."""
+    runs = {}
+    for name, extra in {
+        "spmd": {"grad_sync": "spmd", "steps_per_dispatch": 1},
+        "flat": {"grad_sync": "flat", "steps_per_dispatch": 2},
+    }.items():
+        cfg = ft_config(files, "dpo", "prefs")
+        cfg.mesh.shape = (8, 1, 1)
+        cfg.lora.update(rank=2, targets=("q", "v"))
+        cfg.dpo.reference = reference
+        cfg.train.update(steps=4, log_every=2, eval_every=4, **extra)
+        out = train(cfg, str(tmp_path / name), print_fn=lambda *_: None)
+        runs[name] = (out, {m["step"]: m for m in metrics(tmp_path / name) if "train/loss" in m})
+    (a, la), (b, lb) = runs["spmd"], runs["flat"]
+    assert sorted(la) == sorted(lb) == [2, 4]
+    for s in (2, 4):
+        for k in ("train/loss", "train/loss_avg", "train/rewards/margin", "train/grad_norm"):
+            np.testing.assert_allclose(lb[s][k], la[s][k], rtol=1e-5, atol=1e-7, err_msg=f"{s} {k}")
+    np.testing.assert_allclose(b["eval/loss"], a["eval/loss"], rtol=1e-5)
+    assert la[4]["train/rewards/margin"] != 0.0  # the adapters moved
+
+
 def test_init_from_refuses_a_different_tokenizer(files, tmp_path):
     other = CharTokenizer.train(["abc+=?0123456789\n"])
     other.save(tmp_path / "tok")
