@@ -128,11 +128,10 @@ def main() -> None:
 
 def _torch_reference(data: str, required: bool) -> dict | None:
     """tools/torch_baby_gpt.py in a child process (its threads and memory gone before ours)."""
+    import importlib.util
     import subprocess
 
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:  # not imported here: keep this process lean
         if required:
             sys.exit("--reference torch needs PyTorch: pip install -e '.[hf]'")
         print("PyTorch not installed: no same-session reference (compare with nanoGPT's 91 s)")
