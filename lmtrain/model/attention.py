@@ -108,7 +108,7 @@ class Attention(nn.Module):
         # One matmul for q, k and v (params stay separate, so checkpoints map 1:1 to HF layouts).
         w = jnp.concatenate([wq, wk, wv], axis=1)
         x, dt, mm = x_BTD, cfg.compute_dtype, cfg.matmul_compute_dtype
-        custom = cfg.remat == "none"  # custom VJPs would hide the dots from remat policies
+        custom = cfg.custom_matmul_grads
         qkv_bias = None
         if cfg.qkv_bias:  # Qwen2-style biases on q, k and v.
 

@@ -42,6 +42,12 @@ class ModelConfig:
         return jnp.dtype(self.matmul_dtype or self.dtype)
 
     @property
+    def custom_matmul_grads(self) -> bool:
+        """Custom VJPs for the matmuls and attention (lmtrain/model/matmul.py) only without a remat
+        policy: they would hide their dots from the policies that save dots."""
+        return self.remat == "none"
+
+    @property
     def params_dtype(self):
         return jnp.dtype(self.param_dtype)
 

@@ -61,7 +61,7 @@ class MLP(nn.Module):
         # gate and up in one matmul; params stay separate (1:1 with HF checkpoints).
         w = jnp.concatenate([w_gate, w_up], axis=1)
         gate_up = matmul.einsum(
-            "btd,df->btf", x_BTD, w, cfg.matmul_compute_dtype, cfg.remat == "none"
+            "btd,df->btf", x_BTD, w, cfg.matmul_compute_dtype, cfg.custom_matmul_grads
         ).astype(cfg.compute_dtype)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         act = (
@@ -78,7 +78,7 @@ class MLP(nn.Module):
             cfg.params_dtype,
         )
         return matmul.einsum(
-            "btf,fd->btd", h, w_down, cfg.matmul_compute_dtype, cfg.remat == "none"
+            "btf,fd->btd", h, w_down, cfg.matmul_compute_dtype, cfg.custom_matmul_grads
         ).astype(cfg.compute_dtype)
 
 
@@ -135,7 +135,7 @@ class Transformer(nn.Module):
             # Small vocabularies: a one-hot matmul beats gather/scatter-add (notably on CPU).
             onehot = jax.nn.one_hot(tokens_BT, cfg.vocab_size, dtype=cfg.compute_dtype)
             x = matmul.einsum(
-                "btv,vd->btd", onehot, embedding, cfg.matmul_compute_dtype, cfg.remat == "none"
+                "btv,vd->btd", onehot, embedding, cfg.matmul_compute_dtype, cfg.custom_matmul_grads
             )
             x = x.astype(cfg.compute_dtype)
         else:
@@ -166,7 +166,7 @@ class Transformer(nn.Module):
             out = x.astype(jnp.float32)
         elif cfg.tie_embeddings:
             out = matmul.einsum(
-                "btd,vd->btv", x, embedding, cfg.matmul_compute_dtype, cfg.remat == "none"
+                "btd,vd->btv", x, embedding, cfg.matmul_compute_dtype, cfg.custom_matmul_grads
             )
         else:
             w = self.param(
@@ -177,7 +177,9 @@ class Transformer(nn.Module):
                 (cfg.d_model, cfg.vocab_size),
                 cfg.params_dtype,
             )
-            out = matmul.einsum("btd,dv->btv", x, w, cfg.matmul_compute_dtype, cfg.remat == "none")
+            out = matmul.einsum(
+                "btd,dv->btv", x, w, cfg.matmul_compute_dtype, cfg.custom_matmul_grads
+            )
         if not return_hidden:
             out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
         if kv_cache is None:
