@@ -42,6 +42,7 @@ def get_config():
         steps=2000,
         global_batch_size=12,
         steps_per_dispatch=50,  # one jitted call per 50 steps: the host work of a 20 ms step matters
+        cpu_opt_level=1,  # LLVM -O1 on CPU: 25% less compile and ~1 ms less per step at this size
         log_every=250,
         eval_every=250,
         eval_batch_size=96,  # 8 train batches per eval call: fewer, larger forward passes

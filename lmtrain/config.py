@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Gradient reduction over data shards: auto (one flat all-reduce on CPU under pure data
     # parallelism, else XLA's per-parameter SPMD reduction) | flat | spmd.
     c.train.grad_sync = "auto"
+    # Pretraining: compile the first train call and the eval step in background threads while
+    # the state initialises (XLA compiles on one core; lmtrain/train/compile_ahead.py).
+    c.train.compile_ahead = True
+    # LLVM optimisation level of the train step on CPU (-1 = XLA's default, -O2). -O1 skips the
+    # loop/SLP vectorisers: for small models' many small fusions it compiled 25% faster and ran
+    # ~6% faster (shakespeare config); for wider models -O2's vector loops win (~5%).
+    c.train.cpu_opt_level = -1
     c.train.log_every = 50
     c.train.eval_every = 250
     c.train.eval_batches = (
@@ -410,6 +417,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         t.eval_batch_size >= 0 and (t.eval_batch_size or t.global_batch_size) % shards == 0,
         f"config.train.eval_batch_size={t.eval_batch_size} must be 0 (= global_batch_size) or a "
         f"positive multiple of the data shards (mesh data x fsdp = {shards})",
+    )
+    need(
+        t.get("cpu_opt_level", -1) in (-1, 0, 1, 2, 3),
+        f"config.train.cpu_opt_level={t.get('cpu_opt_level')!r}: -1 (XLA's default), 0, 1, 2 or 3",
     )
     grad_sync = t.get("grad_sync", "auto")
     need(

@@ -55,7 +55,7 @@ WORKER = textwrap.dedent(
         tx, schedule = make_optimizer(c.optim, c.train.steps)
         state, shardings = init_state(model, tx, 16, 0, mesh)
         bs = batch_sharding(mesh)
-        step = make_train_step(model, tx, schedule, c, mesh, shardings, bs)
+        step = make_train_step(model, schedule, c, mesh, shardings, bs)
         hosts, losses = list(batches(np.random.default_rng(0))), []
         for i in range(0, c.train.steps, group):
             if group == 1:

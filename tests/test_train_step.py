@@ -45,7 +45,7 @@ def run_steps(cfg, workdir, batches, **overrides):
     setup = build(cfg, str(workdir))
     state, shardings = init_state(setup.model, setup.tx, cfg.data.seq_len, cfg.seed, setup.mesh)
     step = make_train_step(
-        setup.model, setup.tx, setup.schedule, cfg, setup.mesh, shardings, setup.batch_sharding
+        setup.model, setup.schedule, cfg, setup.mesh, shardings, setup.batch_sharding
     )
     losses = []
     for b in batches:
@@ -211,7 +211,7 @@ def test_several_steps_per_call_equal_one_step_per_call(tiny_cfg, tmp_path):
     def fresh():
         state, shardings = init_state(setup.model, setup.tx, cfg.data.seq_len, cfg.seed, setup.mesh)
         step = make_train_step(
-            setup.model, setup.tx, setup.schedule, cfg, setup.mesh, shardings, setup.batch_sharding
+            setup.model, setup.schedule, cfg, setup.mesh, shardings, setup.batch_sharding
         )
         return state, step
 

@@ -72,7 +72,7 @@ def run_bench(cfg, warmup: int = 3, steps: int = 10) -> dict:
     seq, gb = cfg.data.seq_len, cfg.train.global_batch_size
     state, shardings = init_state(model, tx, seq, cfg.seed, mesh)
     bs = batch_sharding(mesh)
-    step = make_train_step(model, tx, schedule, cfg, mesh, shardings, bs)
+    step = make_train_step(model, schedule, cfg, mesh, shardings, bs)
     batch = {
         k: jax.device_put(v, bs) for k, v in synthetic_batch(gb, seq, model_cfg.vocab_size).items()
     }

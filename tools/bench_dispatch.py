@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
         state, shardings = init_state(model, tx, seq, cfg.seed, mesh)
         bs = batch_sharding(mesh)
-        step = make_train_step(model, tx, schedule, cfg, mesh, shardings, bs)
+        step = make_train_step(model, schedule, cfg, mesh, shardings, bs)
         flat = uses_flat_grad_sync(cfg, mesh)
         return {"state": state, "step": step, "bs": bs, "sk": stacked_shardings(bs), "k": group,
                 "name": f"{group} step{'s' if group > 1 else ''} per call, "

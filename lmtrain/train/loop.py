@@ -27,6 +27,7 @@ from lmtrain.model.transformer import Transformer
 from lmtrain.train import compile_cache, divergence, finetune
 from lmtrain.train import flops as flops_lib
 from lmtrain.train.checkpoint import Checkpointer
+from lmtrain.train.compile_ahead import CompileAhead, global_spec, with_shardings
 from lmtrain.train.early_stop import EvalHooks
 from lmtrain.train.lora_io import save_adapters
 from lmtrain.train.losses.dpo import DegenerateRunMonitor
@@ -205,6 +206,72 @@ def evaluate_rows(setup: Setup, eval_step, params, max_batches: int = 0, frozen=
     return result
 
 
+def _token_dataset(cfg, setup: Setup):
+    return pipeline.train_dataset(
+        os.path.join(setup.data_dir, cfg.data.train_split),
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.train.global_batch_size // jax.process_count(),
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def _step_functions(setup: Setup, frozen_shardings, extras):
+    cfg, mesh = setup.config, setup.mesh
+    train_step = make_train_step(
+        setup.model,
+        setup.schedule,
+        cfg,
+        mesh,
+        setup.shardings,
+        setup.batch_sharding,
+        frozen_shardings,
+        extras,
+    )
+    eval_step = make_eval_step(
+        setup.model,
+        cfg,
+        mesh,
+        setup.shardings.params,
+        setup.batch_sharding,
+        frozen_shardings,
+        extras,
+    )
+    return train_step, eval_step
+
+
+def _compiles_ahead(cfg) -> bool:
+    """Token-shard pretraining in one process (no frozen trees, batches known up front)."""
+    return (
+        cfg.train.get("compile_ahead", True)
+        and jax.process_count() == 1
+        and not finetune.uses_records(cfg)
+        and not finetune.lora_enabled(cfg)
+        and cfg.objective == "lm"
+    )
+
+
+def _start_compiles(ahead: CompileAhead, setup: Setup, train_step, eval_step, ds, start: int):
+    """The first dispatch's train call (one step or a stack) and the eval step, in threads."""
+    cfg = setup.config
+    if start >= cfg.train.steps:
+        return
+    # dispatch_size never groups steps across a curriculum length change: one shape for all n
+    n = dispatch_size(start, max(int(cfg.train.get("steps_per_dispatch", 1)), 1), cfg)
+    example = ds[0]  # random access: the iterator the loop reads from is untouched
+    first = pipeline.curriculum_batch(example, start, cfg.data)
+    batch = global_spec(first, setup.batch_sharding, jax.process_count())
+    state = with_shardings(setup.abstract_state, setup.shardings)
+    ahead.start("train_step", lambda: train_step.compile_for(state, batch, None, n))
+    rows = eval_rows_per_process(cfg)  # evals read full-length windows, as the train split's
+    eval_rows = {
+        k: np.zeros((rows, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in example.items()
+    }
+    eval_batch = global_spec(eval_rows, setup.batch_sharding, jax.process_count())
+    ahead.start("eval_step", lambda: eval_step.compile_for(state.params, eval_batch))
+
+
 def dispatch_size(step: int, group: int, cfg) -> int:
     """Steps the call after ``step`` runs: ``group`` unless one of them but the last logs,
     evaluates or checkpoints, the run ends inside it, or the curriculum length changes in it; else 1.
@@ -262,6 +329,14 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         owner=True,
     )
     latest = ckpt.latest_step()
+    # Plain pretraining: build the data and step functions first and compile the first train
+    # call and the eval step in background threads while the state initialises or restores.
+    ahead = CompileAhead()
+    early = _compiles_ahead(cfg)
+    if early:
+        ds = _token_dataset(cfg, setup)
+        train_step, eval_step = _step_functions(setup, None, None)
+        _start_compiles(ahead, setup, train_step, eval_step, ds, latest or 0)
     iter_state = None
     if latest is not None:
         state, iter_state = ckpt.restore(latest, setup.abstract_state, setup.shardings)
@@ -306,40 +381,16 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-    else:
-        ds = pipeline.train_dataset(
-            os.path.join(setup.data_dir, cfg.data.train_split),
-            seq_len=cfg.data.seq_len,
-            batch_size=per_process,
-            seed=cfg.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+    elif not early:
+        ds = _token_dataset(cfg, setup)
     it = pipeline.iterate(ds)
     if iter_state:
         it.set_state(iter_state)
     batches = Prefetcher(it, cfg.data.prefetch)
 
-    train_step = make_train_step(
-        setup.model,
-        setup.tx,
-        setup.schedule,
-        cfg,
-        mesh,
-        setup.shardings,
-        setup.batch_sharding,
-        frozen_shardings,
-        extras,
-    )
-    eval_step = make_eval_step(
-        setup.model,
-        cfg,
-        mesh,
-        setup.shardings.params,
-        setup.batch_sharding,
-        frozen_shardings,
-        extras,
-    )
+    if not early:
+        train_step, eval_step = _step_functions(setup, frozen_shardings, extras)
+    ahead.wait()  # before the loop's calls: one program must not compile twice at once
     dpo_monitor = (
         DegenerateRunMonitor(cfg.dpo.degenerate_patience, warn=print_fn)
         if cfg.objective == "dpo"

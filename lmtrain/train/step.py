@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.model.sharding import LOGICAL_RULES, shard_map
 from lmtrain.train.objectives import OBJECTIVES, LossContext
+from lmtrain.train.optim import apply_adamw
 from lmtrain.train.state import TrainState
 
 
@@ -120,7 +121,6 @@ def compute_grads_flat(
 
 def make_train_step(
     model,
-    tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     config,
     mesh: Mesh,
@@ -129,7 +129,12 @@ def make_train_step(
     frozen_shardings=None,
     extras=None,
 ):
-    """``extras``: static helpers for the objective (``LossContext.extras``), e.g. a teacher model."""
+    """The jitted step; ``.multi`` runs several steps (stacked batches) in one call.
+
+    The optimizer is config.optim's AdamW (:func:`lmtrain.train.optim.apply_adamw`), over a state
+    made by ``make_optimizer(config.optim, ...)``'s ``tx.init``. ``extras``: static helpers for the
+    objective (``LossContext.extras``), e.g. a teacher model.
+    """
     loss_fn = OBJECTIVES[config.objective]
     microbatches = config.train.microbatches
     flat = uses_flat_grad_sync(config, mesh)
@@ -147,23 +152,15 @@ def make_train_step(
                 loss_fn, state.params, batch, step_rng, ctx, microbatches
             )
         denom = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss = loss_sum / denom
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def update(operands):
-            params, opt_state, grads = operands
-            updates, new_opt = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt
-
-        def skip(operands):
-            return operands[0], operands[1]
-
         # A non-finite loss or gradient skips the update (params and optimizer state untouched).
-        # lax.cond rather than a select over every leaf: the select made XLA copy the whole
-        # donated state each step to keep the old values alive.
-        new_params, new_opt = jax.lax.cond(ok, update, skip, (state.params, state.opt_state, grads))
+        new_params, new_opt = apply_adamw(
+            config.optim, schedule, grads, grad_norm, state.opt_state, state.params, ok
+        )
         nonfinite = jnp.where(ok, 0, state.nonfinite_in_a_row + 1)
         new_state = state.replace(
             step=state.step + 1,
@@ -187,11 +184,13 @@ def make_train_step(
         return new_state, out
 
     replicated = NamedSharding(mesh, PartitionSpec())
+    options = cpu_compiler_options(config)
     jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=options,
     )
 
     def run(state, batch, frozen=None):
@@ -206,6 +205,7 @@ def make_train_step(
         in_shardings=(state_shardings, stacked_shardings(batch_shardings), frozen_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=options,
     )
 
     def multi(state, batches, frozen=None):
@@ -213,9 +213,31 @@ def make_train_step(
         with mesh, nn.logical_axis_rules(LOGICAL_RULES):
             return jitted_multi(state, batches, frozen)
 
+    def compile_for(state, batch, frozen=None, steps: int = 1):
+        """Compiles, without running, the call ``run`` (or ``multi`` over a stack of ``steps``
+        batches) makes with arguments of these shapes; that call then finds it in JAX's cache."""
+        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+            if steps == 1:
+                return jitted.lower(state, batch, frozen).compile()
+            sharding = stacked_shardings(batch_shardings)  # one NamedSharding for every field
+            stacked = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct((steps, *x.shape), x.dtype, sharding=sharding),
+                batch,
+            )
+            return jitted_multi.lower(state, stacked, frozen).compile()
+
     run.jitted = jitted
     run.multi = multi
+    run.compile_for = compile_for
     return run
+
+
+def cpu_compiler_options(config) -> dict | None:
+    """XLA compile options of the train step: ``train.cpu_opt_level`` on CPU, else none."""
+    level = int(config.train.get("cpu_opt_level", -1))
+    if level < 0 or jax.default_backend() != "cpu":
+        return None
+    return {"xla_backend_optimization_level": level}
 
 
 def stacked_shardings(batch_shardings):
@@ -251,4 +273,10 @@ def make_eval_step(
         with mesh, nn.logical_axis_rules(LOGICAL_RULES):
             return jitted(params, batch, frozen)
 
+    def compile_for(params, batch, frozen=None):
+        """Compiles, without running, ``run`` for arguments of these shapes."""
+        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+            return jitted.lower(params, batch, frozen).compile()
+
+    run.compile_for = compile_for
     return run
