@@ -486,3 +486,34 @@ def test_time_field_split_and_docstring_corpus(tmp_path):
         if module_doc:  # the document opens with the module docstring, then class/def docstrings
             assert text.startswith(normalize_text(module_doc)[0])
         assert "import " not in text.split("\n", 1)[0]
+
+
+def test_token_stream_cache_holds_a_small_split_and_is_bounded(tmp_path):
+    """Random windows re-read decoded records from memory, within the byte budget."""
+    from lmtrain.data.shards import write_split
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 500, size=int(n)).tolist() for n in rng.integers(50, 400, size=60)]
+    write_split(tmp_path / "s", docs, vocab_size=512, eos_id=0, chunk_tokens=256)
+    want = np.concatenate([np.append(np.asarray(d), 0) for d in docs])  # EOS after each document
+
+    def reads(stream):
+        calls = []
+        source = stream._source
+        stream._source = type(
+            "Counting", (), {"__getitem__": lambda _, i: calls.append(i) or source[i]}
+        )()
+        return calls
+
+    whole = TokenStream(tmp_path / "s")  # default budget: the whole split fits
+    calls = reads(whole)
+    starts = rng.integers(0, len(whole) - 65, size=300)
+    for s in list(starts) * 2:
+        np.testing.assert_array_equal(whole.read(int(s), 65), want[s : s + 65])
+    assert len(calls) == len(set(calls))  # each record decoded once
+
+    small = TokenStream(tmp_path / "s", cache_bytes=2 * 256 * whole.dtype.itemsize)
+    calls = reads(small)
+    for s in starts:
+        np.testing.assert_array_equal(small.read(int(s), 65), want[s : s + 65])
+    assert len(small._cache) <= 2 and len(calls) > len(set(calls))  # bounded: records re-read

@@ -233,7 +233,7 @@ def make_train_step(
 
 
 def cpu_compiler_options(config) -> dict | None:
-    """XLA compile options of the train step: ``train.cpu_opt_level`` on CPU, else none."""
+    """XLA compile options of the train and eval steps: ``train.cpu_opt_level`` on CPU."""
     level = int(config.train.get("cpu_opt_level", -1))
     if level < 0 or jax.default_backend() != "cpu":
         return None
@@ -267,6 +267,7 @@ def make_eval_step(
         evaluate,
         in_shardings=(params_shardings, batch_shardings, frozen_shardings),
         out_shardings=replicated,
+        compiler_options=cpu_compiler_options(config),
     )
 
     def run(params, batch, frozen=None):
