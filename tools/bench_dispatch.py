@@ -1,5 +1,7 @@
 """Host-side step overheads: one step per call vs several (``train.steps_per_dispatch``), and the
 SPMD gradient all-reduce vs one flat all-reduce (``train.grad_sync``), interleaved in one process.
+When the config sets ``train.cpu_opt_level`` (the shakespeare config: 1), the grouped step also
+runs compiled at XLA's default level (-O2) beside it.
 
     python tools/bench_dispatch.py --config configs/shakespeare_char.py [--devices 2] \
         [--steps-per-dispatch 50] [--rounds 8] [--config.model.d_model=256 ...]
@@ -58,10 +60,13 @@ def main(argv=None) -> None:
     gb, seq = base.train.global_batch_size, base.data.seq_len
     hosts = [synthetic_batch(gb, seq, base.model.vocab_size, seed=i) for i in range(2 * k)]
 
-    def make(grad_sync: str, group: int):
+    def make(grad_sync: str, group: int, opt_level: int | None = None):
         cfg = base.copy_and_resolve_references()
         with cfg.unlocked():
             cfg.train.grad_sync = grad_sync
+            if opt_level is not None:
+                cfg.train.cpu_opt_level = opt_level
+        level = cfg.train.cpu_opt_level
         mesh = make_mesh(cfg.mesh.shape)
         model = Transformer(ModelConfig.from_config(cfg.model))
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
@@ -71,7 +76,8 @@ def main(argv=None) -> None:
         flat = uses_flat_grad_sync(cfg, mesh)
         return {"state": state, "step": step, "bs": bs, "sk": stacked_shardings(bs), "k": group,
                 "name": f"{group} step{'s' if group > 1 else ''} per call, "
-                        f"{'flat' if flat else 'SPMD'} all-reduce"}  # fmt: skip
+                        f"{'flat' if flat else 'SPMD'} all-reduce"
+                        + (f", LLVM -O{level}" if level >= 0 else ", LLVM -O2 (XLA default)")}  # fmt: skip
 
     def run_round(v) -> float:
         """ms/step over 2k steps, the loop's way: fresh host batches, metrics one call late."""
@@ -94,11 +100,13 @@ def main(argv=None) -> None:
     variants = [make("spmd", 1)]
     if args.devices > 1:
         variants.append(make("flat", 1))
-    variants.append(make("flat" if args.devices > 1 else "spmd", k))
-    times = {v["name"]: [] for v in variants}
-    # One-step variants alternate round by round; the grouped one runs after them (in one
+    grouped = [make("flat" if args.devices > 1 else "spmd", k)]
+    if base.train.cpu_opt_level >= 0 and jax.default_backend() == "cpu":
+        grouped.append(make("flat" if args.devices > 1 else "spmd", k, opt_level=-1))
+    times = {v["name"]: [] for v in variants + grouped}
+    # One-step variants alternate round by round; the grouped ones run after them (in one
     # measurement, one-step calls interleaved with its scan program ran up to ~40% slower).
-    for phase in (variants[:-1], variants[-1:]):
+    for phase in (variants, grouped):
         for v in phase:  # compile and warm up
             run_round(v)
         for _ in range(args.rounds):
@@ -110,7 +118,7 @@ def main(argv=None) -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append({"variant": name, "ms_per_step": med, "min_ms": min(ts), "vs_first": med / ref})
-        print(f"{name:42} {med:7.2f} ms/step (min {min(ts):6.2f})  {med / ref:5.2f}x")
+        print(f"{name:62} {med:7.2f} ms/step (min {min(ts):6.2f})  {med / ref:5.2f}x")
     print(json.dumps({"devices": jax.device_count(), "batch": f"{gb}x{seq}", "rows": rows}))
 
 
