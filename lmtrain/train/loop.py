@@ -343,7 +343,13 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         print_fn(f"resumed from {ckpt.directory} at step {latest}")
     else:
         state, _ = init_state(
-            setup.model, setup.tx, cfg.data.seq_len, cfg.seed, mesh, setup.params_transform
+            setup.model,
+            setup.tx,
+            cfg.data.seq_len,
+            cfg.seed,
+            mesh,
+            setup.params_transform,
+            setup.shardings,
         )
     initial, initial_shardings = None, None
     if finetune.needs_initial_params(cfg):

@@ -57,8 +57,12 @@ def state_shardings(model, tx, seq_len: int, seed: int, mesh: Mesh, params_trans
     return abstract, shardings
 
 
-def init_state(model, tx, seq_len: int, seed: int, mesh: Mesh, params_transform=None):
-    abstract, shardings = state_shardings(model, tx, seq_len, seed, mesh, params_transform)
+def init_state(
+    model, tx, seq_len: int, seed: int, mesh: Mesh, params_transform=None, shardings=None
+):
+    """The initial state on ``mesh``; pass ``shardings`` when already known (saves a trace)."""
+    if shardings is None:
+        _, shardings = state_shardings(model, tx, seq_len, seed, mesh, params_transform)
     init = jax.jit(
         _init_fn(model, tx, seq_len, seed, False, params_transform), out_shardings=shardings
     )
