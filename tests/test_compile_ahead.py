@@ -58,6 +58,22 @@ def test_train_and_eval_steps_compile_once_ahead_and_are_reused(
         np.testing.assert_array_equal(x, y)
 
 
+def test_samples_after_the_last_step_are_compiled_ahead(tiny_cfg, tmp_path, compile_log):
+    """The end-of-run sample (past the context: the sliding window) compiles during start-up;
+    the real sampling finds both programs. (d_ff=72: shapes no other test compiles. With several
+    samples, rounds after a row ends early run a smaller batch, compiled when met.)"""
+    lines = []
+    cfg = tiny_cfg.copy_and_resolve_references()
+    apply_overrides(
+        cfg, ["model.d_ff=72", "train.steps=2", "train.samples=1", "train.sample_tokens=40"]
+    )
+    train(cfg, str(tmp_path), print_fn=lines.append)
+    seen = compile_log()
+    assert [t for t, f in seen if f in ("_prefill", "_decode_impl")] == ["compile-sampling"] * 2
+    samples = [x for x in lines if x.startswith("--- sample")]
+    assert len(samples) == 1 and len(samples[0].split("\n", 1)[1]) > 16  # prompt + new text
+
+
 def test_resumed_run_compiles_the_call_it_resumes_with(tiny_cfg, tmp_path, compile_log, caplog):
     """Resuming at step 4 of 8 with 3 steps per call: the first call is a single step (a log
     step falls inside the group), and that is the one compiled ahead."""

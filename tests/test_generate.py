@@ -262,3 +262,32 @@ def test_past_the_context_rows_end_at_a_stop_sequence_with_their_reason(model_an
     )
     assert stopped.tokens == [out[:j]] and stopped.finish_reasons == ["stop"]
     assert stopped.timing["prefill_s"] > 0 and stopped.timing["steps"] > 0
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_compile_only_compiles_what_the_real_call_runs(model_and_params, on_mesh):
+    """Abstract params in, None out; the real call then compiles nothing (no 'Compiling' log)."""
+    import logging
+
+    model, params = model_and_params
+    mesh = make_mesh((2, 2, 2)) if on_mesh else None
+    prompts = [[5, 6, 7, 8, 9, 10, 11]] * 3  # B=3 (4 on the mesh) x P=7: shapes no other test uses
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    kw = dict(max_new_tokens=9, eos_id=NO_EOS, temperature=0.7, top_k=5, seed=3, mesh=mesh)
+    assert generate_batch(model, abstract, prompts, compile_only=True, **kw) is None
+    logger = logging.getLogger("jax._src.interpreters.pxla")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        real = params if mesh is None else shard_params(model, params, mesh)
+        g = generate_batch(model, real, prompts, **kw)
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+        logger.removeHandler(handler)
+    compiled = [r.getMessage() for r in records if r.getMessage().startswith("Compiling jit(")]
+    assert not [m for m in compiled if "_prefill" in m or "_decode" in m], compiled
+    assert len(g.tokens) == 3 and all(len(t) == 9 for t in g.tokens)

@@ -219,13 +219,17 @@ def generate_batch(
     mesh: Mesh | None = None,
     batch_multiple: int = 1,
     prompt_len_multiple: int = 1,
-) -> Generation:
+    compile_only: bool = False,
+) -> Generation | None:
     """Generate up to ``max_new_tokens`` per prompt; a row ends at EOS or a stop sequence.
 
     ``eos_id=-1`` disables EOS (fixed-length decoding, for benchmarks). With ``mesh``, ``params``
     should already be placed by ``shard_params`` (host arrays are placed here, once per call).
     ``batch_multiple`` / ``prompt_len_multiple`` round the padded batch shape up so that many
     calls with varied prompts reuse a few compiled shapes (padding never changes results).
+    ``compile_only``: compile the prefill and decode programs this call would run and return
+    None; ``params`` may then be abstract (``jax.ShapeDtypeStruct``), and a later call with the
+    real params finds the programs in JAX's cache (the training loop compiles its sample ahead).
     """
     _check_args(prompts, max_new_tokens, temperature, top_k, top_p, stop_sequences)
     n = len(prompts)
@@ -254,12 +258,24 @@ def generate_batch(
             )
             for x in (tokens, seg, lengths)
         )
-        if not _is_on_mesh(params, mesh):
+        if compile_only:  # abstract params carry the shardings shard_params would give
+            params = jax.tree.map(
+                lambda p, sh: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sh),
+                params,
+                params_shardings(model, mesh),
+            )
+        elif not _is_on_mesh(params, mesh):
             params = shard_params(model, params, mesh)
         cache_sharding = _cache_sharding(model, mesh, B, cache_len)
         rng = jax.device_put(rng, NamedSharding(mesh, PartitionSpec()))
         ctx = _MeshContext(mesh)
     with ctx:
+        if compile_only:
+            _compile_generation(model, params, tokens, seg, lengths, rng, cache_len,
+                                cache_sharding, P, int(max_new_tokens), float(temperature),
+                                int(top_k), float(top_p), int(eos_id), stops,
+                                bool(return_logits))  # fmt: skip
+            return None
         t0 = time.perf_counter()
         last, cache = _prefill(model, params, tokens, seg, cache_len, cache_sharding)
         last = jax.block_until_ready(last)
@@ -289,6 +305,24 @@ def generate_batch(
     logits_np = np.asarray(logits)[:n, :steps] if return_logits else None
     timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps}
     return Generation(results, reasons, logits_np, timing)
+
+
+def _compile_generation(model, params, tokens, seg, lengths, rng, cache_len, cache_sharding, P,
+                        *decode_args):  # fmt: skip
+    """Lower and compile ``generate_batch``'s prefill and decode for these arguments."""
+    lowered = _prefill.lower(model, params, tokens, seg, cache_len, cache_sharding)
+    compiled = lowered.compile()
+    # The outputs decode receives: on a mesh with their NamedShardings; on one device the real
+    # call's committed single-device arrays key the cache like unplaced ones.
+    last, cache = jax.tree.map(
+        lambda o, sh: jax.ShapeDtypeStruct(
+            o.shape, o.dtype, sharding=sh if isinstance(sh, NamedSharding) else None
+        ),
+        lowered.out_info,
+        compiled.output_shardings,
+    )
+    decode = _decode if jax.default_backend() == "cpu" else _decode_donating
+    decode.lower(model, params, last, cache, lengths, rng, P, *decode_args).compile()
 
 
 def _is_on_mesh(params, mesh: Mesh) -> bool:
@@ -335,7 +369,7 @@ def generate_batch_past_context(
     eos_id: int,
     seed: int = 0,
     **kwargs,
-) -> Generation:
+) -> Generation | None:
     """:func:`generate_batch` for outputs longer than the model's context (``cfg.max_seq_len``).
 
     Past the context RoPE positions were never trained and the text degenerates, so the window
@@ -357,6 +391,11 @@ def generate_batch_past_context(
         )
     keep = ctx // 2
     step = ctx - keep
+    if kwargs.get("compile_only"):  # every round has the first round's shapes
+        return generate_batch(
+            model, params, [list(p)[-keep:] for p in prompts], max_new_tokens=step,
+            eos_id=eos_id, seed=seed, prompt_len_multiple=keep, **kwargs,
+        )  # fmt: skip
     texts = [list(p) for p in prompts]
     outs: list[list[int]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
@@ -387,10 +426,11 @@ def generate_batch_past_context(
 
 
 def generate_past_context(model, params, prompts, *, max_new_tokens: int, eos_id: int, **kwargs):
-    """Per prompt, the generated ids of :func:`generate_batch_past_context`."""
-    return generate_batch_past_context(
+    """Per prompt, the generated ids of :func:`generate_batch_past_context` (None: compile_only)."""
+    g = generate_batch_past_context(
         model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **kwargs
-    ).tokens
+    )
+    return None if g is None else g.tokens
 
 
 def generate(

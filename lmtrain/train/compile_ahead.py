@@ -27,7 +27,7 @@ class CompileAhead:
     """
 
     def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, threading.Thread] = {}
         self.failed: dict[str, BaseException] = {}
 
     def start(self, name: str, job: Callable[[], object]) -> None:
@@ -35,7 +35,7 @@ class CompileAhead:
             target=self._run, args=(name, job), name=f"compile-{name}", daemon=True
         )
         t.start()
-        self._threads.append(t)
+        self._threads[name] = t
 
     def _run(self, name: str, job: Callable[[], object]) -> None:
         try:
@@ -44,10 +44,12 @@ class CompileAhead:
             self.failed[name] = e
             log.info("compiling %s ahead failed (%s: %s)", name, type(e).__name__, e)
 
-    def wait(self) -> None:
-        for t in self._threads:
-            t.join()
-        self._threads = []
+    def wait(self, *names: str) -> None:
+        """Joins the named jobs (all when none are named); unknown names are already done."""
+        for name in names or list(self._threads):
+            t = self._threads.pop(name, None)
+            if t is not None:
+                t.join()
 
 
 def global_spec(batch: dict, sharding, process_count: int) -> dict:

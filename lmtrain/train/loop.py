@@ -270,6 +270,14 @@ def _start_compiles(ahead: CompileAhead, setup: Setup, train_step, eval_step, ds
     }
     eval_batch = global_spec(eval_rows, setup.batch_sharding, jax.process_count())
     ahead.start("eval_step", lambda: eval_step.compile_for(state.params, eval_batch))
+    if cfg.train.samples and jax.process_index() == 0:  # the samples after the last step
+        params = finetune.full_params(cfg, setup.abstract_state.params, None)
+        ahead.start(
+            "sampling",
+            lambda: sample_texts(
+                setup, params, cfg.train.samples, cfg.train.sample_tokens, compile_only=True
+            ),
+        )
 
 
 def dispatch_size(step: int, group: int, cfg) -> int:
@@ -396,7 +404,9 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
 
     if not early:
         train_step, eval_step = _step_functions(setup, frozen_shardings, extras)
-    ahead.wait()  # before the loop's calls: one program must not compile twice at once
+    # before the loop's calls: one program must not compile twice at once (the sampling
+    # programs are only needed after the last step)
+    ahead.wait("train_step", "eval_step")
     dpo_monitor = (
         DegenerateRunMonitor(cfg.dpo.degenerate_patience, warn=print_fn)
         if cfg.objective == "dpo"
@@ -601,6 +611,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         and (not finetune.uses_records(cfg) or cfg.train.sample_prompt)
     ):
         params = finetune.full_params(cfg, state.params, frozen)
+        ahead.wait("sampling")
         for i, text in enumerate(
             sample_texts(setup, params, cfg.train.samples, cfg.train.sample_tokens)
         ):
@@ -727,7 +738,9 @@ def sample_texts(
     temperature: float = 0.8,
     top_k: int = 40,
     seed: int = 0,
+    compile_only: bool = False,
 ):
+    """``n`` samples of ``max_new`` tokens; ``compile_only``: compile them (abstract params ok)."""
     from lmtrain.infer.sampling import generate_past_context
 
     tok = setup.tokenizer
@@ -739,7 +752,8 @@ def sample_texts(
             os.path.join(setup.data_dir, setup.config.data.eval_split)
         ).read(0, 16)
         ids = [int(i) for i in stream_ids]
-    params = jax.device_get(params)
+    if not compile_only:
+        params = jax.device_get(params)
     outs = generate_past_context(
         setup.model,
         params,
@@ -750,8 +764,9 @@ def sample_texts(
         temperature=temperature,
         top_k=top_k,
         seed=seed,
+        compile_only=compile_only,
     )
-    return [tok.decode(ids + o) for o in outs]
+    return [] if compile_only else [tok.decode(ids + o) for o in outs]
 
 
 def params_from_state(state) -> dict:
