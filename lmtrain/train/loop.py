@@ -253,7 +253,8 @@ def _compiles_ahead(cfg) -> bool:
 
 
 def _start_compiles(ahead: CompileAhead, setup: Setup, train_step, eval_step, ds, start: int):
-    """The first dispatch's train call (one step or a stack) and the eval step, in threads."""
+    """In threads: the first dispatch's train call (one step or a stack), the eval step and the
+    end-of-run sampler (only process 0 samples)."""
     cfg = setup.config
     if start >= cfg.train.steps:
         return
@@ -338,7 +339,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     )
     latest = ckpt.latest_step()
     # Plain pretraining: build the data and step functions first and compile the first train
-    # call and the eval step in background threads while the state initialises or restores.
+    # call, the eval step and the sampler in background threads while the state initialises
+    # or restores.
     ahead = CompileAhead()
     early = _compiles_ahead(cfg)
     if early:
