@@ -241,6 +241,11 @@ def _step_functions(setup: Setup, frozen_shardings, extras):
     return train_step, eval_step
 
 
+def _dispatch_group(cfg) -> int:
+    """``train.steps_per_dispatch``: the steps one call runs where ``dispatch_size`` allows."""
+    return max(int(cfg.train.get("steps_per_dispatch", 1)), 1)
+
+
 def _compiles_ahead(cfg) -> bool:
     """Token-shard pretraining in one process (no frozen trees, batches known up front)."""
     return (
@@ -259,7 +264,7 @@ def _start_compiles(ahead: CompileAhead, setup: Setup, train_step, eval_step, ds
     if start >= cfg.train.steps:
         return
     # dispatch_size never groups steps across a curriculum length change: one shape for all n
-    n = dispatch_size(start, max(int(cfg.train.get("steps_per_dispatch", 1)), 1), cfg)
+    n = dispatch_size(start, _dispatch_group(cfg), cfg)
     example = ds[0]  # random access: the iterator the loop reads from is untouched
     first = pipeline.curriculum_batch(example, start, cfg.data)
     batch = global_spec(first, setup.batch_sharding, jax.process_count())
@@ -425,7 +430,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         f"batch {cfg.train.global_batch_size}x{cfg.data.seq_len} | steps {start}->{cfg.train.steps}"
     )
 
-    group = max(int(cfg.train.get("steps_per_dispatch", 1)), 1)
+    group = _dispatch_group(cfg)
     stacked_sharding = stacked_shardings(setup.batch_sharding)
     pending = []  # [(first step, steps, device metrics)] fetched one dispatch late (async)
     t_last, steps_since, final = time.perf_counter(), 0, {}
