@@ -4,11 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import pytest, transformers" 2>/dev/null; then
-  echo "== creating .venv and installing lmtrain[dev,hf] (a few minutes the first time)"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import pytest, transformers, libtpu, apache_beam, lm_eval, wandb, prometheus_client" 2>/dev/null; then
+  echo "== creating .venv and installing lmtrain[dev,hf,tpu,beam,eval,wandb] (a few minutes the first time)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev,hf]'
+  .venv/bin/pip install -q -e '.[dev,hf,tpu,beam,eval,wandb]'
 fi
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
