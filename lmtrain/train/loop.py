@@ -58,6 +58,7 @@ class Setup:
     batch_sharding: NamedSharding
     params_transform: object = None  # LoRA / reward head (lmtrain/train/finetune.py)
     eval_rows: dict | None = None  # fine-tuning records runs: the eval file's rows
+    eval_fit: object = None  # and its FitStats (what fitting seq_len cut and dropped)
 
 
 def resolve_data(config, workdir: str) -> str:
@@ -115,9 +116,9 @@ def build(config, workdir: str) -> Setup:
         model, tx, config.data.seq_len, config.seed, mesh, transform
     )
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    eval_rows = None
+    eval_rows = eval_fit = None
     if finetune.uses_records(config) and config.data.eval_file:
-        eval_rows = finetune_data.rows_for_objective(config, tokenizer, config.data.eval_file)
+        eval_rows, eval_fit = finetune_data.rows_and_fit(config, tokenizer, config.data.eval_file)
     return Setup(
         config,
         mesh,
@@ -132,6 +133,7 @@ def build(config, workdir: str) -> Setup:
         batch_sharding,
         transform,
         eval_rows,
+        eval_fit,
     )
 
 
@@ -386,8 +388,15 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         )
     per_process = cfg.train.global_batch_size // jax.process_count()
     num_records = 0  # rows of a fine-tuning records run (names the batches if it diverges)
+    fit_metrics = {}  # records runs: what fitting seq_len cut and dropped, logged at the start
     if finetune.uses_records(cfg):
-        rows = finetune_data.rows_for_objective(cfg, setup.tokenizer, cfg.data.train_file)
+        rows, fit = finetune_data.rows_and_fit(cfg, setup.tokenizer, cfg.data.train_file)
+        fit_metrics = fit.metrics("data/train/")
+        for f in (fit, setup.eval_fit):
+            if f is not None:
+                print_fn(f.summary())
+        if setup.eval_fit is not None:
+            fit_metrics.update(setup.eval_fit.metrics("data/eval/"))
         if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
             rows = finetune.add_reference_logps(setup, rows, initial, cfg.train.global_batch_size)
             if setup.eval_rows is not None:
@@ -425,6 +434,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     flops_per_step = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len) * tokens_per_step
     peak = cfg.train.peak_flops or flops_lib.device_peak_flops()
     start = int(state.step)
+    if fit_metrics:
+        logger.write(start, fit_metrics)
     print_fn(
         f"model: {n_params:,} params | mesh {dict(mesh.shape)} | {jax.device_count()} devices | "
         f"batch {cfg.train.global_batch_size}x{cfg.data.seq_len} | steps {start}->{cfg.train.steps}"
