@@ -201,3 +201,52 @@ def test_rl_prompts_keep_their_end_or_drop():
     out = list(fit_prompts([header, header[-5:], header[-10:]], 10, "drop", stats))
     assert out == [header[-5:], header[-10:]]
     assert (stats.seen, stats.dropped, stats.reasons["too_long"]) == (3, 1, 1)
+
+
+def loop_config(tmp_path, sft_file: str, **data):
+    c = base_config()
+    c.objective = "sft"
+    TOK.save(str(tmp_path / "tok"))
+    c.data.update(train_file=sft_file, eval_file=sft_file, tokenizer=str(tmp_path / "tok"))
+    c.data.update(**{"seq_len": L, "max_lost_fraction": 0.15, **data})
+    c.model.update(
+        d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=L, dtype="float32"
+    )
+    c.train.update(
+        steps=1,
+        global_batch_size=2,
+        log_every=1,
+        eval_every=1000,
+        eval_batches=1,
+        checkpoint_every=1000,
+        samples=0,
+        async_checkpoint=False,
+    )
+    c.optim.update(warmup_steps=0)
+    c.mesh.update(shape=(1, 1, 1), num_devices=1)
+    return c
+
+
+def test_the_loop_prints_one_summary_line_per_file_and_logs_the_counts(tmp_path, sft_file):
+    import json
+
+    from lmtrain.train.loop import train
+
+    lines = []
+    train(loop_config(tmp_path, sft_file), str(tmp_path / "run"), print_fn=lines.append)
+    want = (
+        f"{sft_file}: 7 SFT examples at seq_len 32, truncation keep_end: 3 whole, 3 cut "
+        "(prompt_cut 3), 1 dropped (response_too_long 1) = 14.3% lost"
+    )
+    assert lines.count(want) == 2  # train file, eval file
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    for split in ("train", "eval"):
+        assert first[f"data/{split}/examples"] == 7 and first[f"data/{split}/kept"] == 6
+        assert first[f"data/{split}/prompt_cut"] == 3
+        assert first[f"data/{split}/response_too_long"] == 1
+        assert first[f"data/{split}/no_trained_tokens"] == 0
+    # The same data with a tighter limit is refused before any step, naming the key.
+    cfg = loop_config(tmp_path, sft_file, max_lost_fraction=0.1)
+    with pytest.raises(DataError, match=r"1 of 7 SFT examples .*config\.data\.max_lost_fraction"):
+        train(cfg, str(tmp_path / "refused"), print_fn=lines.append)
