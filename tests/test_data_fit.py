@@ -197,10 +197,16 @@ def test_rl_prompts_keep_their_end_or_drop():
     assert fit_prompt(header, 10, "drop") == (None, "too_long")
     with pytest.raises(DataError, match="truncation='keep_start' would cut the assistant header"):
         fit_prompt(header, 10, "keep_start")
-    stats = FitStats("RL prompts", 10, "drop")
+    stats = FitStats("RL prompts", 10, "drop", "p.jsonl", limit_key="config.rl.max_prompt_len")
     out = list(fit_prompts([header, header[-5:], header[-10:]], 10, "drop", stats))
     assert out == [header[-5:], header[-10:]]
     assert (stats.seen, stats.dropped, stats.reasons["too_long"]) == (3, 1, 1)
+    assert stats.summary() == (
+        "p.jsonl: 3 RL prompts at max_prompt_len 10, truncation drop: 2 whole, 0 cut, "
+        "1 dropped (too_long 1) = 33.3% lost"
+    )
+    with pytest.raises(DataError, match=r"do not fit max_prompt_len 10 .* config\.rl\.max_pr"):
+        stats.check(0.2)
 
 
 def loop_config(tmp_path, sft_file: str, **data):

@@ -161,6 +161,7 @@ class FitStats:
     max_len: int
     truncation: str
     source: str = ""
+    limit_key: str = "config.data.seq_len"  # the key that sets max_len (RL: the prompt budget)
     seen: int = 0
     reasons: Counter = field(default_factory=Counter)
 
@@ -185,6 +186,10 @@ class FitStats:
     def lost_fraction(self) -> float:
         return self.dropped / self.seen if self.seen else 0.0
 
+    @property
+    def _limit(self) -> str:
+        return self.limit_key.rsplit(".", 1)[-1]
+
     def summary(self) -> str:
         """One console line: what was seen, cut and dropped, by reason."""
 
@@ -194,7 +199,7 @@ class FitStats:
 
         where = f"{self.source}: " if self.source else ""
         return (
-            f"{where}{self.seen} {self.what} at seq_len {self.max_len}, truncation "
+            f"{where}{self.seen} {self.what} at {self._limit} {self.max_len}, truncation "
             f"{self.truncation}: {self.seen - self.dropped - self.cut} whole, {self.cut} cut"
             f"{by_reason(CUTS)}, {self.dropped} dropped{by_reason(DROPS)} "
             f"= {100 * self.lost_fraction:.1f}% lost"
@@ -213,9 +218,9 @@ class FitStats:
             where = f"{self.source}: " if self.source else ""
             raise DataError(
                 f"{where}{self.dropped} of {self.seen} {self.what} "
-                f"({100 * self.lost_fraction:.1f}%) do not fit seq_len {self.max_len} with "
-                f"truncation={self.truncation!r}, more than {LOST_KEY}={max_lost_fraction}; "
-                f"raise config.data.seq_len, choose another config.data.truncation, or raise "
+                f"({100 * self.lost_fraction:.1f}%) do not fit {self._limit} {self.max_len} "
+                f"with truncation={self.truncation!r}, more than {LOST_KEY}={max_lost_fraction}; "
+                f"raise {self.limit_key}, choose another config.data.truncation, or raise "
                 f"{LOST_KEY}"
             )
 
