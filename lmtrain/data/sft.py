@@ -80,9 +80,10 @@ def fit_example(
 
 def _refuse(conv: ConversationLike, reason: str, max_len: int, truncation: str) -> DataError:
     where = as_conversation(conv).source or "conversation"
+    other = "" if fit.policy(truncation) == "keep_end" else " or use truncation='keep_end'"
     return DataError(
         f"{where}: dropped ({reason}): does not fit max_len={max_len} with "
-        f"truncation={truncation!r}; raise max_len or use truncation='keep_end'"
+        f"truncation={truncation!r}; raise max_len{other}"
     )
 
 
