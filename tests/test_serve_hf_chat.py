@@ -57,7 +57,7 @@ def test_chat_prompt_ids_equal_transformers_apply_chat_template(imported):
     want = transformers.AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(
         MESSAGES, add_generation_prompt=True, tokenize=True
     )
-    if isinstance(want, dict):  # newer transformers return a BatchEncoding
+    if hasattr(want, "keys"):  # newer transformers return a BatchEncoding
         want = want["input_ids"]
     service = load_service(workdir, drift_reference=False)
     try:
