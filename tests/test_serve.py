@@ -598,8 +598,8 @@ def test_metrics_move_after_requests(server, workdir):
         return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
     prompt = "To be or not"
-    for _ in range(2):
-        completion(server, prompt=prompt, max_tokens=4)
+    completion(server, prompt=prompt, max_tokens=4)
+    completion(server, prompt=prompt, max_tokens=4, n=2)  # one prompt, two rows
     post_full(server, "/v1/completions", raw=b'{"prompt": 5}')
     after = scrape(server)
 
@@ -611,8 +611,8 @@ def test_metrics_move_after_requests(server, workdir):
     assert delta("lmtrain_errors_total", kind="bad_request") == 1
     assert delta("lmtrain_prompt_tokens_total") == 2 * len(prompt)
     generated = delta("lmtrain_generated_tokens_total")
-    assert 0 < generated <= 8
-    assert delta("lmtrain_time_to_first_token_seconds_count") == 2
+    assert 0 < generated <= 12
+    assert delta("lmtrain_time_to_first_token_seconds_count") == 3  # one per row
     assert delta("lmtrain_time_to_first_token_seconds_sum") > 0
     assert delta("lmtrain_time_per_output_token_seconds_count") >= generated / 2
     assert delta("lmtrain_batch_size_count") >= 1

@@ -49,6 +49,7 @@ class GenRequest:
     decode: Callable[[list[int]], str] | None = None
     logprobs: int = -1  # -1: none; k >= 0: the sampled token's logprob and the top k
     prompt_logprobs: int = -1  # the same for the prompt tokens (``echo`` with ``logprobs``)
+    observe_prompt: bool = True  # False on the 2nd..nth sample of one prompt: count it once
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     finish_reason: str | None = None
     output: list[int] = dataclasses.field(default_factory=list)
@@ -302,7 +303,7 @@ class Engine:
             lps = token_lp[i, P - n :]  # positions of the row's 2nd..last prompt token
             if n > 1:
                 r.prompt_nll = float(-lps.mean())
-                if self.metrics is not None:
+                if self.metrics is not None and r.observe_prompt:
                     self.metrics.prompt_log_perplexity.observe(r.prompt_nll)
             if r.prompt_logprobs >= 0:
                 k = r.prompt_logprobs

@@ -82,7 +82,7 @@ def number(body: dict, key: str, default, kind: type, lo, hi):
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad(f"'{key}' must be {what}, got {type(value).__name__} {value!r}"[:200])
     if isinstance(value, float) and not math.isfinite(value):
-        raise bad(f"'{key}' must be a finite {what[2:] if kind is int else 'number'}, got {value}")
+        raise bad(f"'{key}' must be a finite {'integer' if kind is int else 'number'}, got {value}")
     if kind is int and value != int(value):
         raise bad(f"'{key}' must be an integer, got {value}")
     if not lo <= value <= hi:

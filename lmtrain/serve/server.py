@@ -36,6 +36,7 @@ from lmtrain.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lmtrain.serve.metrics import ServeMetrics
 from lmtrain.serve.request import RequestError
 
+DRAIN_BYTES = 8 << 20  # most of an oversized body read before answering 413
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -146,8 +147,9 @@ class ModelService:
                 logprobs=s.logprobs,
                 prompt_logprobs=s.logprobs if prompt_lp else -1,
                 deadline=deadline,
+                observe_prompt=j == 0,
             )
-            for _ in range(s.n)
+            for j in range(s.n)
         ]
 
     def completion_rows(self, body: dict, s: rq.Sampling) -> list[list[GenRequest]]:
@@ -368,6 +370,14 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.service.limits.max_body_bytes
         if n > limit:
             self.close_connection = True  # the unread body would otherwise be parsed as a request
+            # Read (and drop) a bounded amount first: closing with unread bytes resets the
+            # connection, and the client would see the reset instead of this answer.
+            left = min(n, DRAIN_BYTES)
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
             raise RequestError(413, f"request body of {n} bytes exceeds the limit of {limit} bytes")
         return self.rfile.read(n)
 
