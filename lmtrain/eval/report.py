@@ -5,7 +5,8 @@
     {"title": "...", "run": {"checkpoint": "...", "step": 1000},          # free-form metadata
      "tasks": {name: {"metrics": {m: v}, "n": N, "slices": {...}}},       # metrics.metric_by_slice
      "latency": {row: {column: v}}, "cost": {row: {column: v}},
-     "safety": {"refusal": ..., "canaries": ..., "bias": ...}}            # safety.* outputs
+     "safety": {"refusal": ..., "canaries": ..., "bias": ...},           # safety.* outputs
+     "harness": {task: {metric: v, "n": N}}}                              # lm-eval (harness.py)
 
 Plots use matplotlib's object API with the Agg canvas, so no GUI and no global backend switch.
 """
@@ -230,6 +231,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             for m, v in spec.get("metrics", {}).items()
         ]
         out += ["## Summary", ""] + _table(["task", "metric", "value", "n"], rows)
+    if report.get("harness"):
+        rows = [
+            [t, m, v, spec.get("n")]
+            for t, spec in report["harness"].items()
+            for m, v in spec.items()
+            if m != "n"
+        ]
+        out += ["## lm-evaluation-harness", ""]
+        out += ["lm-eval's own task definitions and metrics (harness_results.json).", ""]
+        out += _table(["task", "metric", "value", "n"], rows)
     if "training" in report:
         out += ["## Training", ""]
         out += [f"- **{k}**: {_fmt(v)}" for k, v in report["training"].items()] + [""]
@@ -322,7 +333,7 @@ def flatten_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for task, spec in report.get("tasks", {}).items():
         _flatten(f"tasks/{task}", spec.get("metrics", {}), out)
-    for section in ("training", "latency", "cost", "safety"):
+    for section in ("training", "latency", "cost", "safety", "harness"):
         _flatten(section, report.get(section, {}), out)
     return out
 
