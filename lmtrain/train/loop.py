@@ -419,7 +419,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         if cfg.objective == "dpo"
         else None
     )
-    logger = MetricsLogger(workdir, enabled=is_main)
+    logger = MetricsLogger(workdir, enabled=is_main, loggers=cfg.train.loggers)
     n_params = setup.model_cfg.param_count()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     flops_per_step = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len) * tokens_per_step
