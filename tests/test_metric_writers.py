@@ -71,6 +71,16 @@ def test_wandb_offline_run_holds_config_manifest_and_the_loss_curve(
     ]
     assert [h["step"] for h in history if "eval/loss" in h] == [3, 6]
 
+    # Periodic evals read the same 2-batch subset each time; the final whole-split eval is its
+    # own series (eval_full/*), and final_metrics.json reports the whole split.
+    evals = [r for r in lines if "eval/loss" in r]
+    assert [r["eval/tokens"] for r in evals] == [2 * 16 * 32] * 2
+    assert [r["step"] for r in lines if "eval_full/loss" in r] == [6]
+    assert evals[-1]["eval_full/tokens"] > 2 * 16 * 32
+    assert evals[-1]["eval_full/loss"] != evals[-1]["eval/loss"]
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    assert final["eval/loss"] == final["eval_full/loss"] == evals[-1]["eval_full/loss"]
+
     tb = read_tensorboard_scalars(str(workdir / "tensorboard"))
     tb_loss = [(s, v) for s, tag, v in tb if tag == "train/loss"]
     assert [s for s, _ in tb_loss] == [2, 4, 6]
