@@ -2,7 +2,7 @@
 
 A tiny random Llama is saved with transformers, imported with ``lmtrain import hf``, and run
 through ``lm_eval.simple_evaluate`` on three local tasks (tests/harness_tasks: multiple choice,
-perplexity with rolling windows, generation that stops at a comma) by both backends. Some
+perplexity with rolling windows, generation with stop strings) by both backends. Some
 documents are longer than the model's 64-token context, so left-truncation is exercised too.
 """
 
@@ -67,7 +67,8 @@ def _responses(out, task):
 def test_lmtrain_backend_matches_lm_eval_hf_backend(models, offline):
     hf_dir, workdir = models
     want = _evaluate("hf", f"pretrained={hf_dir},device=cpu,dtype=float32,batch_size=4")
-    got = _evaluate(harness.LmtrainLM(run=load_run(workdir), batch_size=4))
+    lm = harness.LmtrainLM(run=load_run(workdir), batch_size=4)
+    got = _evaluate(lm)
 
     # Multiple choice: every choice's log-likelihood within 1e-4, same greedy flags, same acc.
     mc_want, mc_got = _responses(want, "lmtrain_mc"), _responses(got, "lmtrain_mc")
@@ -91,7 +92,10 @@ def test_lmtrain_backend_matches_lm_eval_hf_backend(models, offline):
     # Generation: the same greedy text, cut before the stop string, and the same score.
     gen_w, gen_g = _responses(want, "lmtrain_gen"), _responses(got, "lmtrain_gen")
     assert gen_g == gen_w
-    assert all("," not in text for (text,) in gen_g)
+    assert all("," not in text and "\n" not in text for (text,) in gen_g)
+    # Some rows ended at a stop string before max_gen_toks (12); others ran to the limit.
+    lengths = [len(lm.tok.encode(text)) for (text,) in gen_g]
+    assert min(lengths) < 12 and max(lengths) >= 10, lengths
     assert (
         got["results"]["lmtrain_gen"]["exact_match,none"]
         == want["results"]["lmtrain_gen"]["exact_match,none"]
@@ -117,6 +121,10 @@ def test_registered_model_name_and_cli_writes_results_beside_report(models, offl
     assert results["n-samples"]["lmtrain_mc"]["effective"] == 6
     report = json.loads((out / "report.json").read_text())
     acc = results["results"]["lmtrain_mc"]["acc,none"]
-    assert report["harness"]["lmtrain_mc"]["acc"] == acc
+    assert report["harness"]["lmtrain_mc"] == {
+        "acc": acc,
+        "acc_norm": results["results"]["lmtrain_mc"]["acc_norm,none"],
+        "n": 6,
+    }
     md = (out / "report.md").read_text()
     assert "## lm-evaluation-harness" in md and "| lmtrain_mc | acc |" in md

@@ -1,10 +1,11 @@
 """An lm-evaluation-harness model backend for lmtrain runs (``pip install 'lmtrain[eval]'``).
 
-Importing this module registers the model name ``lmtrain`` with lm-eval, so both work::
+Importing this module registers the model name ``lmtrain`` with lm-eval, so all three work::
 
     import lmtrain.eval.harness, lm_eval
     lm_eval.simple_evaluate(model="lmtrain", model_args="workdir=runs/quickstart", tasks=[...])
     lmtrain eval --harness --tasks lmtrain_mc,lmtrain_ppl --checkpoint runs/quickstart --out ev/
+    python -m lmtrain.eval.harness run --model lmtrain --model_args workdir=runs/q --tasks ...
 
 The three request types follow lm-eval's own Hugging Face backend (``lm_eval.models.
 huggingface.HFLM``) step for step, so scores are comparable with published ones:
@@ -357,7 +358,9 @@ def harness_summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for task, metrics in results.get("results", {}).items():
         row: dict[str, Any] = {}
         for key, value in metrics.items():
-            if key == "alias" or "_stderr," in key or not isinstance(value, int | float):
+            if key in ("alias", "sample_len") or "_stderr," in key:
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool):
                 continue
             metric, _, filt = key.partition(",")
             row[metric if filt in ("", "none") else f"{metric} ({filt})"] = value
@@ -376,3 +379,17 @@ def write_results(out_dir: str, results: dict[str, Any]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(body, f, indent=2, default=lm_utils.handle_non_serializable)
     return path
+
+
+def main() -> None:
+    """``python -m lmtrain.eval.harness [lm-eval arguments]``: lm-eval's own command line with
+    the ``lmtrain`` model registered, e.g. ``python -m lmtrain.eval.harness run --model lmtrain
+    --model_args workdir=runs/q --tasks lmtrain_mc --include_path tests/harness_tasks``. (lm-eval
+    finds models only among those imported; it has no plugin entry points to register with.)"""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
