@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     # faster and ran 7-9% faster (shakespeare config); for wider models -O2's vector loops win (~5%).
     c.train.cpu_opt_level = -1
     c.train.log_every = 50
+    # Metric writers (lmtrain/train/metric_writers.py): any of "jsonl", "tensorboard", "wandb".
+    c.train.loggers = ("jsonl", "tensorboard")
     c.train.eval_every = 250
     c.train.eval_batches = (
         0  # cap on periodic evals (0 = whole split); the final eval is always whole

@@ -428,7 +428,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         if cfg.objective == "dpo"
         else None
     )
-    logger = MetricsLogger(workdir, enabled=is_main)
+    logger = MetricsLogger(workdir, enabled=is_main, loggers=cfg.train.loggers)
     n_params = setup.model_cfg.param_count()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     flops_per_step = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len) * tokens_per_step
@@ -568,11 +568,19 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
                 dpo_monitor.update(s, m)
         has_eval = not (finetune.uses_records(cfg) and setup.eval_rows is None)  # no eval_file
         if has_eval and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-            # Periodic evals may be capped (train.eval_batches); the final one covers the whole split.
-            cap = 0 if done == cfg.train.steps else cfg.train.eval_batches
-            ev = evaluate(setup, eval_step, state.params, cap, frozen)
-            logger.write(done, ev)
-            final.update(ev)
+            # Every periodic eval reads the same first train.eval_batches batches, so its points
+            # compare; the final eval over the whole split is a series of its own (eval_full/*),
+            # never joined to them, and the eval/* that final_metrics.json reports.
+            ev = evaluate(setup, eval_step, state.params, cfg.train.eval_batches, frozen)
+            full, whole = {}, {}
+            if done == cfg.train.steps:
+                whole = ev
+                if cfg.train.eval_batches:  # the periodic evals were capped: read it all once
+                    whole = evaluate(setup, eval_step, state.params, 0, frozen)
+                full = {k.replace("eval/", "eval_full/", 1): v for k, v in whole.items()}
+                print_fn(f"step {done:>6} | whole-split eval loss {whole['eval/loss']:.4f}")
+            logger.write(done, ev | full)
+            final.update(ev | full | whole)
             stop_early = eval_hooks.after_eval(done, ev, state, batches.get_state())
             print_fn(
                 f"step {done:>6} | eval loss {ev['eval/loss']:.4f} | eval ppl {ev.get('eval/perplexity', float('nan')):.2f}"
