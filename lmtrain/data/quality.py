@@ -37,6 +37,25 @@ BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "�
 ELLIPSES = ("...", "…")
 # A whitespace-delimited word with no letter (digits, punctuation, symbols only).
 _NO_LETTER_WORD = re.compile(r"(?<!\S)(?:(?!\s)[\W\d_])+(?!\S)")
+# Lines (as split on "\n") that start with a bullet after whitespace / end with an ellipsis
+# before whitespace: one C-speed scan instead of a Python loop over the lines.
+_BULLET_LINE = re.compile(
+    r"^[^\S\n]*(?:" + "|".join(re.escape(b) for b in BULLETS) + ")", re.MULTILINE
+)
+_ELLIPSIS_LINE = re.compile(
+    r"(?:" + "|".join(re.escape(e) for e in ELLIPSES) + r")[^\S\n]*$", re.MULTILINE
+)
+# ASCII text: letters -> "a", whitespace kept (with the \x1c-\x1f separators str.split uses),
+# everything else deleted; the words left are exactly the words that contain a letter.
+_ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+_ALPHA_TABLE = bytes(
+    ord("a") if i in _ASCII_LETTERS else (32 if 0x1C <= i <= 0x1F else i) for i in range(256)
+)
+_ALPHA_DELETE = bytes(i for i in range(128) if i not in _ASCII_LETTERS and not chr(i).isspace())
+
+
+def _ascii_alpha_words(text: str) -> int:
+    return len(text.encode("ascii").translate(_ALPHA_TABLE, _ALPHA_DELETE).split())
 
 
 def _on(threshold) -> bool:
@@ -45,15 +64,8 @@ def _on(threshold) -> bool:
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
     """(number, characters) of items that repeat an earlier item."""
-    seen: set[str] = set()
-    count = chars = 0
-    for it in items:
-        if it in seen:
-            count += 1
-            chars += len(it)
-        else:
-            seen.add(it)
-    return count, chars
+    unique = set(items)
+    return len(items) - len(unique), sum(map(len, items)) - sum(map(len, unique))
 
 
 def top_ngram_chars_fraction(
@@ -78,12 +90,17 @@ def duplicate_ngram_chars_fraction(
 ) -> float:
     """Fraction of word characters inside n-grams that repeat an earlier n-gram (Gopher);
     overlapping n-grams count each word once. ``h``: the n-gram hashes if already computed."""
+    return _duplicate_ngrams(wh, wl, n, h)[0]
+
+
+def _duplicate_ngrams(wh, wl, n, h=None) -> tuple[float, bool]:
+    """(fraction as above, whether any n-gram repeats)."""
     h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
-        return 0.0
+        return 0.0, False
     _, first = np.unique(h, return_index=True)
     if first.size == h.size:
-        return 0.0
+        return 0.0, False
     dup = np.ones(h.size, dtype=bool)
     dup[first] = False
     starts = np.flatnonzero(dup)
@@ -91,7 +108,7 @@ def duplicate_ngram_chars_fraction(
     np.add.at(cover, starts, 1)
     np.add.at(cover, starts + n, -1)
     covered = np.cumsum(cover[:-1]) > 0
-    return float(wl[covered].sum()) / max(float(wl.sum()), 1.0)
+    return float(wl[covered].sum()) / max(float(wl.sum()), 1.0), True
 
 
 def load_blocklist(words, path: str = "") -> frozenset:
@@ -128,16 +145,16 @@ def quality_reason(
             return "symbol_word_ratio"
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if lines and _on(q["max_bullet_lines_fraction"]):
-        bullets = sum(ln.lstrip().startswith(BULLETS) for ln in lines)
+        bullets = len(_BULLET_LINE.findall(text))
         if bullets / len(lines) > q["max_bullet_lines_fraction"]:
             return "bullet_lines"
     if lines and _on(q["max_ellipsis_lines_fraction"]):
-        ell = sum(ln.rstrip().endswith(ELLIPSES) for ln in lines)
+        ell = len(_ELLIPSIS_LINE.findall(text))
         if ell / len(lines) > q["max_ellipsis_lines_fraction"]:
             return "ellipsis_lines"
     if _on(q["min_alpha_words_fraction"]):
         if text.isascii():  # exact for ASCII, and a C-speed scan
-            alpha = n - len(_NO_LETTER_WORD.findall(text))
+            alpha = _ascii_alpha_words(text)
         else:
             alpha = sum(any(c.isalpha() for c in w) for w in words)
         if alpha / n < q["min_alpha_words_fraction"]:
@@ -183,8 +200,14 @@ def quality_reason(
     for k, limit in top:
         if top_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
             return f"top_{k}gram_chars"
+    no_dup_from = None  # an n with no repeated n-gram: no longer n-gram repeats either
     for k, limit in dup:
-        if duplicate_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
+        if no_dup_from is not None and k >= no_dup_from:
+            continue
+        frac, repeats = _duplicate_ngrams(wh, wl, k, grams[k])
+        if not repeats and grams[k].size:
+            no_dup_from = k
+        if frac > limit:
             return f"duplicate_{k}gram_chars"
     if blocklist:
         hits = sum(w.lower().strip(string.punctuation) in blocklist for w in words)
