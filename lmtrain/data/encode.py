@@ -19,33 +19,35 @@ from lmtrain.data.tokenizer import (
 from lmtrain.errors import DataError
 
 
-def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: np.ndarray,
-                            chars: np.ndarray, workers: int) -> tuple[Tokenizer, dict]:  # fmt: skip
-    """``texts_for(mask)`` yields the texts of the selected documents in corpus order.
+def sample_mask(cfg: dict, train_sel: np.ndarray, keys: np.ndarray, train_chars: int) -> np.ndarray:
+    """The train documents SentencePiece sees: all of them, or when they hold more than
+    ``tokenizer.max_train_chars`` characters a deterministic sample chosen by content hash
+    (independent of the split hash), each document kept with probability max / total."""
+    t = cfg["tokenizer"]
+    if t["max_train_chars"] and train_chars > t["max_train_chars"]:
+        rate = t["max_train_chars"] / train_chars
+        salt = np.uint64(hash64(f"tokenizer-sample-{cfg['seed']}"))
+        u = (mix64(np.asarray(keys, np.uint64) ^ salt) >> np.uint64(11)).astype(np.float64) / float(
+            1 << 53
+        )
+        return train_sel & (u < rate)
+    return train_sel
 
-    SentencePiece sees at most ``tokenizer.max_train_chars`` characters: a deterministic sample of
-    train documents chosen by content hash (independent of the split hash).
-    """
+
+def train_tokenizer(cfg: dict, texts, documents: int, chars: int) -> tuple[Tokenizer, dict]:
+    """Trains the configured tokenizer on ``texts`` (the sample, in corpus order) or loads
+    ``tokenizer.path``; ``documents``/``chars`` describe the sample for the manifest."""
     t = cfg["tokenizer"]
     info: dict = {"kind": t["kind"]}
     if t["path"]:
         tok = load_tokenizer(t["path"])
         info.update(kind=tok.kind, loaded_from=str(t["path"]))
     elif t["kind"] == "char":
-        tok = CharTokenizer.train(texts_for(train_sel))
-        info.update(
-            trained_on_documents=int(train_sel.sum()), trained_on_chars=int(chars[train_sel].sum())
-        )
+        tok = CharTokenizer.train(texts)
+        info.update(trained_on_documents=int(documents), trained_on_chars=int(chars))
     else:
-        sel = train_sel
-        total = int(chars[train_sel].sum())
-        if t["max_train_chars"] and total > t["max_train_chars"]:
-            rate = t["max_train_chars"] / total
-            salt = np.uint64(hash64(f"tokenizer-sample-{cfg['seed']}"))
-            u = (mix64(keys ^ salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-            sel = train_sel & (u < rate)
         tok = train_sentencepiece(
-            texts_for(sel),
+            texts,
             vocab_size=t["vocab_size"],
             model_type=t["model_type"],
             byte_fallback=t["byte_fallback"],
@@ -55,14 +57,26 @@ def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: n
             num_threads=t["num_threads"],
         )
         info.update(model_type=t["model_type"], byte_fallback=t["byte_fallback"],
-                    num_threads=t["num_threads"], trained_on_documents=int(sel.sum()),
-                    trained_on_chars=int(chars[sel].sum()))  # fmt: skip
+                    num_threads=t["num_threads"], trained_on_documents=int(documents),
+                    trained_on_chars=int(chars))  # fmt: skip
         tok.word_separable = True  # trained by train_sentencepiece: see WordMemoEncoder
     if tok.vocab_size > 2**32:
         raise DataError(f"tokenizer vocab_size {tok.vocab_size} does not fit uint32 shards")
     info.update(vocab_size=tok.vocab_size, fingerprint=tok.fingerprint(), pad_id=tok.pad_id,
                 unk_id=tok.unk_id, bos_id=tok.bos_id, eos_id=tok.eos_id)  # fmt: skip
     return tok, info
+
+
+def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: np.ndarray,
+                            chars: np.ndarray, workers: int) -> tuple[Tokenizer, dict]:  # fmt: skip
+    """``texts_for(mask)`` yields the texts of the selected documents in corpus order."""
+    t = cfg["tokenizer"]
+    if t["path"]:
+        return train_tokenizer(cfg, (), 0, 0)
+    sel = train_sel
+    if t["kind"] != "char":
+        sel = sample_mask(cfg, train_sel, keys, int(chars[train_sel].sum()))
+    return train_tokenizer(cfg, texts_for(sel), int(sel.sum()), int(chars[sel].sum()))
 
 
 class _CharTable:

@@ -149,30 +149,34 @@ class FileSource:
 
     def __iter__(self):
         for full, shown in list_files(self.spec, self.policy):
-            suffix = _suffix(full)
-            entry = {"path": full, "bytes": 0, "sha256": "", "documents": 0}
-            try:
-                entry["bytes"] = os.path.getsize(full)
-                if suffix in (".jsonl", ".jsonl.gz"):
-                    gen = self._jsonl(full, shown, suffix == ".jsonl.gz")
-                elif suffix == ".parquet":
-                    gen = self._parquet(full, shown)
-                elif self.spec["segment"] == "paragraphs":
-                    gen = self._paragraphs(full, shown)
-                else:
-                    gen = self._whole(full, shown, entry)
-                for doc in gen:
-                    entry["documents"] += 1
-                    yield doc
-                if not entry["sha256"]:
-                    entry["sha256"] = sha256_file(full)
-            except (OSError, EOFError, zlib.error) as e:
-                self.policy(
-                    "unreadable_file",
-                    f"{full}: cannot read ({type(e).__name__}: {e}); fix or remove the file",
-                )
-                entry["error"] = f"{type(e).__name__}: {e}"
-            self.files.append(entry)
+            yield from self.iter_file(full, shown)
+
+    def iter_file(self, full: str, shown: str):
+        """The documents of one file (the Beam runner reads files in parallel with this)."""
+        suffix = _suffix(full)
+        entry = {"path": full, "bytes": 0, "sha256": "", "documents": 0}
+        try:
+            entry["bytes"] = os.path.getsize(full)
+            if suffix in (".jsonl", ".jsonl.gz"):
+                gen = self._jsonl(full, shown, suffix == ".jsonl.gz")
+            elif suffix == ".parquet":
+                gen = self._parquet(full, shown)
+            elif self.spec["segment"] == "paragraphs":
+                gen = self._paragraphs(full, shown)
+            else:
+                gen = self._whole(full, shown, entry)
+            for doc in gen:
+                entry["documents"] += 1
+                yield doc
+            if not entry["sha256"]:
+                entry["sha256"] = sha256_file(full)
+        except (OSError, EOFError, zlib.error) as e:
+            self.policy(
+                "unreadable_file",
+                f"{full}: cannot read ({type(e).__name__}: {e}); fix or remove the file",
+            )
+            entry["error"] = f"{type(e).__name__}: {e}"
+        self.files.append(entry)
 
     def _doc(self, doc_id, path, line, fmt, data, time=None) -> RawDoc:
         s = self.spec
