@@ -73,8 +73,8 @@ _PHONE = re.compile(
 # the full pattern at every position). A pattern runs only when its gate finds something, so the
 # result is the same as always running it.
 _GATE_AWS_SECRET = re.compile(r"(?i)aws_?secret")
-_GATE_GENERIC = re.compile(r"(?i)(?:key|token|secret|wd)[\"']?\s*[:=]")
-_GATE_GENERIC_LOWER = re.compile(r"(?:key|token|secret|wd)[\"']?\s*[:=]")  # ASCII text, lowered
+_GATE_GENERIC = re.compile(r"(?i)(?:key|token|secret|wd|rd)[\"']?\s*[:=]")
+_GATE_GENERIC_LOWER = re.compile(r"(?:key|token|secret|wd|rd)[\"']?\s*[:=]")  # ASCII text, lowered
 _GATE_EMAIL_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b"
 )
