@@ -4,6 +4,7 @@ of removed records; and output paths through the filesystem layer with a gs:// f
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -68,28 +69,34 @@ def test_beam_refuses_position_split(mixed_corpus, tmp_path):  # noqa: F811
     assert not (tmp_path / "o").exists()
 
 
-def test_gs_uri_output_goes_through_the_filesystem_layer(mixed_corpus, prepared, tmp_path):  # noqa: F811
-    """A gs:// output with the scheme faked onto a local directory (etils.epath's mock): every
-    file lands in the fake bucket and equals the local run's."""
+@contextlib.contextmanager
+def fake_gcs(bucket_root: Path, seen: list):
+    """gs://NAME/... mapped onto bucket_root/NAME/... for every etils.epath operation used."""
     import builtins
     import os
     import shutil
+    from types import SimpleNamespace
 
     from etils.epath.testing import mock_epath
-
-    raw, _ = mixed_corpus
-    local_out, _ = prepared
-    bucket = tmp_path / "bucket"
-    seen: list[str] = []
 
     def local(p) -> str:
         p = os.fspath(p)
         assert p.startswith("gs://"), p
         seen.append(p)
-        return str(bucket / p[len("gs://") :])
+        return str(bucket_root / p[len("gs://") :])
 
     def _open(_fn, p, mode="r", **kw):
         return builtins.open(local(p), mode, **{k: v for k, v in kw.items() if v is not None})
+
+    def _walk(_fn, p, top_down=True, on_error=None):
+        base = local(p)
+        for root, dirs, files in os.walk(base, topdown=top_down):
+            yield "gs://" + os.path.relpath(root, bucket_root), dirs, files
+
+    def _glob(_fn, pattern):
+        import glob
+
+        return ["gs://" + os.path.relpath(h, bucket_root) for h in glob.glob(local(pattern))]
 
     with mock_epath(
         open=_open,
@@ -99,11 +106,32 @@ def test_gs_uri_output_goes_through_the_filesystem_layer(mixed_corpus, prepared,
         makedirs=lambda _fn, p, exist_ok=False: os.makedirs(local(p), exist_ok=exist_ok),
         mkdir=lambda _fn, p, exist_ok=False: os.makedirs(local(p), exist_ok=exist_ok),
         rmtree=lambda _fn, p: shutil.rmtree(local(p)),
+        walk=_walk,
+        glob=_glob,
+        stat=lambda _fn, p: SimpleNamespace(length=os.path.getsize(local(p))),
     ):
-        m = prepare(config([raw]), "gs://bucket/datasets/mixed")
-    out = bucket / "bucket" / "datasets" / "mixed"
-    assert seen and (out / "manifest.json").exists()
+        yield
+
+
+def test_gs_uris_go_through_the_filesystem_layer(mixed_corpus, prepared, tmp_path):  # noqa: F811
+    """Input and output as gs:// URIs, the scheme faked onto a local directory (etils.epath's
+    mock): the corpus is read from the fake bucket, every output file lands in it, and each
+    equals the local-path run's."""
+    import shutil
+
+    raw, _ = mixed_corpus
+    local_out, local_m = prepared
+    bucket = tmp_path / "buckets"
+    shutil.copytree(raw, bucket / "corpus" / "raw")
+    seen: list[str] = []
+    with fake_gcs(bucket, seen):
+        m = prepare(config(["gs://corpus/raw"]), "gs://out/datasets/mixed")
+    out = bucket / "out" / "datasets" / "mixed"
+    assert any(p.startswith("gs://corpus/raw/") for p in seen)
+    assert any(p.startswith("gs://out/datasets/mixed/") for p in seen)
+    assert m["flow"] == local_m["flow"] and m["stages"] == local_m["stages"]
     assert json.loads((out / "manifest.json").read_text())["flow"] == m["flow"]
+    assert m["sources"][0]["files"][0]["path"].startswith("gs://corpus/raw/")
     for p in local_out.rglob("*"):
-        if p.is_file() and p.name != "manifest.json":
-            assert (out / p.relative_to(local_out)).read_bytes() == p.read_bytes()
+        if p.is_file() and p.name not in ("manifest.json", "DATASHEET.md"):
+            assert (out / p.relative_to(local_out)).read_bytes() == p.read_bytes(), p

@@ -11,6 +11,7 @@ workers) and is complete when ``manifest.json`` exists — it is written last.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -75,6 +76,46 @@ def upload_tree(local_dir: str | os.PathLike, dest: str | os.PathLike, overwrite
     files.sort(key=lambda p: p.name == "manifest.json")
     for f in files:
         upload_file(f, d / f.relative_to(root).as_posix())
+
+
+def open_read(path: str | os.PathLike):
+    """A binary file object for reading: the builtin ``open`` for local paths."""
+    return as_path(path).open("rb") if is_remote(path) else open(path, "rb")  # noqa: SIM115
+
+
+def size(path: str | os.PathLike) -> int:
+    return int(as_path(path).stat().length) if is_remote(path) else os.path.getsize(path)
+
+
+def sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open_read(path) as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remote_files(pattern: str) -> list[tuple[str, str]] | None:
+    """(URI, display path) of the files under a remote directory (hidden entries skipped, sorted),
+    the file itself, or the matches of a ``*`` glob; None when nothing is there."""
+    p = as_path(pattern)
+    if p.is_dir():
+        root = str(p).rstrip("/")
+        parent = root.rsplit("/", 1)[0]
+        out = []
+        for dirpath, dirnames, filenames in p.walk():
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if not fn.startswith("."):
+                    full = f"{str(dirpath).rstrip('/')}/{fn}"
+                    out.append((full, full[len(parent) + 1 :]))
+        return sorted(out)
+    if p.exists():
+        return [(str(p), p.name)]
+    if any(c in pattern for c in "*?["):
+        hits = sorted(str(h) for h in p.parent.glob(p.name))
+        return [(h, h) for h in hits] or None
+    return None
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
