@@ -112,7 +112,7 @@ class WordMemoEncoder:
     cleared when it holds ``max_words`` entries, which keeps memory flat in corpus size.
     """
 
-    def __init__(self, sp, max_words: int = 1 << 20):
+    def __init__(self, sp, max_words: int = 1 << 18):
         self.sp, self.max_words = sp, max_words
         self.cache: dict[str, list[int]] = {}
 
