@@ -77,11 +77,15 @@ def top_ngram_chars_fraction(
     h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
         return 0.0
-    _, first, counts = np.unique(h, return_index=True, return_counts=True)
+    # A plain sort (SIMD) instead of np.unique's stable argsort: the same top n-gram (the most
+    # frequent, ties to the smallest hash) and its first position.
+    s = np.sort(h)
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    counts = np.diff(np.append(starts, s.size))
     top = int(np.argmax(counts))
     if counts[top] < 2:
         return 0.0
-    start = int(first[top])
+    start = int(np.argmax(h == s[starts[top]]))
     return float(wl[start : start + n].sum() * counts[top]) / max(float(wl.sum()), 1.0)
 
 
@@ -97,6 +101,9 @@ def _duplicate_ngrams(wh, wl, n, h=None) -> tuple[float, bool]:
     """(fraction as above, whether any n-gram repeats)."""
     h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
+        return 0.0, False
+    s = np.sort(h)
+    if not (s[1:] == s[:-1]).any():  # no repeat: skip the stable argsort below
         return 0.0, False
     _, first = np.unique(h, return_index=True)
     if first.size == h.size:
