@@ -136,14 +136,14 @@ def _read_unit(unit, cfg):
 _STAGES: dict = {}  # per worker: Stages built once per (config, eval n-grams) object
 
 
-def _clean(item, cfg: dict, eval_ngrams):
+def _clean(item, cfg: dict, eval_ngrams, eval_vocab):
     """The shared per-document stages on one raw document."""
     from apache_beam import pvalue
 
     stages = _STAGES.get((id(cfg), id(eval_ngrams)))
     if stages is None:
         _STAGES.clear()
-        stages = _STAGES[(id(cfg), id(eval_ngrams))] = Stages(cfg, eval_ngrams)
+        stages = _STAGES[(id(cfg), id(eval_ngrams))] = Stages(cfg, eval_ngrams, eval_vocab)
     order, doc = item
     counts = {s: Counter() for s in STAGES}
     removed: list = []
@@ -410,7 +410,7 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
     cleaned = (
         read.docs
         | "SpreadDocs" >> beam.Reshuffle()
-        | "Clean" >> beam.FlatMap(_clean, cfg, evals.all_ngrams if evals else None)
+        | "Clean" >> beam.FlatMap(_clean, cfg, *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
         .with_outputs("stat", "example", "removed", main="docs")
     )  # fmt: skip
     stat_parts = [read.stat, cleaned.stat, p | "ListErrors" >> beam.Create(

@@ -33,9 +33,15 @@ def read_spill(spill_dir: str, index: int) -> list[tuple]:
 class Cleaner:
     """Runs :class:`~lmtrain.data.stages.Stages` over a batch and spills the kept texts."""
 
-    def __init__(self, cfg: dict, spill_dir: str, eval_ngrams: np.ndarray | None = None):
+    def __init__(
+        self,
+        cfg: dict,
+        spill_dir: str,
+        eval_ngrams: np.ndarray | None = None,
+        eval_vocab=None,
+    ):
         self.cfg, self.spill_dir = cfg, spill_dir
-        self.stages = Stages(cfg, eval_ngrams)
+        self.stages = Stages(cfg, eval_ngrams, eval_vocab)
         self.num_perm = cfg["dedup"]["num_perm"]
 
     def process(self, index: int, docs: list) -> dict:
@@ -84,9 +90,9 @@ class Cleaner:
 _CLEANER: Cleaner | None = None
 
 
-def init_worker(cfg: dict, spill_dir: str, eval_ngrams) -> None:
+def init_worker(cfg: dict, spill_dir: str, eval_ngrams, eval_vocab=None) -> None:
     global _CLEANER
-    _CLEANER = Cleaner(cfg, spill_dir, eval_ngrams)
+    _CLEANER = Cleaner(cfg, spill_dir, eval_ngrams, eval_vocab)
 
 
 def work(item) -> dict:

@@ -235,7 +235,7 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
                 )
             yield index, batch
 
-    init = (cfg, str(work / "spill"), evals.all_ngrams if evals else None)
+    init = (cfg, str(work / "spill"), *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
     progress = Progress(estimate_bytes(cfg))
     worker_cpu = 0.0
     with open(tmp / "removed.jsonl", "w") as removed:

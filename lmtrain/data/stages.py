@@ -38,7 +38,7 @@ class Features(NamedTuple):
 
 
 class Stages:
-    def __init__(self, cfg: dict, eval_ngrams: np.ndarray | None = None):
+    def __init__(self, cfg: dict, eval_ngrams: np.ndarray | None = None, eval_vocab=None):
         self.cfg = cfg
         q, p = cfg["quality"], cfg["pii"]
         self.blocklist = (
@@ -52,6 +52,7 @@ class Stages:
         self.num_perm = cfg["dedup"]["num_perm"]
         self.minhash = minhash_params(self.num_perm, cfg["seed"]) if cfg["dedup"]["near"] else None
         self.eval_ngrams = eval_ngrams if eval_ngrams is not None else np.zeros(0, np.uint64)
+        self.eval_vocab = eval_vocab
         self.by_time = cfg["split"]["method"] == "time"
 
     def features(self, text: str, wh: np.ndarray) -> Features:
@@ -60,7 +61,7 @@ class Stages:
             sig = minhash_signature(
                 shingle_hashes(wh, self.cfg["dedup"]["shingle_words"]), *self.minhash
             )
-        m = matches(text, self.cfg["contamination"]["ngram"], self.eval_ngrams)
+        m = matches(text, self.cfg["contamination"]["ngram"], self.eval_ngrams, self.eval_vocab)
         return Features(hash64(" ".join(text.split())), len(text), sig, m)
 
     def clean(self, doc, counts: dict[str, Counter], removed: list, policy: ErrorPolicy):
