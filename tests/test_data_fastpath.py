@@ -155,3 +155,28 @@ def test_skipping_longer_ngrams_without_repeats_keeps_the_reason():
         assert got == want, text
         reasons.add(got)
     assert None in reasons and len(reasons) > 1
+
+
+def test_contamination_vocabulary_filter_changes_no_match(tmp_path):
+    """With the examples' words and word pairs as a pre-filter, each document gets the same
+    matching n-grams as hashing every n-gram."""
+    from lmtrain.data.contamination import EvalSets, matches
+
+    rng = random.Random(4)
+    vocab = ["the", "of", "river", "stone", "light", "window", "music", "paper", "Garden", "x"]
+    examples = [" ".join(rng.choice(vocab) for _ in range(rng.randint(5, 30))) for _ in range(8)]
+    path = tmp_path / "eval.txt"
+    path.write_text("\n\n".join(examples))
+    for n in (1, 3, 5, 13):
+        ev = EvalSets([{"name": "e", "path": str(path), "fields": []}], n)
+        found = 0
+        for _ in range(300):
+            other = ["zebra", "Light,", "STONE.", "a", "b", "c", "d", "e", "f"]
+            doc = " ".join(rng.choice(vocab + other) for _ in range(60))
+            if rng.random() < 0.2:
+                doc += " " + rng.choice(examples)
+            want = matches(doc, n, ev.all_ngrams)
+            got = matches(doc, n, ev.all_ngrams, ev.vocab)
+            assert np.array_equal(got, want), (n, doc)
+            found += bool(want.size)
+        assert found > 0 and (n == 1 or found < 300)  # some match, some do not

@@ -258,6 +258,9 @@ def main() -> None:
             for name, sec in rows.items():
                 rate = f"{mb / sec:8.2f}" if sec > 0 else "     inf"
                 print(f"  {name:28s} {rate}  ({sec:.1f} s)")
+            for name, sec in stats.get("clean_cpu_s", {}).items():
+                rate = f"{mb / sec:8.2f}" if sec > 0 else "     inf"
+                print(f"    clean: {name:19s} {rate}  ({sec:.1f} s)")
             no_tok = cpu - stage_cpu.get("tokenizer_train", 0.0)
             print(f"end to end without tokenizer training: {mb / no_tok:.2f} MB per CPU-second")
     finally:

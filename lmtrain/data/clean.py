@@ -20,6 +20,10 @@ from lmtrain.data.sources import ErrorPolicy
 from lmtrain.data.stages import STAGES, Stages
 
 
+def _delta(now: Counter, before: Counter) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in now.items()}
+
+
 def spill_path(spill_dir: str, index: int) -> str:
     return os.path.join(spill_dir, f"{index:08d}.pkl")
 
@@ -43,6 +47,13 @@ class Cleaner:
         self.cfg, self.spill_dir = cfg, spill_dir
         self.stages = Stages(cfg, eval_ngrams, eval_vocab)
         self.num_perm = cfg["dedup"]["num_perm"]
+
+    def _stage_cpu(self) -> dict:
+        """CPU seconds per stage since the last call."""
+        now = Counter(self.stages.cpu)
+        out = _delta(now, getattr(self, "_last_cpu", Counter()))
+        self._last_cpu = now
+        return out
 
     def process(self, index: int, docs: list) -> dict:
         cpu0 = time.process_time()
@@ -84,6 +95,7 @@ class Cleaner:
             "docs_in": len(docs),
             "bytes_in": nbytes,
             "cpu_s": time.process_time() - cpu0,
+            "stage_cpu_s": self._stage_cpu(),
         }
 
 

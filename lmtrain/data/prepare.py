@@ -238,11 +238,14 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
     init = (cfg, str(work / "spill"), *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
     progress = Progress(estimate_bytes(cfg))
     worker_cpu = 0.0
+    clean_cpu = stats.setdefault("clean_cpu_s", {})  # the part of clean_workers per stage
     with open(tmp / "removed.jsonl", "w") as removed:
         for res in _ordered(counted(_batches(sources, cfg)), clean.work, workers, init):
             scan.add(res, removed)
             progress.update(res["docs_in"], res["bytes_in"])
             worker_cpu += res["cpu_s"]
+            for k, v in res["stage_cpu_s"].items():
+                clean_cpu[k] = clean_cpu.get(k, 0.0) + v
         scan.finish()
         lap("read_and_clean")
         # Worker CPU is reported by the workers; with workers=0 it is already in this process's.
@@ -313,9 +316,12 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
     per_split = {s: Counter() for s in SPLITS}
     per_source = Counter()
     pending: list = []
+    encode_cpu = [0.0]
 
     def flush():
+        t0 = time.process_time()
         ids = encode_batch(tok, [doc[3] for _, doc, _ in pending], workers)
+        encode_cpu[0] += time.process_time() - t0
         for (_, doc, s), toks in zip(pending, ids):
             writers[s].add(toks)
             per_split[s].update(documents=1, chars=len(doc[3]), tokens=len(toks))
@@ -353,6 +359,9 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
     )
     shutil.rmtree(work)
     lap("encode_write")
+    cpu["encode_write"] -= encode_cpu[0]
+    cpu["encode"] = encode_cpu[0]
+    cpu["write"] = cpu.pop("encode_write")
 
     manifest = build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
                               contamination, dropped, tok, tok_info, indexes, per_split, per_source)  # fmt: skip

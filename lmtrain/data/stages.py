@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from time import process_time
 from typing import NamedTuple
 
 import numpy as np
@@ -54,20 +55,30 @@ class Stages:
         self.eval_ngrams = eval_ngrams if eval_ngrams is not None else np.zeros(0, np.uint64)
         self.eval_vocab = eval_vocab
         self.by_time = cfg["split"]["method"] == "time"
+        # CPU seconds per stage in this process (for tools/bench_data.py; not in the manifest).
+        self.cpu: Counter = Counter()
 
     def features(self, text: str, wh: np.ndarray) -> Features:
+        cpu, t0 = self.cpu, process_time()
         sig = None
         if self.minhash is not None:
             sig = minhash_signature(
                 shingle_hashes(wh, self.cfg["dedup"]["shingle_words"]), *self.minhash
             )
+        t1 = process_time()
         m = matches(text, self.cfg["contamination"]["ngram"], self.eval_ngrams, self.eval_vocab)
-        return Features(hash64(" ".join(text.split())), len(text), sig, m)
+        t2 = process_time()
+        key = hash64(" ".join(text.split()))
+        cpu["minhash"] += t1 - t0
+        cpu["contamination_ngrams"] += t2 - t1
+        cpu["content_hash"] += process_time() - t2
+        return Features(key, len(text), sig, m)
 
     def clean(self, doc, counts: dict[str, Counter], removed: list, policy: ErrorPolicy):
         """``(text, word hashes, time key)`` of a kept document, or None (the reason appended to
         ``removed`` as ``(id, stage, reason)``, counted in ``counts``, bad input to ``policy``)."""
-        cfg = self.cfg
+        cfg, cpu = self.cfg, self.cpu
+        t0 = process_time()
         data = doc.data
         if isinstance(data, bytes):
             res = decode_utf8(data, cfg["normalize"]["invalid_utf8"], first_line=max(doc.line, 1))
@@ -88,6 +99,8 @@ class Stages:
             text = res.text
         else:
             text = data
+        t1 = process_time()
+        cpu["decode"] += t1 - t0
         fmt = doc.fmt
         if fmt == "pydoc":
             text = extract_docstrings(text)
@@ -100,6 +113,8 @@ class Stages:
         if cfg["markup"]["enabled"] and fmt in ("html", "markdown"):
             text = html_to_text(text) if fmt == "html" else markdown_to_text(text)
             counts["markup"][f"{fmt}_converted"] += 1
+        t2 = process_time()
+        cpu["markup"] += t2 - t1
         if cfg["normalize"]["enabled"]:
             text, c = normalize_text(
                 text,
@@ -111,13 +126,20 @@ class Stages:
             counts["normalize"]["empty_dropped"] += 1
             removed.append((doc.id, "normalize", "empty"))
             return None
+        t3 = process_time()
+        cpu["normalize"] += t3 - t2
         wh = word_hashes(text.lower().split())
         if cfg["quality"]["enabled"]:
             reason = quality_reason(text, text.split(), wh, cfg["quality"], self.blocklist)
+            t4 = process_time()
+            cpu["quality_and_word_hashes"] += t4 - t3
             if reason is not None:
                 counts["quality"][reason] += 1
                 removed.append((doc.id, "quality", reason))
                 return None
+        else:
+            t4 = process_time()
+            cpu["quality_and_word_hashes"] += t4 - t3
         if self.pii is not None:
             new, c = self.pii.scrub(text)
             if c:
@@ -125,6 +147,7 @@ class Stages:
                 counts["pii"]["documents_changed"] += 1
                 text = new
                 wh = word_hashes(text.lower().split())
+            cpu["pii"] += process_time() - t4
         t = math.nan
         if self.by_time:
             field = cfg["split"]["time_field"]
