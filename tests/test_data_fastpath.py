@@ -180,3 +180,15 @@ def test_contamination_vocabulary_filter_changes_no_match(tmp_path):
             assert np.array_equal(got, want), (n, doc)
             found += bool(want.size)
         assert found > 0 and (n == 1 or found < 300)  # some match, some do not
+
+
+def test_lazy_ngram_hashes_equal_ngram_hashes_in_any_order():
+    from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes, word_hashes
+
+    rng = random.Random(5)
+    for size in (0, 1, 3, 12, 40):
+        wh = word_hashes([rng.choice("abcdefg") for _ in range(size)])
+        for order in ([2, 3, 4, 5, 9, 10], [5, 2, 7, 3, 1, 11], [10, 10, 1]):
+            lazy = LazyNgramHashes(wh)
+            for n in order:
+                assert np.array_equal(lazy[n], ngram_hashes(wh, n)), (size, order, n)

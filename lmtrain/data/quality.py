@@ -30,7 +30,7 @@ import string
 
 import numpy as np
 
-from lmtrain.data.hashing import ngram_hashes, ngram_hashes_range
+from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "—")
@@ -127,11 +127,17 @@ def load_blocklist(words, path: str = "") -> frozenset:
 
 
 def quality_reason(
-    text: str, words: list[str], wh: np.ndarray, q: dict, blocklist: frozenset = frozenset()
+    text: str,
+    words: list[str],
+    wh: np.ndarray,
+    q: dict,
+    blocklist: frozenset = frozenset(),
+    lower_words: list[str] | None = None,
 ) -> str | None:
     """Name of the first failed filter, or None to keep the document.
 
-    ``words`` are ``text.split()``; ``wh`` the hashes of the lower-cased words.
+    ``words`` are ``text.split()``; ``wh`` the hashes of the lower-cased words;
+    ``lower_words`` ``text.lower().split()`` if the caller has it.
     """
     n = len(words)
     if _on(q["min_words"]) and n < q["min_words"]:
@@ -167,7 +173,8 @@ def quality_reason(
         if alpha / n < q["min_alpha_words_fraction"]:
             return "alpha_words_fraction"
     if _on(q["min_stop_words"]) and q["min_stop_words"] > 0:
-        found = STOP_WORDS.intersection(text.lower().split())  # fast path: bare stop words
+        low = lower_words if lower_words is not None else text.lower().split()
+        found = STOP_WORDS.intersection(low)  # fast path: bare stop words
         if len(found) < q["min_stop_words"]:
             found = STOP_WORDS.intersection(w.lower().strip(string.punctuation) for w in words)
         if len(found) < q["min_stop_words"]:
@@ -203,7 +210,7 @@ def quality_reason(
             return "duplicate_paragraph_chars"
     top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
     dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
-    grams = ngram_hashes_range(wh, [k for k, _ in top + dup])
+    grams = LazyNgramHashes(wh)  # the longer n are often never needed (see no_dup_from)
     for k, limit in top:
         if top_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
             return f"top_{k}gram_chars"

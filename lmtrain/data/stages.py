@@ -128,9 +128,11 @@ class Stages:
             return None
         t3 = process_time()
         cpu["normalize"] += t3 - t2
-        wh = word_hashes(text.lower().split())
+        low = text.lower().split()
+        wh = word_hashes(low)
         if cfg["quality"]["enabled"]:
-            reason = quality_reason(text, text.split(), wh, cfg["quality"], self.blocklist)
+            q = cfg["quality"]
+            reason = quality_reason(text, text.split(), wh, q, self.blocklist, low)
             t4 = process_time()
             cpu["quality_and_word_hashes"] += t4 - t3
             if reason is not None:
