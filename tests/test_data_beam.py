@@ -135,3 +135,36 @@ def test_gs_uris_go_through_the_filesystem_layer(mixed_corpus, prepared, tmp_pat
     for p in local_out.rglob("*"):
         if p.is_file() and p.name not in ("manifest.json", "DATASHEET.md"):
             assert (out / p.relative_to(local_out)).read_bytes() == p.read_bytes(), p
+
+
+def test_bad_input_same_counts_and_messages_on_both_runners(tmp_path):
+    """on_error='skip': malformed JSON, a missing text field, a binary file and a missing path are
+    counted and their first messages kept, in corpus order, the same on both runners; with
+    on_error='stop' the Beam runner raises the same one-line DataError and writes nothing."""
+    import random
+
+    from lmtrain.data.beam_runner import prepare_beam
+    from lmtrain.errors import DataError
+    from tests.test_data_prepare import prose
+
+    rng = random.Random(7)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [json.dumps({"text": prose(rng)}) for _ in range(12)]
+    lines[3] = "{bad json"
+    lines[7] = json.dumps({"body": "no text field"})
+    (raw / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (raw / "b.txt").write_bytes(b"binary\x00data")
+    for i in range(4):
+        (raw / f"c{i}.txt").write_text(prose(rng, 120))
+    paths = [raw, tmp_path / "missing"]
+    cfg = config(paths, on_error="skip")
+    local = prepare(cfg, tmp_path / "local")
+    beam = prepare_beam(cfg, str(tmp_path / "beam"))
+    assert local["stages"]["errors"]["skipped"] == {
+        "binary_file": 1, "malformed_jsonl": 1, "missing_path": 1, "missing_text_field": 1,
+    }  # fmt: skip
+    assert _comparable(beam) == _comparable(local)
+    with pytest.raises(DataError, match=r"a\.jsonl:4: malformed JSON"):
+        prepare_beam(config([raw]), str(tmp_path / "stop"))
+    assert not (tmp_path / "stop").exists()
