@@ -13,16 +13,18 @@ parallel ``DoFn``s; the global steps are shuffles:
 * near dedup: ``GroupByKey`` on ``(band, LSH bucket key)``; each bucket emits the same candidate
   pairs as the local runner (each member with the bucket's first and with the previous member),
   verified there with both signatures; confirmed pairs are joined into clusters (union-find) on
-  one worker. Bound: memory of about 100 bytes per confirmed pair on that worker.
+  one worker. Bound: that worker holds every confirmed pair (a few hundred bytes each).
 * split: the same deterministic hash of the content (``position`` splits need a global order
   and are refused); contamination: the evaluation n-grams are a side input of the cleaning step.
 * tokenizer: trained on one worker on the same deterministic sample (at most
   ``tokenizer.max_train_chars`` characters, in corpus order).
 * tokenisation in parallel; each split's stream layout (a document's token offset) is computed
-  from the per-document token counts on one worker (bound: about 50 bytes per document), then
-  token pieces are grouped by shard and every shard is written by its own worker.
+  from the per-document token counts on one worker, as is each split's ``documents.jsonl``
+  (bound: a few hundred bytes per document), then token pieces are grouped by shard and every
+  shard is written by its own worker.
 * counts: ``CombinePerKey(sum)`` over per-document counters; ``removed`` records are written as
-  ``removed-SSSSS-of-NNNNN.jsonl`` shards (lines sorted within a shard).
+  ``removed-SSSSS-of-NNNNN.jsonl`` shards (lines sorted within a shard). Progress: the Beam
+  counters ``lmtrain/documents_read`` and ``lmtrain/bytes_read`` (live in the Dataflow/Flink UI).
 
 The driver then writes ``tokenizer/``, ``<split>/index.json``, ``manifest.json`` and
 ``DATASHEET.md`` from the pipeline's ``_beam/summary.json``. For the same input and config the
@@ -122,6 +124,10 @@ def _read_unit(unit, cfg):
             len(d.data) if isinstance(d.data, bytes) else len(d.data.encode("utf-8", "replace"))
         )
         yield ((si, fi, k), d)
+    from apache_beam.metrics import Metrics
+
+    Metrics.counter("lmtrain", "documents_read").inc(n)
+    Metrics.counter("lmtrain", "bytes_read").inc(nbytes)
     name = spec["name"]
     stats = [(("read_documents", name), n), (("read_bytes", name), nbytes)]
     stats += [(("errors", r), c) for r, c in policy.counts.items()]
