@@ -192,3 +192,20 @@ def test_lazy_ngram_hashes_equal_ngram_hashes_in_any_order():
             lazy = LazyNgramHashes(wh)
             for n in order:
                 assert np.array_equal(lazy[n], ngram_hashes(wh, n)), (size, order, n)
+
+
+def test_progress_lines_give_rates_and_eta():
+    import io
+
+    from lmtrain.data.progress import Progress
+
+    out = io.StringIO()
+    p = Progress(total_bytes=4_000_000, every=0.0, stream=out)
+    p.t0 -= 2.0  # two seconds in
+    p.update(100, 1_000_000)
+    line = out.getvalue().strip()
+    assert line.startswith("[data] read: 100 documents, 1.0 MB,")
+    rate = float(line.split(" MB/s")[0].rsplit(", ", 1)[1])
+    assert 0.4 < rate <= 0.5  # 1 MB in a bit over 2 s
+    eta = float(line.split("ETA ")[1].split(" s")[0])
+    assert 5.5 <= eta <= 6.5 and "25%" in line  # 3 MB left at ~0.5 MB/s

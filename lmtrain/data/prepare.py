@@ -247,6 +247,7 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
             for k, v in res["stage_cpu_s"].items():
                 clean_cpu[k] = clean_cpu.get(k, 0.0) + v
         scan.finish()
+        progress.finish()
         lap("read_and_clean")
         # Worker CPU is reported by the workers; with workers=0 it is already in this process's.
         cpu["clean_workers"] = worker_cpu

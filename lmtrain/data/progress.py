@@ -64,3 +64,10 @@ class Progress:
             left = max(self.total - self.bytes, 0) / rate
             msg += f", {100 * min(self.bytes / self.total, 1):.0f}% ETA {left:,.0f} s"
         return msg
+
+    def finish(self) -> None:
+        """A last line for runs long enough to have printed any."""
+        now = time.monotonic()
+        if now - self.t0 >= self.every:
+            self.stream.write(self.line(now) + "\n")
+            self.stream.flush()
