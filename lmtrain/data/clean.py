@@ -1,4 +1,4 @@
-"""Per-document stages 1-4 plus dedup keys, run on batches in worker processes.
+"""The local runner's worker side: the per-document stages (``stages.py``) on batches.
 
 ``Cleaner.process(index, docs)`` takes a batch of :class:`RawDoc`, runs decode → markup →
 normalise → quality → PII on each, writes the surviving texts to ``spill/<index>.pkl`` (so the
