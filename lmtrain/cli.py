@@ -6,6 +6,7 @@ Dotted overrides follow the config path: ``--config.train.steps=200``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from lmtrain.errors import LmtrainError
@@ -32,7 +33,13 @@ def cmd_data_prepare(args, overrides):
 
     cfg = load_config_file(args.config)
     apply_overrides(cfg, overrides)
-    manifest = prepare(cfg, args.out, overwrite=args.overwrite)
+    if args.runner == "beam":
+        from lmtrain.data.beam_runner import prepare_beam
+
+        manifest = prepare_beam(cfg, args.out, args.overwrite, args.beam_options)
+    else:
+        manifest = prepare(cfg, args.out, overwrite=args.overwrite)
+    print("[data] documents per stage: " + json.dumps(manifest.get("flow", {})))
     counts = manifest.get("splits", {})
     print(
         f"wrote {args.out}: "
@@ -64,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--config", required=True)
     dp.add_argument("--out", required=True)
     dp.add_argument("--overwrite", action="store_true")
+    dp.add_argument("--runner", choices=("local", "beam"), default="local",
+                    help="local processes (one machine) or an Apache Beam pipeline")  # fmt: skip
+    dp.add_argument("--beam-options", default="",
+                    help='Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..."')  # fmt: skip
     dp.set_defaults(fn=cmd_data_prepare)
 
     g = sub.add_parser("generate", help="sample from a trained run")

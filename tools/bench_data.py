@@ -1,6 +1,7 @@
 """Data-preparation throughput and peak memory on a generated corpus of a given size.
 
-    python tools/bench_data.py --size-mb 1000 [--workers -1] [--keep DIR] [--config.<key>=value ...]
+    python tools/bench_data.py --size-mb 1000 [--workers -1] [--runner local|beam]
+        [--beam-options "..."] [--keep DIR] [--config.<key>=value ...]
 
 Generates ``--size-mb`` MB of JSONL documents (pseudo-English prose from a Zipf vocabulary with the
 Gopher stop words) into a temporary directory, with the things the pipeline must handle planted at
@@ -9,7 +10,9 @@ known rates: exact duplicates (3%), near duplicates with one word changed (3%), 
 lines with invalid UTF-8 (0.1%), plus an evaluation set whose passages are planted in 20 documents.
 Then runs the full ``lmtrain data prepare`` pipeline (all stages on, SentencePiece BPE 4096) on it
 and prints documents/s, MB/s and the peak resident memory of the whole process tree (this process
-plus its worker processes, sampled every 50 ms from /proc), and the per-stage counts.
+plus its worker processes, sampled every 50 ms from /proc), the per-stage counts, and (local
+runner) MB of text per CPU-second per stage, so the slow stage is named, with the end-to-end
+figure without tokenizer training next to the full one.
 """
 
 from __future__ import annotations
@@ -194,6 +197,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default="", help="keep the prepared output here")
     p.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    p.add_argument("--runner", choices=("local", "beam"), default="local")
+    p.add_argument("--beam-options", default="", help="Beam pipeline options (--runner beam)")
     args, rest = p.parse_known_args()
     overrides = [a[len("--config.") :] for a in rest if a.startswith("--config.")]
     if len(overrides) != len(rest):
@@ -212,9 +217,15 @@ def main() -> None:
         cfg = bench_config(scratch / "raw", scratch / "eval.jsonl", args.workers)
         apply_overrides(cfg, overrides)
         out = Path(args.keep) if args.keep else scratch / "out"
+        stats: dict = {}
         with PeakRss() as mem:
             t0 = time.perf_counter()
-            m = prepare(cfg, out, overwrite=bool(args.keep))
+            if args.runner == "beam":
+                from lmtrain.data.beam_runner import prepare_beam
+
+                m = prepare_beam(cfg, str(out), bool(args.keep), args.beam_options)
+            else:
+                m = prepare(cfg, out, overwrite=bool(args.keep), stats=stats)
             wall = time.perf_counter() - t0
         st = m["stages"]
         docs, mb = st["read"]["documents"], st["read"]["bytes"] / 1e6
@@ -237,6 +248,21 @@ def main() -> None:
             f"CPU time (process tree) {cpu:,.0f} s: {mb / cpu:.2f} MB and {docs / cpu:,.0f} documents per CPU-second "
             f"(on {cores} otherwise idle cores the wall-clock rate would approach {cores} x this)"
         )
+        stage_cpu = stats.get("cpu_s", {})
+        if stage_cpu:
+            # Worker processes' CPU minus what they report for cleaning is the hand-off cost
+            # (pickling batches and results): counted with reading.
+            other = max(cpu - sum(stage_cpu.values()), 0.0)
+            rows = dict(stage_cpu, handoff_and_other=other)
+            print("MB of text per CPU-second by stage (process tree; CPU s in brackets):")
+            for name, sec in rows.items():
+                rate = f"{mb / sec:8.2f}" if sec > 0 else "     inf"
+                print(f"  {name:28s} {rate}  ({sec:.1f} s)")
+            for name, sec in stats.get("clean_cpu_s", {}).items():
+                rate = f"{mb / sec:8.2f}" if sec > 0 else "     inf"
+                print(f"    clean: {name:19s} {rate}  ({sec:.1f} s)")
+            no_tok = cpu - stage_cpu.get("tokenizer_train", 0.0)
+            print(f"end to end without tokenizer training: {mb / no_tok:.2f} MB per CPU-second")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

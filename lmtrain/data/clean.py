@@ -1,4 +1,4 @@
-"""Per-document stages 1-4 plus dedup keys, run on batches in worker processes.
+"""The local runner's worker side: the per-document stages (``stages.py``) on batches.
 
 ``Cleaner.process(index, docs)`` takes a batch of :class:`RawDoc`, runs decode → markup →
 normalise → quality → PII on each, writes the surviving texts to ``spill/<index>.pkl`` (so the
@@ -9,25 +9,19 @@ corpus never sits in memory) and returns only compact per-document arrays: a 64-
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
+import time
 from collections import Counter
 
 import numpy as np
 
-from lmtrain.data.contamination import matches
-from lmtrain.data.dedup import minhash_params, minhash_signature, shingle_hashes
-from lmtrain.data.default_corpus import extract_docstrings
-from lmtrain.data.hashing import hash64, word_hashes
-from lmtrain.data.markup import html_to_text, markdown_to_text, sniff_format
-from lmtrain.data.normalize import decode_utf8, normalize_text
-from lmtrain.data.pii import PiiScrubber
-from lmtrain.data.quality import load_blocklist, quality_reason
 from lmtrain.data.sources import ErrorPolicy
-from lmtrain.data.split import time_key
+from lmtrain.data.stages import STAGES, Stages
 
-STAGES = ("decode", "markup", "normalize", "quality", "pii")
+
+def _delta(now: Counter, before: Counter) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in now.items()}
 
 
 def spill_path(spill_dir: str, index: int) -> str:
@@ -41,44 +35,47 @@ def read_spill(spill_dir: str, index: int) -> list[tuple]:
 
 
 class Cleaner:
-    def __init__(self, cfg: dict, spill_dir: str, eval_ngrams: np.ndarray | None = None):
+    """Runs :class:`~lmtrain.data.stages.Stages` over a batch and spills the kept texts."""
+
+    def __init__(
+        self,
+        cfg: dict,
+        spill_dir: str,
+        eval_ngrams: np.ndarray | None = None,
+        eval_vocab=None,
+    ):
         self.cfg, self.spill_dir = cfg, spill_dir
-        q, p = cfg["quality"], cfg["pii"]
-        self.blocklist = (
-            load_blocklist(q["blocklist"], q["blocklist_path"]) if q["enabled"] else frozenset()
-        )
-        self.pii = (
-            PiiScrubber(p["placeholder"], p["kinds"], p["keep_nonpublic_ips"])
-            if p["enabled"]
-            else None
-        )
+        self.stages = Stages(cfg, eval_ngrams, eval_vocab)
         self.num_perm = cfg["dedup"]["num_perm"]
-        self.minhash = minhash_params(self.num_perm, cfg["seed"]) if cfg["dedup"]["near"] else None
-        self.eval_ngrams = eval_ngrams if eval_ngrams is not None else np.zeros(0, np.uint64)
-        self.by_time = cfg["split"]["method"] == "time"
+
+    def _stage_cpu(self) -> dict:
+        """CPU seconds per stage since the last call."""
+        now = Counter(self.stages.cpu)
+        out = _delta(now, getattr(self, "_last_cpu", Counter()))
+        self._last_cpu = now
+        return out
 
     def process(self, index: int, docs: list) -> dict:
+        cpu0 = time.process_time()
         policy = ErrorPolicy(self.cfg["on_error"])
         counts = {s: Counter() for s in STAGES}
         removed: list[tuple[str, str, str]] = []
         kept, keys, chars, sigs, times, found = [], [], [], [], [], {}
+        nbytes = 0
         for doc in docs:
-            out = self._clean(doc, counts, removed, policy)
+            nbytes += len(doc.data)
+            out = self.stages.clean(doc, counts, removed, policy)
             if out is None:
                 continue
             text, wh, t = out
-            if self.minhash is not None:
-                sigs.append(
-                    minhash_signature(
-                        shingle_hashes(wh, self.cfg["dedup"]["shingle_words"]), *self.minhash
-                    )
-                )
-            m = matches(text, self.cfg["contamination"]["ngram"], self.eval_ngrams)
-            if m.size:
-                found[len(kept)] = m
+            f = self.stages.features(text, wh)
+            if f.sig is not None:
+                sigs.append(f.sig)
+            if f.matches.size:
+                found[len(kept)] = f.matches
             kept.append((doc.id, doc.source, doc.licence, text))
-            keys.append(hash64(" ".join(text.split())))
-            chars.append(len(text))
+            keys.append(f.key)
+            chars.append(f.chars)
             times.append(t)
         with open(spill_path(self.spill_dir, index), "wb") as f:
             pickle.dump(kept, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -95,89 +92,19 @@ class Cleaner:
             "errors": dict(policy.counts),
             "error_examples": policy.examples,
             "removed": removed,
+            "docs_in": len(docs),
+            "bytes_in": nbytes,
+            "cpu_s": time.process_time() - cpu0,
+            "stage_cpu_s": self._stage_cpu(),
         }
-
-    def _clean(self, doc, counts, removed, policy):
-        cfg = self.cfg
-        data = doc.data
-        if isinstance(data, bytes):
-            res = decode_utf8(data, cfg["normalize"]["invalid_utf8"], first_line=max(doc.line, 1))
-            if res.status == "repaired":
-                counts["decode"]["invalid_utf8_repaired"] += 1
-            elif res.status == "dropped":
-                counts["decode"]["invalid_utf8_dropped"] += 1
-                removed.append((doc.id, "decode", "invalid_utf8"))
-                return None
-            elif res.status == "invalid":
-                policy(
-                    "invalid_utf8",
-                    f"{doc.path}:{res.line}: invalid UTF-8 (byte 0x{res.byte:02x} at column {res.column}); "
-                    "re-encode the file as UTF-8 or set normalize.invalid_utf8='replace' (repair) or 'drop'",
-                )
-                removed.append((doc.id, "errors", "invalid_utf8"))
-                return None
-            text = res.text
-        else:
-            text = data
-        fmt = doc.fmt
-        if fmt == "pydoc":
-            text = extract_docstrings(text)
-            if text is None:
-                counts["markup"]["docstrings_unparseable"] += 1
-                removed.append((doc.id, "markup", "docstrings_unparseable"))
-                return None
-        elif fmt == "auto":
-            fmt = sniff_format(text)
-        if cfg["markup"]["enabled"] and fmt in ("html", "markdown"):
-            text = html_to_text(text) if fmt == "html" else markdown_to_text(text)
-            counts["markup"][f"{fmt}_converted"] += 1
-        if cfg["normalize"]["enabled"]:
-            text, c = normalize_text(
-                text,
-                nfc=cfg["normalize"]["nfc"],
-                max_blank_lines=cfg["normalize"]["max_blank_lines"],
-            )
-            counts["normalize"].update(c)
-        if not text.strip():
-            counts["normalize"]["empty_dropped"] += 1
-            removed.append((doc.id, "normalize", "empty"))
-            return None
-        wh = word_hashes(text.lower().split())
-        if cfg["quality"]["enabled"]:
-            reason = quality_reason(text, text.split(), wh, cfg["quality"], self.blocklist)
-            if reason is not None:
-                counts["quality"][reason] += 1
-                removed.append((doc.id, "quality", reason))
-                return None
-        if self.pii is not None:
-            new, c = self.pii.scrub(text)
-            if c:
-                counts["pii"].update(c)
-                counts["pii"]["documents_changed"] += 1
-                text = new
-                wh = word_hashes(text.lower().split())
-        t = math.nan
-        if self.by_time:
-            field = cfg["split"]["time_field"]
-            try:
-                t = time_key(doc.time)
-            except (ValueError, TypeError):
-                what = "missing" if doc.time is None else f"unreadable ({doc.time!r})"
-                policy(
-                    "bad_time_field",
-                    f"{doc.path}:{doc.line}: time field {field!r} is {what}; give ISO 8601 or a number",
-                )
-                removed.append((doc.id, "errors", "bad_time_field"))
-                return None
-        return text, wh, t
 
 
 _CLEANER: Cleaner | None = None
 
 
-def init_worker(cfg: dict, spill_dir: str, eval_ngrams) -> None:
+def init_worker(cfg: dict, spill_dir: str, eval_ngrams, eval_vocab=None) -> None:
     global _CLEANER
-    _CLEANER = Cleaner(cfg, spill_dir, eval_ngrams)
+    _CLEANER = Cleaner(cfg, spill_dir, eval_ngrams, eval_vocab)
 
 
 def work(item) -> dict:

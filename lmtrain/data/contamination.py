@@ -18,6 +18,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,9 +28,12 @@ from lmtrain.errors import DataError
 _WORD = re.compile(r"\w+")
 
 
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(unicodedata.normalize("NFC", text).lower())
+
+
 def ngrams_of(text: str, n: int) -> np.ndarray:
-    words = _WORD.findall(unicodedata.normalize("NFC", text).lower())
-    return ngram_hashes(word_hashes(words), n)
+    return ngram_hashes(word_hashes(words_of(text)), n)
 
 
 def _strings(obj) -> list[str]:
@@ -74,15 +78,26 @@ def read_eval_examples(path: str, fields=()) -> list[tuple[str, str]]:
     return out
 
 
+class EvalVocab(NamedTuple):
+    words: frozenset
+    bigrams: frozenset
+
+
 class EvalSets:
     """n-gram hashes of every evaluation set; ``all_ngrams`` (sorted, unique) is sent to workers."""
 
     def __init__(self, specs, n: int):
         self.n = n
         self.sets = []
+        words: set[str] = set()
+        bigrams: set[tuple[str, str]] = set()
         for spec in specs:
             name, path, fields = spec["name"], spec["path"], tuple(spec.get("fields", ()))
             examples = read_eval_examples(path, fields)
+            for _, text in examples:
+                ws = words_of(text)
+                words.update(ws)
+                bigrams.update(zip(ws, ws[1:]))
             grams = [np.unique(ngrams_of(text, n)) for _, text in examples]
             self.sets.append(
                 {
@@ -94,6 +109,10 @@ class EvalSets:
             )
         allg = [g for s in self.sets for g in s["grams"]]
         self.all_ngrams = np.unique(np.concatenate(allg)) if allg else np.zeros(0, np.uint64)
+        # Every word and word pair of every example: a document n-gram can only match when all
+        # its words and pairs are in here, which set lookups check far faster than hashing the
+        # document's n-grams.
+        self.vocab = EvalVocab(frozenset(words), frozenset(bigrams))
 
     def report(self, train_matches: dict[int, np.ndarray], dropped: set[int]) -> list[dict]:
         """Per eval set: ``train_matches`` maps train document index → its matching n-grams."""
@@ -127,11 +146,33 @@ class EvalSets:
         return reports
 
 
-def matches(text: str, n: int, eval_ngrams: np.ndarray) -> np.ndarray:
-    """The document's n-grams that appear in ``eval_ngrams`` (sorted unique uint64)."""
+def _has_run(flags: np.ndarray, n: int) -> bool:
+    """True when ``flags`` holds ``n`` consecutive Trues."""
+    if flags.size < n:
+        return False
+    c = np.concatenate(([0], np.cumsum(flags)))
+    return bool((c[n:] - c[:-n] == n).any())
+
+
+def matches(text: str, n: int, eval_ngrams: np.ndarray, evals=None) -> np.ndarray:
+    """The document's n-grams that appear in ``eval_ngrams`` (sorted unique uint64).
+
+    ``evals`` (:attr:`EvalSets.vocab`, the words and word pairs of the examples): skip the
+    hashing when no ``n`` consecutive words (``n - 1`` consecutive word pairs) of the document
+    are all evaluation-set words (pairs); then no n-gram can match."""
     if eval_ngrams.size == 0:
         return np.zeros(0, np.uint64)
-    g = ngrams_of(text, n)
+    words = words_of(text)
+    if evals is not None:
+        known = np.fromiter(map(evals.words.__contains__, words), dtype=bool, count=len(words))
+        if not _has_run(known, n):
+            return np.zeros(0, np.uint64)
+        if n > 1:
+            pairs = zip(words, words[1:])
+            known = np.fromiter(map(evals.bigrams.__contains__, pairs), bool, len(words) - 1)
+            if not _has_run(known, n - 1):
+                return np.zeros(0, np.uint64)
+    g = ngram_hashes(word_hashes(words), n)
     if g.size == 0:
         return g
     pos = np.searchsorted(eval_ngrams, g).clip(max=eval_ngrams.size - 1)

@@ -47,9 +47,13 @@ def minhash_signature(
 ) -> np.ndarray:
     """MinHash signature (uint32, one value per permutation) of a set of uint64 shingle hashes."""
     sig = np.full(a.size, np.iinfo(np.uint32).max, dtype=np.uint64)
+    buf = np.empty((min(chunk, shingles.size), a.size), dtype=np.uint64)
     for start in range(0, shingles.size, chunk):
         x = shingles[start : start + chunk, None]
-        v = (x * a[None, :] + b[None, :]) >> _SHIFT32
+        v = buf[: x.shape[0]]
+        np.multiply(x, a[None, :], out=v)  # in place: no temporaries per chunk
+        v += b[None, :]
+        v >>= _SHIFT32
         np.minimum(sig, v.min(axis=0), out=sig)
     return sig.astype(np.uint32)
 

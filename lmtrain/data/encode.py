@@ -3,6 +3,9 @@ encoding (SentencePiece's C++ thread pool; a numpy lookup table for the char voc
 
 from __future__ import annotations
 
+import re
+from itertools import chain
+
 import numpy as np
 
 from lmtrain.data.hashing import hash64, mix64
@@ -16,33 +19,35 @@ from lmtrain.data.tokenizer import (
 from lmtrain.errors import DataError
 
 
-def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: np.ndarray,
-                            chars: np.ndarray, workers: int) -> tuple[Tokenizer, dict]:  # fmt: skip
-    """``texts_for(mask)`` yields the texts of the selected documents in corpus order.
+def sample_mask(cfg: dict, train_sel: np.ndarray, keys: np.ndarray, train_chars: int) -> np.ndarray:
+    """The train documents SentencePiece sees: all of them, or when they hold more than
+    ``tokenizer.max_train_chars`` characters a deterministic sample chosen by content hash
+    (independent of the split hash), each document kept with probability max / total."""
+    t = cfg["tokenizer"]
+    if t["max_train_chars"] and train_chars > t["max_train_chars"]:
+        rate = t["max_train_chars"] / train_chars
+        salt = np.uint64(hash64(f"tokenizer-sample-{cfg['seed']}"))
+        u = (mix64(np.asarray(keys, np.uint64) ^ salt) >> np.uint64(11)).astype(np.float64) / float(
+            1 << 53
+        )
+        return train_sel & (u < rate)
+    return train_sel
 
-    SentencePiece sees at most ``tokenizer.max_train_chars`` characters: a deterministic sample of
-    train documents chosen by content hash (independent of the split hash).
-    """
+
+def train_tokenizer(cfg: dict, texts, documents: int, chars: int) -> tuple[Tokenizer, dict]:
+    """Trains the configured tokenizer on ``texts`` (the sample, in corpus order) or loads
+    ``tokenizer.path``; ``documents``/``chars`` describe the sample for the manifest."""
     t = cfg["tokenizer"]
     info: dict = {"kind": t["kind"]}
     if t["path"]:
         tok = load_tokenizer(t["path"])
         info.update(kind=tok.kind, loaded_from=str(t["path"]))
     elif t["kind"] == "char":
-        tok = CharTokenizer.train(texts_for(train_sel))
-        info.update(
-            trained_on_documents=int(train_sel.sum()), trained_on_chars=int(chars[train_sel].sum())
-        )
+        tok = CharTokenizer.train(texts)
+        info.update(trained_on_documents=int(documents), trained_on_chars=int(chars))
     else:
-        sel = train_sel
-        total = int(chars[train_sel].sum())
-        if t["max_train_chars"] and total > t["max_train_chars"]:
-            rate = t["max_train_chars"] / total
-            salt = np.uint64(hash64(f"tokenizer-sample-{cfg['seed']}"))
-            u = (mix64(keys ^ salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-            sel = train_sel & (u < rate)
         tok = train_sentencepiece(
-            texts_for(sel),
+            texts,
             vocab_size=t["vocab_size"],
             model_type=t["model_type"],
             byte_fallback=t["byte_fallback"],
@@ -52,13 +57,26 @@ def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: n
             num_threads=t["num_threads"],
         )
         info.update(model_type=t["model_type"], byte_fallback=t["byte_fallback"],
-                    num_threads=t["num_threads"], trained_on_documents=int(sel.sum()),
-                    trained_on_chars=int(chars[sel].sum()))  # fmt: skip
+                    num_threads=t["num_threads"], trained_on_documents=int(documents),
+                    trained_on_chars=int(chars))  # fmt: skip
+        tok.word_separable = True  # trained by train_sentencepiece: see WordMemoEncoder
     if tok.vocab_size > 2**32:
         raise DataError(f"tokenizer vocab_size {tok.vocab_size} does not fit uint32 shards")
     info.update(vocab_size=tok.vocab_size, fingerprint=tok.fingerprint(), pad_id=tok.pad_id,
                 unk_id=tok.unk_id, bos_id=tok.bos_id, eos_id=tok.eos_id)  # fmt: skip
     return tok, info
+
+
+def train_or_load_tokenizer(cfg: dict, texts_for, train_sel: np.ndarray, keys: np.ndarray,
+                            chars: np.ndarray, workers: int) -> tuple[Tokenizer, dict]:  # fmt: skip
+    """``texts_for(mask)`` yields the texts of the selected documents in corpus order."""
+    t = cfg["tokenizer"]
+    if t["path"]:
+        return train_tokenizer(cfg, (), 0, 0)
+    sel = train_sel
+    if t["kind"] != "char":
+        sel = sample_mask(cfg, train_sel, keys, int(chars[train_sel].sum()))
+    return train_tokenizer(cfg, texts_for(sel), int(sel.sum()), int(chars[sel].sum()))
 
 
 class _CharTable:
@@ -78,12 +96,52 @@ class _CharTable:
 
 _TABLES: dict[int, _CharTable] = {}
 
+# SentencePiece's pre-tokenisation (``SplitIntoWords`` with ``allow_whitespace_only_pieces``)
+# starts a word at every space that does not continue a run of spaces; "\n" is a user-defined
+# piece that never merges. A word of this regex is therefore never merged with its neighbours.
+_WORD = re.compile(r"\n| *[^ \n]+| +")
+
+
+class WordMemoEncoder:
+    """SentencePiece BPE encoding with a per-word cache (the same ids as ``sp.encode``).
+
+    Valid only for models trained by :func:`train_sentencepiece` (identity normalisation, no
+    dummy prefix, whitespace kept, BPE never merging across a word start): there the encoding of
+    a text is the concatenation of the encodings of its words, so each distinct word is encoded
+    once. Corpora repeat words (Zipf), so most of SentencePiece's cost is skipped. The cache is
+    cleared when it holds ``max_words`` entries, which keeps memory flat in corpus size.
+    """
+
+    def __init__(self, sp, max_words: int = 1 << 18):
+        self.sp, self.max_words = sp, max_words
+        self.cache: dict[str, list[int]] = {}
+
+    def encode(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        words = [_WORD.findall(t) for t in texts]
+        cache = self.cache
+        if len(cache) > self.max_words:
+            cache.clear()
+        miss = list({w for ws in words for w in ws if w not in cache})
+        if miss:
+            cache.update(zip(miss, self.sp.encode(miss, num_threads=num_threads)))
+        get = cache.__getitem__
+        return [np.fromiter(chain.from_iterable(map(get, ws)), np.int64) for ws in words]
+
+
+_MEMO: dict[int, WordMemoEncoder] = {}
+
 
 def encode_batch(tok: Tokenizer, texts: list[str], workers: int = 1) -> list:
     """Token ids (lists or arrays) for each text, no BOS/EOS (the shard writer appends EOS)."""
     if not texts:
         return []
     if isinstance(tok, SentencePieceTokenizer):
+        if getattr(tok, "word_separable", False):
+            memo = _MEMO.get(id(tok))
+            if memo is None or memo.sp is not tok.sp:
+                _MEMO.clear()
+                memo = _MEMO[id(tok)] = WordMemoEncoder(tok.sp)
+            return memo.encode(texts, num_threads=max(workers, 1))
         return tok.sp.encode(texts, num_threads=max(workers, 1))
     if isinstance(tok, CharTokenizer):
         table = _TABLES.get(id(tok))

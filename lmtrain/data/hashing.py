@@ -85,3 +85,34 @@ def ngram_hashes_range(wh: np.ndarray, ns) -> dict[int, np.ndarray]:
         done = n
         out[n] = mix64(h)
     return out
+
+
+class LazyNgramHashes:
+    """``self[n] == ngram_hashes(wh, n)``, computed on first use; asking for increasing n shares
+    the polynomial prefix work (as :func:`ngram_hashes_range`) and skips the n never asked for."""
+
+    def __init__(self, wh: np.ndarray):
+        self.wh, self.cache = wh, {}
+        self.h, self.done = None, 0  # polynomial hashes of the ``done``-grams so far
+
+    def __getitem__(self, n: int) -> np.ndarray:
+        n = int(n)
+        out = self.cache.get(n)
+        if out is not None:
+            return out
+        m = self.wh.size - n + 1
+        if m <= 0:
+            out = np.zeros(0, dtype=np.uint64)
+        elif self.h is not None and n < self.done:
+            out = ngram_hashes(self.wh, n)
+        else:
+            if self.h is None:
+                self.h, self.done = self.wh[:m].copy(), 1
+            h = self.h[:m]
+            for k in range(self.done, n):
+                h *= _PRIME
+                h += self.wh[k : k + m]
+            self.h, self.done = h, n
+            out = mix64(h)
+        self.cache[n] = out
+        return out

@@ -9,6 +9,8 @@ import importlib.metadata
 import platform
 from collections import Counter
 
+import numpy as np
+
 from lmtrain.data.split import SPLITS
 
 FORMAT = "lmtrain-data-v1"
@@ -55,6 +57,11 @@ def _source_entry(spec: dict, src, docs: int, nbytes: int) -> dict:
     return entry
 
 
+def _count(x) -> int:
+    """An int as is; for an array of ``dup_of`` indices, how many are set (>= 0)."""
+    return int(x) if isinstance(x, (int, np.integer)) else int((np.asarray(x) >= 0).sum())
+
+
 def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
                    contamination, dropped, tok, tok_info, indexes, per_split, per_source) -> dict:  # fmt: skip
     counts = {k: dict(sorted(v.items())) for k, v in scan.counts.items()}
@@ -64,7 +71,7 @@ def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_s
     pii = dict(counts["pii"])
     changed = pii.pop("documents_changed", 0)
     d = cfg["dedup"]
-    n_exact, n_near = int((exact >= 0).sum()), int((near >= 0).sum())
+    n_exact, n_near = _count(exact), _count(near)
     licences: Counter = Counter()
     by_source: dict = {}
     for (src, lic, split), n in sorted(per_source.items()):
@@ -91,7 +98,7 @@ def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_s
             "replacements_total": int(sum(pii.values())),
             "documents_changed": int(changed),
         },  # fmt: skip
-        "cleaned": {"documents": int(scan.n), "chars": int(scan.chars.sum())},
+        "cleaned": {"documents": int(scan.n), "chars": int(np.sum(scan.chars))},
         "dedup": {
             "exact": d["exact"],
             "near": d["near"],
@@ -104,7 +111,10 @@ def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_s
         },  # fmt: skip
         "split": {
             "method": cfg["split"]["method"],
-            "documents": {s: int((split_ids == i).sum()) for i, s in enumerate(SPLITS)},
+            "documents": {
+                s: int(split_ids[s]) if isinstance(split_ids, dict) else int((split_ids == i).sum())
+                for i, s in enumerate(SPLITS)
+            },
         },  # fmt: skip
         "contamination": {
             "ngram": cfg["contamination"]["ngram"],

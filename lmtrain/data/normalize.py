@@ -74,7 +74,8 @@ def normalize_text(text: str, *, nfc: bool = True, max_blank_lines: int = 1) -> 
         counts["nfc_changed"] += 1
     before = text
     text = _EXOTIC_SPACE.sub(" ", text)
-    text = _TRAILING.sub("", text)
+    if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):  # else nothing to strip
+        text = _TRAILING.sub("", text)
     limit = "\n" * (max_blank_lines + 1)
     if limit + "\n" in text:
         text = re.sub("\n{" + str(max_blank_lines + 2) + ",}", limit, text)

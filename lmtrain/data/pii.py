@@ -67,6 +67,44 @@ _PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"
     r"|\(\d{3}\)\s?\d{3}[ .-]\d{4}|\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4})(?![\w])"
 )
+# Gates: each is a necessary condition for a match of the pattern named (the pattern without its
+# look-arounds, or a part every match contains) that Python's regex engine scans fast (its first
+# character is a literal or a class, not a look-behind, so the engine skips ahead instead of trying
+# the full pattern at every position). A pattern runs only when its gate finds something, so the
+# result is the same as always running it.
+_GATE_AWS_SECRET = re.compile(r"(?i)aws_?secret")
+_GATE_GENERIC = re.compile(r"(?i)(?:key|token|secret|wd|rd)[\"']?\s*[:=]")
+_GATE_GENERIC_LOWER = re.compile(r"(?:key|token|secret|wd|rd)[\"']?\s*[:=]")  # ASCII text, lowered
+_GATE_EMAIL_DOMAIN = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b"
+)
+_EMAIL_LOCAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
+_GATE_CARD = re.compile(r"\d(?:[ -]?\d){12,18}")
+_GATE_IPV4 = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
+_GATE_IPV6 = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_GATE_PHONE = (
+    re.compile(r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"),
+    re.compile(r"\(\d{3}\)\s?\d{3}[ .-]\d{4}"),
+    re.compile(r"\d\d\d[-.]\d\d\d[-.]\d\d\d\d"),  # covers both separator forms
+)
+
+
+def _may_have_secret(text: str, lower: str) -> bool:
+    if text.isascii():  # ASCII: lower() is exactly what (?i) matches, and a plain scan is faster
+        return _GATE_GENERIC_LOWER.search(lower) is not None
+    return _GATE_GENERIC.search(text) is not None
+
+
+def _may_have_email(text: str) -> bool:
+    """True when some "@" has a local-part character before it and a domain after it."""
+    at = text.find("@")
+    while at >= 0:
+        if at and text[at - 1] in _EMAIL_LOCAL and _GATE_EMAIL_DOMAIN.match(text, at + 1):
+            return True
+        at = text.find("@", at + 1)
+    return False
+
+
 _VERSION_WORDS = ("version", "section", "release", "sec.", "§", "rfc", "aix", "build")
 _AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA")
 _GITHUB_PREFIXES = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
@@ -154,7 +192,7 @@ class PiiScrubber:
                 return tag["IP_ADDRESS"]
             return s
 
-        # Cheap substring/digit-count tests skip patterns that cannot match (most prose has none).
+        # Cheap substring/digit-count tests and the gates above skip patterns that cannot match.
         k = self.kinds
         digits = sum(map(text.count, "0123456789"))
         if "PRIVATE_KEY" in k and "PRIVATE KEY" in text:
@@ -162,23 +200,29 @@ class PiiScrubber:
         if "AWS_KEY" in k:
             if any(p in text for p in _AWS_PREFIXES):
                 text = simple("AWS_KEY", _AWS_ID, text)
-            if "secret" in text.lower():
+            if "secret" in text.lower() and _GATE_AWS_SECRET.search(text):
                 text = keyed("AWS_KEY", _AWS_SECRET, text)
         if "GITHUB_TOKEN" in k and any(p in text for p in _GITHUB_PREFIXES):
             text = simple("GITHUB_TOKEN", _GITHUB, text)
-        if "SECRET" in k and digits and any(w in text.lower() for w in _SECRET_WORDS):
+        lower = text.lower() if "SECRET" in k and digits else ""
+        if (
+            "SECRET" in k
+            and digits
+            and any(w in lower for w in _SECRET_WORDS)
+            and _may_have_secret(text, lower)
+        ):
             text = keyed(
                 "SECRET", _GENERIC, text, check=lambda v: _mixed(v) and v not in tag.values()
             )
-        if "EMAIL" in k and "@" in text:
+        if "EMAIL" in k and "@" in text and _may_have_email(text):
             text = simple("EMAIL", _EMAIL, text)
-        if "CREDIT_CARD" in k and digits >= 13:
+        if "CREDIT_CARD" in k and digits >= 13 and _GATE_CARD.search(text):
             text = _CARD.sub(card, text)
         if "IP_ADDRESS" in k:
-            if digits >= 4 and "." in text:
+            if digits >= 4 and "." in text and _GATE_IPV4.search(text):
                 text = _IPV4.sub(ipv4, text)
-            if "::" in text or text.count(":") >= 2:
+            if ("::" in text or text.count(":") >= 2) and _GATE_IPV6.search(text):
                 text = _IPV6.sub(ipv6, text)
-        if "PHONE" in k and digits >= 6:
+        if "PHONE" in k and digits >= 6 and any(g.search(text) for g in _GATE_PHONE):
             text = simple("PHONE", _PHONE, text)
         return text, +counts

@@ -31,19 +31,32 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtrain.data import clean
+from lmtrain.data import clean, fs
 from lmtrain.data.contamination import EvalSets
 from lmtrain.data.datasheet import write_datasheet
 from lmtrain.data.dedup import SignatureFile, exact_duplicates, lsh_params, near_duplicates
 from lmtrain.data.encode import encode_batch, train_or_load_tokenizer
 from lmtrain.data.manifest import build_manifest
 from lmtrain.data.prepare_config import resolve
+from lmtrain.data.progress import Progress, estimate_bytes
 from lmtrain.data.shards import ShardWriter
 from lmtrain.data.sources import ErrorPolicy, open_source
 from lmtrain.data.split import SPLITS, assign_splits
 from lmtrain.errors import DataError
 
 MANIFEST = "manifest.json"
+
+
+def runner_note(name: str) -> dict:
+    """Which outputs the two runners (local, Beam) reproduce byte for byte and which as sets."""
+    return {
+        "name": name,
+        "byte_identical": [
+            "<split>/shard-*.array_record", "<split>/index.json", "<split>/documents.jsonl",
+            "tokenizer/", "manifest.json counts",
+        ],
+        "same_set_of_lines": ["removed.jsonl (local) / removed-*-of-*.jsonl (beam)"],
+    }  # fmt: skip
 
 
 def num_workers(cfg: dict) -> int:
@@ -57,12 +70,25 @@ def num_workers(cfg: dict) -> int:
     return n
 
 
-def prepare(config, out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
+def prepare(
+    config, out_dir: str | os.PathLike, overwrite: bool = False, stats: dict | None = None
+) -> dict:
     """Runs the whole data preparation; returns the manifest (also written to ``manifest.json``).
 
     Refuses a non-empty ``out_dir`` unless ``overwrite``; never leaves a partial ``out_dir``.
+    ``stats``, when given, receives the CPU seconds per stage (``cpu_s``) for benchmarks (kept
+    out of the manifest, which must not depend on the machine).
     """
     cfg = resolve(config)
+    if fs.is_remote(out_dir):  # a bucket: build on local disk, then upload (manifest last)
+        fs.check_empty(out_dir, overwrite)
+        tmp = Path(tempfile.mkdtemp(prefix="lmtrain-data-"))
+        try:
+            manifest = _build(cfg, tmp, stats if stats is not None else {})
+            fs.upload_tree(tmp, out_dir, overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return manifest
     out = Path(out_dir).absolute()
     if out.exists():
         if not out.is_dir():
@@ -74,7 +100,7 @@ def prepare(config, out_dir: str | os.PathLike, overwrite: bool = False) -> dict
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest = _build(cfg, tmp)
+        manifest = _build(cfg, tmp, stats if stats is not None else {})
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +199,15 @@ def _batches(sources, cfg):
         yield index, batch
 
 
-def _build(cfg: dict, tmp: Path) -> dict:
+def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
+    cpu = stats.setdefault("cpu_s", {})
+    clock = [time.process_time()]
+
+    def lap(stage: str) -> None:  # this process's CPU seconds (all threads) since the last lap
+        now = time.process_time()
+        cpu[stage] = cpu.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+
     work = tmp / "_work"
     (work / "spill").mkdir(parents=True)
     workers = num_workers(cfg)
@@ -201,11 +235,24 @@ def _build(cfg: dict, tmp: Path) -> dict:
                 )
             yield index, batch
 
-    init = (cfg, str(work / "spill"), evals.all_ngrams if evals else None)
+    init = (cfg, str(work / "spill"), *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
+    progress = Progress(estimate_bytes(cfg))
+    worker_cpu = 0.0
+    clean_cpu = stats.setdefault("clean_cpu_s", {})  # the part of clean_workers per stage
     with open(tmp / "removed.jsonl", "w") as removed:
         for res in _ordered(counted(_batches(sources, cfg)), clean.work, workers, init):
             scan.add(res, removed)
+            progress.update(res["docs_in"], res["bytes_in"])
+            worker_cpu += res["cpu_s"]
+            for k, v in res["stage_cpu_s"].items():
+                clean_cpu[k] = clean_cpu.get(k, 0.0) + v
         scan.finish()
+        progress.finish()
+        lap("read_and_clean")
+        # Worker CPU is reported by the workers; with workers=0 it is already in this process's.
+        cpu["clean_workers"] = worker_cpu
+        if workers == 0:
+            cpu["read_and_clean"] -= worker_cpu
         scan.errors.update(policy.counts)
         scan.error_examples = (policy.examples + scan.error_examples)[:20]
         if sum(docs_read.values()) == 0:
@@ -247,6 +294,7 @@ def _build(cfg: dict, tmp: Path) -> dict:
             split_ids[g] = -1
         contamination = evals.report(train_matches, dropped) if evals else []
         _write_dup_records(work, scan, exact, near, dropped, removed)
+    lap("dedup_split_contamination")
 
     # Pass 3: tokenizer on the train split only.
     train_sel = split_ids == 0
@@ -257,6 +305,7 @@ def _build(cfg: dict, tmp: Path) -> dict:
     tok, tok_info = train_or_load_tokenizer(cfg, lambda sel: (doc[3] for _, doc in iter_spill(work, scan.batch_sizes, sel)),
                                             train_sel, scan.keys, scan.chars, workers)  # fmt: skip
     tok.save(tmp / "tokenizer")
+    lap("tokenizer_train")
 
     # Pass 4: encode and write the splits.
     out = cfg["output"]
@@ -268,9 +317,12 @@ def _build(cfg: dict, tmp: Path) -> dict:
     per_split = {s: Counter() for s in SPLITS}
     per_source = Counter()
     pending: list = []
+    encode_cpu = [0.0]
 
     def flush():
+        t0 = time.process_time()
         ids = encode_batch(tok, [doc[3] for _, doc, _ in pending], workers)
+        encode_cpu[0] += time.process_time() - t0
         for (_, doc, s), toks in zip(pending, ids):
             writers[s].add(toks)
             per_split[s].update(documents=1, chars=len(doc[3]), tokens=len(toks))
@@ -307,14 +359,20 @@ def _build(cfg: dict, tmp: Path) -> dict:
         round(v["chars"] / v["tokens"], 4) if v["tokens"] else None
     )
     shutil.rmtree(work)
+    lap("encode_write")
+    cpu["encode_write"] -= encode_cpu[0]
+    cpu["encode"] = encode_cpu[0]
+    cpu["write"] = cpu.pop("encode_write")
 
     manifest = build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
                               contamination, dropped, tok, tok_info, indexes, per_split, per_source)  # fmt: skip
+    manifest["runner"] = runner_note("local")
     write_datasheet(tmp / "DATASHEET.md", manifest)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
+    lap("manifest")
     return manifest
 
 

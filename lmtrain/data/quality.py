@@ -30,13 +30,32 @@ import string
 
 import numpy as np
 
-from lmtrain.data.hashing import ngram_hashes, ngram_hashes_range
+from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "—")
 ELLIPSES = ("...", "…")
 # A whitespace-delimited word with no letter (digits, punctuation, symbols only).
 _NO_LETTER_WORD = re.compile(r"(?<!\S)(?:(?!\s)[\W\d_])+(?!\S)")
+# Lines (as split on "\n") that start with a bullet after whitespace / end with an ellipsis
+# before whitespace: one C-speed scan instead of a Python loop over the lines.
+_BULLET_LINE = re.compile(
+    r"^[^\S\n]*(?:" + "|".join(re.escape(b) for b in BULLETS) + ")", re.MULTILINE
+)
+_ELLIPSIS_LINE = re.compile(
+    r"(?:" + "|".join(re.escape(e) for e in ELLIPSES) + r")[^\S\n]*$", re.MULTILINE
+)
+# ASCII text: letters -> "a", whitespace kept (with the \x1c-\x1f separators str.split uses),
+# everything else deleted; the words left are exactly the words that contain a letter.
+_ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+_ALPHA_TABLE = bytes(
+    ord("a") if i in _ASCII_LETTERS else (32 if 0x1C <= i <= 0x1F else i) for i in range(256)
+)
+_ALPHA_DELETE = bytes(i for i in range(128) if i not in _ASCII_LETTERS and not chr(i).isspace())
+
+
+def _ascii_alpha_words(text: str) -> int:
+    return len(text.encode("ascii").translate(_ALPHA_TABLE, _ALPHA_DELETE).split())
 
 
 def _on(threshold) -> bool:
@@ -45,15 +64,8 @@ def _on(threshold) -> bool:
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
     """(number, characters) of items that repeat an earlier item."""
-    seen: set[str] = set()
-    count = chars = 0
-    for it in items:
-        if it in seen:
-            count += 1
-            chars += len(it)
-        else:
-            seen.add(it)
-    return count, chars
+    unique = set(items)
+    return len(items) - len(unique), sum(map(len, items)) - sum(map(len, unique))
 
 
 def top_ngram_chars_fraction(
@@ -65,11 +77,15 @@ def top_ngram_chars_fraction(
     h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
         return 0.0
-    _, first, counts = np.unique(h, return_index=True, return_counts=True)
+    # A plain sort (SIMD) instead of np.unique's stable argsort: the same top n-gram (the most
+    # frequent, ties to the smallest hash) and its first position.
+    s = np.sort(h)
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    counts = np.diff(np.append(starts, s.size))
     top = int(np.argmax(counts))
     if counts[top] < 2:
         return 0.0
-    start = int(first[top])
+    start = int(np.argmax(h == s[starts[top]]))
     return float(wl[start : start + n].sum() * counts[top]) / max(float(wl.sum()), 1.0)
 
 
@@ -78,12 +94,20 @@ def duplicate_ngram_chars_fraction(
 ) -> float:
     """Fraction of word characters inside n-grams that repeat an earlier n-gram (Gopher);
     overlapping n-grams count each word once. ``h``: the n-gram hashes if already computed."""
+    return _duplicate_ngrams(wh, wl, n, h)[0]
+
+
+def _duplicate_ngrams(wh, wl, n, h=None) -> tuple[float, bool]:
+    """(fraction as above, whether any n-gram repeats)."""
     h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
-        return 0.0
+        return 0.0, False
+    s = np.sort(h)
+    if not (s[1:] == s[:-1]).any():  # no repeat: skip the stable argsort below
+        return 0.0, False
     _, first = np.unique(h, return_index=True)
     if first.size == h.size:
-        return 0.0
+        return 0.0, False
     dup = np.ones(h.size, dtype=bool)
     dup[first] = False
     starts = np.flatnonzero(dup)
@@ -91,7 +115,7 @@ def duplicate_ngram_chars_fraction(
     np.add.at(cover, starts, 1)
     np.add.at(cover, starts + n, -1)
     covered = np.cumsum(cover[:-1]) > 0
-    return float(wl[covered].sum()) / max(float(wl.sum()), 1.0)
+    return float(wl[covered].sum()) / max(float(wl.sum()), 1.0), True
 
 
 def load_blocklist(words, path: str = "") -> frozenset:
@@ -103,11 +127,17 @@ def load_blocklist(words, path: str = "") -> frozenset:
 
 
 def quality_reason(
-    text: str, words: list[str], wh: np.ndarray, q: dict, blocklist: frozenset = frozenset()
+    text: str,
+    words: list[str],
+    wh: np.ndarray,
+    q: dict,
+    blocklist: frozenset = frozenset(),
+    lower_words: list[str] | None = None,
 ) -> str | None:
     """Name of the first failed filter, or None to keep the document.
 
-    ``words`` are ``text.split()``; ``wh`` the hashes of the lower-cased words.
+    ``words`` are ``text.split()``; ``wh`` the hashes of the lower-cased words;
+    ``lower_words`` ``text.lower().split()`` if the caller has it.
     """
     n = len(words)
     if _on(q["min_words"]) and n < q["min_words"]:
@@ -128,22 +158,23 @@ def quality_reason(
             return "symbol_word_ratio"
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if lines and _on(q["max_bullet_lines_fraction"]):
-        bullets = sum(ln.lstrip().startswith(BULLETS) for ln in lines)
+        bullets = len(_BULLET_LINE.findall(text))
         if bullets / len(lines) > q["max_bullet_lines_fraction"]:
             return "bullet_lines"
     if lines and _on(q["max_ellipsis_lines_fraction"]):
-        ell = sum(ln.rstrip().endswith(ELLIPSES) for ln in lines)
+        ell = len(_ELLIPSIS_LINE.findall(text))
         if ell / len(lines) > q["max_ellipsis_lines_fraction"]:
             return "ellipsis_lines"
     if _on(q["min_alpha_words_fraction"]):
         if text.isascii():  # exact for ASCII, and a C-speed scan
-            alpha = n - len(_NO_LETTER_WORD.findall(text))
+            alpha = _ascii_alpha_words(text)
         else:
             alpha = sum(any(c.isalpha() for c in w) for w in words)
         if alpha / n < q["min_alpha_words_fraction"]:
             return "alpha_words_fraction"
     if _on(q["min_stop_words"]) and q["min_stop_words"] > 0:
-        found = STOP_WORDS.intersection(text.lower().split())  # fast path: bare stop words
+        low = lower_words if lower_words is not None else text.lower().split()
+        found = STOP_WORDS.intersection(low)  # fast path: bare stop words
         if len(found) < q["min_stop_words"]:
             found = STOP_WORDS.intersection(w.lower().strip(string.punctuation) for w in words)
         if len(found) < q["min_stop_words"]:
@@ -179,12 +210,18 @@ def quality_reason(
             return "duplicate_paragraph_chars"
     top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
     dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
-    grams = ngram_hashes_range(wh, [k for k, _ in top + dup])
+    grams = LazyNgramHashes(wh)  # the longer n are often never needed (see no_dup_from)
     for k, limit in top:
         if top_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
             return f"top_{k}gram_chars"
+    no_dup_from = None  # an n with no repeated n-gram: no longer n-gram repeats either
     for k, limit in dup:
-        if duplicate_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
+        if no_dup_from is not None and k >= no_dup_from:
+            continue
+        frac, repeats = _duplicate_ngrams(wh, wl, k, grams[k])
+        if not repeats and grams[k].size:
+            no_dup_from = k
+        if frac > limit:
             return f"duplicate_{k}gram_chars"
     if blocklist:
         hits = sum(w.lower().strip(string.punctuation) in blocklist for w in words)

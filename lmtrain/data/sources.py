@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+from lmtrain.data import fs
 from lmtrain.data.normalize import decode_utf8
 from lmtrain.data.shards import sha256_file
 from lmtrain.errors import DataError
@@ -106,7 +107,13 @@ def list_files(spec: dict, policy: ErrorPolicy) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for pattern in spec["paths"]:
         pattern = os.path.expanduser(str(pattern))
-        if os.path.isdir(pattern):
+        if fs.is_remote(pattern):  # gs://, s3:// ... through etils.epath
+            hits = fs.remote_files(pattern)
+            if hits is None:
+                policy("missing_path", f"source {spec['name']!r}: {pattern} does not exist; fix its paths")  # fmt: skip
+            else:
+                out.extend((full, shown) for full, shown in hits if _suffix(full) in exts or full == pattern)  # fmt: skip
+        elif os.path.isdir(pattern):
             root = os.path.abspath(pattern)
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -149,30 +156,34 @@ class FileSource:
 
     def __iter__(self):
         for full, shown in list_files(self.spec, self.policy):
-            suffix = _suffix(full)
-            entry = {"path": full, "bytes": 0, "sha256": "", "documents": 0}
-            try:
-                entry["bytes"] = os.path.getsize(full)
-                if suffix in (".jsonl", ".jsonl.gz"):
-                    gen = self._jsonl(full, shown, suffix == ".jsonl.gz")
-                elif suffix == ".parquet":
-                    gen = self._parquet(full, shown)
-                elif self.spec["segment"] == "paragraphs":
-                    gen = self._paragraphs(full, shown)
-                else:
-                    gen = self._whole(full, shown, entry)
-                for doc in gen:
-                    entry["documents"] += 1
-                    yield doc
-                if not entry["sha256"]:
-                    entry["sha256"] = sha256_file(full)
-            except (OSError, EOFError, zlib.error) as e:
-                self.policy(
-                    "unreadable_file",
-                    f"{full}: cannot read ({type(e).__name__}: {e}); fix or remove the file",
-                )
-                entry["error"] = f"{type(e).__name__}: {e}"
-            self.files.append(entry)
+            yield from self.iter_file(full, shown)
+
+    def iter_file(self, full: str, shown: str):
+        """The documents of one file (the Beam runner reads files in parallel with this)."""
+        suffix = _suffix(full)
+        entry = {"path": full, "bytes": 0, "sha256": "", "documents": 0}
+        try:
+            entry["bytes"] = fs.size(full)
+            if suffix in (".jsonl", ".jsonl.gz"):
+                gen = self._jsonl(full, shown, suffix == ".jsonl.gz")
+            elif suffix == ".parquet":
+                gen = self._parquet(full, shown)
+            elif self.spec["segment"] == "paragraphs":
+                gen = self._paragraphs(full, shown)
+            else:
+                gen = self._whole(full, shown, entry)
+            for doc in gen:
+                entry["documents"] += 1
+                yield doc
+            if not entry["sha256"]:
+                entry["sha256"] = fs.sha256(full)
+        except (OSError, EOFError, zlib.error) as e:
+            self.policy(
+                "unreadable_file",
+                f"{full}: cannot read ({type(e).__name__}: {e}); fix or remove the file",
+            )
+            entry["error"] = f"{type(e).__name__}: {e}"
+        self.files.append(entry)
 
     def _doc(self, doc_id, path, line, fmt, data, time=None) -> RawDoc:
         s = self.spec
@@ -194,7 +205,7 @@ class FileSource:
                 "set segment='paragraphs' to split it into documents, or raise max_doc_bytes",
             )
             return
-        with open(full, "rb") as f:
+        with fs.open_read(full) as f:
             data = f.read()
         entry["sha256"] = hashlib.sha256(data).hexdigest()
         nul = data.find(b"\x00", 0, 8192)
@@ -210,7 +221,7 @@ class FileSource:
         target, fmt = self.spec["segment_chars"], self._fmt(full)
         buf: list[bytes] = []
         size, start, line_no = 0, 1, 0
-        with open(full, "rb") as f:
+        with fs.open_read(full) as f:
             head = f.read(8192)
             nul = head.find(b"\x00")
             if nul >= 0:
@@ -234,7 +245,7 @@ class FileSource:
     def _jsonl(self, full, shown, gz):
         field, id_field = self.spec["text_field"], self.spec["id_field"]
         fmt = self.spec["format"] if self.spec["format"] != "auto" else "auto"
-        with gzip.open(full, "rb") if gz else open(full, "rb") as f:
+        with fs.open_read(full) as raw, gzip.open(raw, "rb") if gz else raw as f:
             for line_no, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
@@ -283,7 +294,7 @@ class FileSource:
 
         field, id_field, tf = self.spec["text_field"], self.spec["id_field"], self.time_field
         fmt = self.spec["format"] if self.spec["format"] != "auto" else "auto"
-        pf = pq.ParquetFile(full)
+        pf = pq.ParquetFile(fs.open_read(full) if fs.is_remote(full) else full)
         names = pf.schema_arrow.names
         if field not in names:
             self.policy(
