@@ -19,12 +19,16 @@ Two isolation levels:
   ends or is killed, the kernel kills every process left in the namespace, including children
   that called ``setsid()``. A final sweep kills any process still owned by the sandbox's uid.
 
-``process`` (the documented fallback when namespaces are unavailable, e.g. not root): a new
-session, a clean environment, a fresh temporary working directory, rlimits, and a sweep at the
-end that kills every process carrying the sandbox's token in its environment. This level does
-NOT isolate the network or the file system and does not stop the program from signalling
-processes of the same user; the verdict still cannot be forged (it is decided in another
-process, see ``code_exec``), but run untrusted code at scale in a container or VM as well.
+``process`` (the documented fallback when namespaces are unavailable, e.g. not root, or no
+util-linux): a new session, a clean environment, a fresh temporary working directory, rlimits,
+and a sweep at the end that kills every process carrying the sandbox's token in its
+environment. When the evaluator is root it still drops the program to a throw-away uid (so
+it cannot signal or read the evaluator, ``RLIMIT_NPROC`` applies, and the sweep goes by uid).
+This level does NOT isolate the network or the file system, and without root the program can
+signal and read ``/proc`` of every process of the same user (a determined program could then
+interfere with the judge, so the verdict is only as safe as that user's other processes).
+Frame walking, nonces, result files, fake output and early exits still cannot forge a pass
+(see ``code_exec``). Run untrusted code at scale in a container or VM as well.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ class ProcLimits:
     tmp_bytes: int
 
 
-def _rlimits(lim: ProcLimits, with_nproc: bool):
+def _rlimits(lim: ProcLimits, with_nproc: bool, drop_to: int | None = None):
     settings = [
         (resource.RLIMIT_CPU, (lim.cpu_s, lim.cpu_s + 1)),
         (resource.RLIMIT_AS, (lim.memory_bytes, lim.memory_bytes)),
@@ -153,6 +157,10 @@ def _rlimits(lim: ProcLimits, with_nproc: bool):
                 resource.setrlimit(which, value)
             except (ValueError, OSError):
                 pass  # e.g. RLIMIT_AS is unsupported on macOS; the other limits still apply.
+        if drop_to is not None:
+            os.setgroups([])
+            os.setgid(drop_to)
+            os.setuid(drop_to)
 
     return preexec
 
@@ -241,12 +249,19 @@ class Sandbox:
             cmd = ["unshare", "--net", "--pid", "--mount", "--ipc", "--uts", "--fork",
                    "--kill-child", "--mount-proc", "--", "/bin/sh", "-c", script]  # fmt: skip
             env, cwd = _clean_env("/tmp"), "/"
+            preexec = _rlimits(lim, with_nproc=True)
         else:
             self._tmp = tempfile.mkdtemp(prefix="lmtrain-exec-")
             cmd = argv
             env = _clean_env(self._tmp)
             env["LMTRAIN_SANDBOX_TOKEN"] = self.token  # lets the final sweep find escapees
             cwd = self._tmp
+            if process_level_drops_uid():
+                # Root without namespaces: still drop to a throw-away uid, so the program
+                # cannot signal or read /proc of the evaluator, and RLIMIT_NPROC applies.
+                self.uid = _take_uid()
+                os.chown(self._tmp, self.uid, self.uid)
+            preexec = _rlimits(lim, with_nproc=self.uid is not None, drop_to=self.uid)
         try:
             self.proc = subprocess.Popen(
                 cmd,
@@ -255,7 +270,7 @@ class Sandbox:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_rlimits(lim, with_nproc=isolation == "namespace"),
+                preexec_fn=preexec,
                 start_new_session=True,
                 pass_fds=tuple(pass_fds),
             )
@@ -287,7 +302,7 @@ class Sandbox:
         self._release()
 
     def _sweep(self) -> None:
-        """Kill whatever escaped the session: by uid (namespace) or by env token (process)."""
+        """Kill whatever escaped the session: by its uid when it has its own, else by env token."""
         for _ in range(3):
             found = False
             for pid in _pids():
@@ -314,6 +329,21 @@ class Sandbox:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+@functools.lru_cache(maxsize=1)
+def process_level_drops_uid() -> bool:
+    """Whether the ``process`` level can run the program as a throw-away uid: the evaluator is
+    root and every directory down to the interpreter is open to other users."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return False
+    path = os.path.realpath(sys.executable)
+    parts = path.split("/")
+    for i in range(2, len(parts) + 1):
+        st = os.stat("/".join(parts[:i]) or "/")
+        if not st.st_mode & 0o001:
+            return False
+    return True
 
 
 def spawn(code: str, args: Sequence[str], lim: ProcLimits, *, isolation: str, pass_fds=()):
