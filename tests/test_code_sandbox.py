@@ -386,3 +386,14 @@ def test_opt_in_is_required(monkeypatch):
 def test_unknown_isolation_level_is_named():
     with pytest.raises(ConfigError, match="'jail' is not one of auto, namespace, process"):
         C.run(RIGHT, TESTS, LIM, isolation="jail")
+
+
+def test_eval_code_tasks_refuse_before_generating(monkeypatch):
+    from lmtrain.cli import build_parser
+    from lmtrain.eval import suite
+
+    monkeypatch.delenv(C.ALLOW_ENV)
+    with pytest.raises(ConfigError, match="--allow-code-execution"):
+        suite.run_code(None, {"path": "never-read.jsonl"})  # no model call, no file read
+    args = build_parser().parse_args(["eval", "--allow-code-execution"])
+    assert args.allow_code_execution is True

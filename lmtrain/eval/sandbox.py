@@ -179,26 +179,31 @@ def _hidden_dirs() -> list[str]:
 def _namespace_script(argv: Sequence[str], uid: int, lim: ProcLimits) -> str:
     """Shell run as PID 1 of the new namespaces (still root there): private tmpfs mounts, hide
     non-system directories, then run the program as ``uid`` and exit with its status."""
-    prefix = os.path.realpath(sys.base_prefix)
     q = shlex.quote
     lines = ["set -e"]
     for d in _PRIVATE_TMPFS:
         if os.path.isdir(d) and not os.path.islink(d):
             lines.append(f"mount -t tmpfs -o size={lim.tmp_bytes},mode=1777,nosuid,nodev tmpfs {d}")
     hidden = _hidden_dirs()
-    rebind = any(prefix == h or prefix.startswith(h + "/") for h in hidden)
-    if rebind:
-        lines.append(f"mkdir /tmp/.keep && mount --rbind {q(prefix)} /tmp/.keep")
+    # The interpreter (its prefix, and its binary's folder if it is a venv copy) stays visible,
+    # read-only, even when it lives under a hidden folder such as /root or a project folder.
+    keep = sorted(
+        {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.realpath(sys.executable))}
+    )
+    keep = [k for k in keep if any(k == h or k.startswith(h + "/") for h in hidden)]
+    keep = [k for k in keep if not any(k != o and k.startswith(o + "/") for o in keep)]
+    for i, k in enumerate(keep):
+        lines.append(f"mkdir /tmp/.keep{i} && mount --rbind {q(k)} /tmp/.keep{i}")
     for h in hidden:
         if os.path.isdir(h):
             lines.append(f"mount -t tmpfs -o size=1m,mode=0755,nosuid,nodev tmpfs {q(h)}")
         else:  # a top-level file (e.g. a container's info file): show it empty
             lines.append(f"mount --bind /dev/null {q(h)}")
-    if rebind:
+    for i, k in enumerate(keep):
         lines += [
-            f"mkdir -p {q(prefix)} && mount --rbind /tmp/.keep {q(prefix)}",
-            f"mount -o remount,bind,ro {q(prefix)}",
-            "umount -l /tmp/.keep && rmdir /tmp/.keep",
+            f"mkdir -p {q(k)} && mount --rbind /tmp/.keep{i} {q(k)}",
+            f"mount -o remount,bind,ro {q(k)}",
+            f"umount -l /tmp/.keep{i} && rmdir /tmp/.keep{i}",
         ]
     cmd = " ".join(q(a) for a in argv)
     lines += [
