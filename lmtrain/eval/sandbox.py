@@ -246,6 +246,7 @@ class Sandbox:
         self.uid: int | None = None
         self._tmp: str | None = None
         self.token = secrets.token_hex(16)
+        self._killed = False
         python = os.path.realpath(sys.executable)
         argv = [python, "-I", "-c", code, *args]
         if isolation == "namespace":
@@ -295,6 +296,9 @@ class Sandbox:
         return None
 
     def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
