@@ -397,3 +397,19 @@ def test_eval_code_tasks_refuse_before_generating(monkeypatch):
         suite.run_code(None, {"path": "never-read.jsonl"})  # no model call, no file read
     args = build_parser().parse_args(["eval", "--allow-code-execution"])
     assert args.allow_code_execution is True
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_without_util_linux_prlimit_the_limits_still_apply(level, monkeypatch):
+    import shutil as _shutil
+
+    from lmtrain.eval import sandbox
+
+    real = _shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda n: None if n == "prlimit" else real(n))
+    assert sandbox.launcher(sandbox.ProcLimits(1, 1 << 30, 1, 1, 1, 1), True)[0] == []
+    assert C.run(RIGHT, TESTS, LIM, isolation=level).status == "passed"
+    assert C.run(WRONG, TESTS, LIM, isolation=level).status == "failed"
+    bomb = "x = bytearray(10 ** 11)\n"
+    r = C.run(bomb, "", C.ExecLimits(timeout_s=5.0, memory_bytes=256 << 20), isolation=level)
+    assert r.status == "error" and "MemoryError" in r.message

@@ -17,7 +17,6 @@ generated code needs an explicit opt-in (``--allow-code-execution`` or
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from typing import Any, Literal
 
 from lmtrain.errors import ConfigError, DataError
 from lmtrain.eval.metrics import pass_at_k
-from lmtrain.eval.sandbox import ProcLimits, _rlimits, resolve_isolation, spawn
+from lmtrain.eval.sandbox import ProcLimits, launcher, resolve_isolation, spawn
 
 __all__ = [
     "CodeProblem",
@@ -215,6 +214,9 @@ for line in rf:
 # never shares this process (and, under namespace isolation, cannot see or signal it).
 _JUDGE = (
     "import builtins, json, os, sys\n"
+    # First: not dumpable, so even a same-user program (process isolation) cannot open this
+    # process's /proc fds, memory or environment to forge or read the verdict.
+    + "try:\n    import ctypes; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)\nexcept Exception:\n    pass\n"
     + _CODEC
     + r"""
 to_prog = os.fdopen(int(sys.argv[1]), "w", encoding="utf-8")
@@ -367,8 +369,13 @@ def run(
         os.close(to_prog_r)
         os.close(from_prog_w)
         to_prog_r = from_prog_w = -1
+        judge_prefix, judge_preexec = launcher(
+            ProcLimits(cpu, max(limits.memory_bytes, 1 << 30), limits.max_file_bytes, 0, 256, 0),
+            with_nproc=False,
+        )
         judge = subprocess.Popen(
-            [
+            judge_prefix
+            + [
                 os.path.realpath(sys.executable),
                 "-I",
                 "-c",
@@ -383,7 +390,7 @@ def run(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             pass_fds=(to_prog_w, from_prog_r, verdict_w),
-            preexec_fn=_judge_preexec(lim),
+            preexec_fn=judge_preexec,
             start_new_session=True,
         )
         for fd in (to_prog_w, from_prog_r, verdict_w):
@@ -452,34 +459,12 @@ def _feed(stream, data: bytes) -> None:
         pass
 
 
-def _judge_preexec(lim: ProcLimits):
-    base = _rlimits(
-        ProcLimits(lim.cpu_s, max(lim.memory_bytes, 1 << 30), lim.max_file_bytes, 0, 256, 0),
-        with_nproc=False,
-    )
-
-    def preexec() -> None:
-        base()
-        # Not dumpable: even a same-user program (process isolation) cannot open this
-        # process's /proc fds, memory or environment to forge or read the verdict.
-        if _libc is not None:
-            _libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
-
-    return preexec
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
-
-
-try:
-    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-except OSError:
-    _libc = None
 
 
 def evaluate_pass_at_k(

@@ -165,6 +165,34 @@ def _rlimits(lim: ProcLimits, with_nproc: bool, drop_to: int | None = None):
     return preexec
 
 
+def launcher(lim: ProcLimits, with_nproc: bool, drop_to: int | None = None):
+    """(argv prefix, preexec_fn) that apply ``lim`` (and a uid drop) to the command after it.
+
+    util-linux ``prlimit``/``setpriv`` when present: then no ``preexec_fn`` is needed, so the
+    evaluator (often a multithreaded JAX process) starts children without running Python code
+    between fork and exec. Otherwise a ``preexec_fn`` that only calls setrlimit/setuid.
+    """
+    if shutil.which("prlimit") and (drop_to is None or shutil.which("setpriv")):
+        prefix = [
+            "prlimit",
+            f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}",
+            f"--as={lim.memory_bytes}",
+            f"--fsize={lim.max_file_bytes}",
+            f"--nofile={lim.max_open_files}",
+            "--core=0",
+        ]
+        if with_nproc:
+            prefix.append(f"--nproc={lim.max_processes}")
+        prefix.append("--")
+        if drop_to is not None:
+            prefix += [
+                "setpriv", f"--reuid={drop_to}", f"--regid={drop_to}", "--clear-groups",
+                "--no-new-privs", "--",
+            ]  # fmt: skip
+        return prefix, None
+    return [], _rlimits(lim, with_nproc, drop_to)
+
+
 def _hidden_dirs() -> list[str]:
     out = []
     for name in sorted(os.listdir("/")):
@@ -255,7 +283,7 @@ class Sandbox:
             cmd = ["unshare", "--net", "--pid", "--mount", "--ipc", "--uts", "--fork",
                    "--kill-child", "--mount-proc", "--", "/bin/sh", "-c", script]  # fmt: skip
             env, cwd = _clean_env("/tmp"), "/"
-            preexec = _rlimits(lim, with_nproc=True)
+            prefix, preexec = launcher(lim, with_nproc=True)
         else:
             self._tmp = tempfile.mkdtemp(prefix="lmtrain-exec-")
             cmd = argv
@@ -267,10 +295,10 @@ class Sandbox:
                 # cannot signal or read /proc of the evaluator, and RLIMIT_NPROC applies.
                 self.uid = _take_uid()
                 os.chown(self._tmp, self.uid, self.uid)
-            preexec = _rlimits(lim, with_nproc=self.uid is not None, drop_to=self.uid)
+            prefix, preexec = launcher(lim, with_nproc=self.uid is not None, drop_to=self.uid)
         try:
             self.proc = subprocess.Popen(
-                cmd,
+                prefix + cmd,
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
