@@ -16,6 +16,8 @@ def get_config():
     c.init_from = "runs/sft"
     c.data.train_file = "../shared/data/hh_rlhf_harmless_test.jsonl.gz"
     c.data.seq_len = 128
+    # Pairs whose longer response does not fit 128 tokens are dropped and counted.
+    c.data.max_lost_fraction = 0.3
     c.dpo.update(beta=0.1, reference="precomputed", nll_weight=0.0)
     c.train.update(
         steps=200,

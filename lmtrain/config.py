@@ -66,7 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_file = ""  # same layout; "" = no eval
     c.data.format = "auto"  # SFT layout: auto | prompt_response | chat | alpaca | seed_tasks
     c.data.packing = True  # SFT: pack several examples per row (masks and boundaries kept)
-    c.data.truncation = "left_prompt"  # left_prompt | right
+    # Over-long records (lmtrain/data/fit.py; TRL's truncation_mode names): keep_end cuts the
+    # prompt from the left and keeps the response and its EOS | keep_start cuts the end | drop
+    c.data.truncation = "keep_end"
+    c.data.max_lost_fraction = 0.1  # refuse a run dropping a larger share of train/eval records
     c.data.chat_markers = "auto"  # auto | special | text: role markers as special tokens or text
 
     c.train = ml_collections.ConfigDict()
@@ -87,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     # faster and ran 7-9% faster (shakespeare config); for wider models -O2's vector loops win (~5%).
     c.train.cpu_opt_level = -1
     c.train.log_every = 50
+    # Metric writers (lmtrain/train/metric_writers.py): any of "jsonl", "tensorboard", "wandb".
+    c.train.loggers = ("jsonl", "tensorboard")
     c.train.eval_every = 250
     c.train.eval_batches = (
         0  # cap on periodic evals (0 = whole split); the final eval is always whole
@@ -474,8 +479,12 @@ def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
         f"config.data.format={d.format!r}: auto, prompt_response, chat, alpaca or seed_tasks",
     )
     need(
-        d.truncation in ("left_prompt", "right"),
-        f"config.data.truncation={d.truncation!r}: left_prompt or right",
+        d.truncation in ("keep_end", "keep_start", "drop", "left_prompt", "right"),
+        f"config.data.truncation={d.truncation!r}: keep_end, keep_start or drop",
+    )
+    need(
+        0.0 <= d.max_lost_fraction <= 1.0,
+        f"config.data.max_lost_fraction={d.max_lost_fraction} must be in [0, 1]",
     )
     need(
         d.chat_markers in ("auto", "special", "text"),

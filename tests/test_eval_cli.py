@@ -125,9 +125,9 @@ def get_config():
 
     # Held-out split: the same number the training loop logged for its final full-split eval.
     rows = [json.loads(line) for line in open(os.path.join(trained, "metrics.jsonl"))]
-    final_eval = [r for r in rows if "eval/loss" in r][-1]
+    final_eval = [r for r in rows if "eval_full/loss" in r][-1]
     assert tasks["split"]["metrics"]["nll_per_token"] == pytest.approx(
-        final_eval["eval/loss"], rel=2e-6
+        final_eval["eval_full/loss"], rel=2e-6
     )
     # Documents: summed NLL from a plain forward pass and numpy log-softmax.
     nll = {d: -_logprobs(model, params, tok.encode(d)).sum() for d in docs}

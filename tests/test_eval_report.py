@@ -191,3 +191,35 @@ def test_compare_reports_from_written_dirs(tmp_path):
     assert "regression" in row[3] and "| metric | base | new |" in md
     with pytest.raises(DataError, match="cannot read report"):
         R.compare_reports(tmp_path / "nope", tmp_path / "b")
+
+
+def test_loss_plot_keeps_the_full_split_eval_apart_and_uses_interval_means(tmp_path):
+    # What the training loop writes: per-interval mean loss beside the last step's loss,
+    # periodic evals on one fixed subset, and the final whole-split eval as eval_full/loss.
+    lines = [
+        {"step": 50, "train/loss": 2.9, "train/loss_avg": 3.2},
+        {"step": 100, "train/loss": 1.2, "train/loss_avg": 2.1},  # one lucky batch
+        {"step": 100, "eval/loss": 1.70},
+        {"step": 150, "train/loss": 1.9, "train/loss_avg": 1.8},
+        {"step": 200, "train/loss": 1.5, "train/loss_avg": 1.6},
+        {"step": 200, "eval/loss": 1.60, "eval_full/loss": 1.65},
+    ]
+    curves = R.read_loss_curves(write_jsonl(tmp_path / "metrics.jsonl", lines))
+    assert curves["train"] == [(50, 3.2), (100, 2.1), (150, 1.8), (200, 1.6)]
+    assert curves["eval"] == [(100, 1.70), (200, 1.60)]  # the subset series keeps going down
+    assert curves["eval_full"] == [(200, 1.65)]
+
+    ax = R.loss_figure(curves).axes[0]
+    plotted = {line.get_label(): line for line in ax.get_lines()}
+    train = plotted["train loss (mean over each log interval)"]
+    subset = plotted["validation loss (periodic, fixed subset)"]
+    full = plotted["validation loss (final, whole split)"]
+    assert list(train.get_ydata()) == [3.2, 2.1, 1.8, 1.6]
+    assert list(subset.get_ydata()) == [1.70, 1.60]
+    assert list(full.get_xdata()) == [200] and full.get_linestyle() == "None"  # not joined
+
+    report = R.write_report(tmp_path / "rep", {"title": "t"}, tmp_path / "metrics.jsonl")
+    assert report["training"]["final_eval_loss"] == 1.65  # the whole split
+    assert report["training"]["final_eval_subset_loss"] == 1.60
+    assert report["training"]["min_eval_loss"] == 1.60  # over comparable (subset) points only
+    assert (tmp_path / "rep" / "plots" / "loss.png").read_bytes()[:8] == PNG_MAGIC

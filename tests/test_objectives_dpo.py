@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmtrain.data.formats import PreferencePair
 from lmtrain.train.losses.dpo import DegenerateRunMonitor, dpo_losses, pair_logps, sequence_logps
 from lmtrain.train.objectives import OBJECTIVES, LossContext
 from tests.finetune_fixtures import config, init_params, preference_batch, tiny_model
@@ -176,3 +177,81 @@ def test_nll_weight_adds_mean_per_token_nll_of_chosen(setup):
         LossContext(model, config("dpo", beta=beta), frozen={"reference": params}),
     )
     assert float(plain[0] / plain[1]) == pytest.approx(np.mean(dpo), rel=1e-5)
+
+
+# Chosen and rejected of different lengths, so per-token means differ from sums side by side.
+UNEQUAL = [
+    PreferencePair([("user", "2+3=?")], "5", "5 is it"),
+    PreferencePair([("user", "rev abc")], "cba", "abc cba"),
+    PreferencePair([("user", "sort 312")], "1 2 3", "123"),
+    PreferencePair([("user", "9+9=?")], "18", "19 or 20"),
+]
+
+
+def numpy_completion_logps(model, params, batch, side):
+    """(sum of log p over the completion mask, mask count) per row, in float64 numpy."""
+    logits = np.asarray(
+        model.apply(
+            {"params": params},
+            batch[f"{side}_inputs"],
+            batch[f"{side}_positions"],
+            batch[f"{side}_segment_ids"],
+        ),
+        np.float64,
+    )
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tok = np.take_along_axis(logp, batch[f"{side}_targets"][..., None], -1)[..., 0]
+    mask = batch[f"{side}_loss_mask"]
+    return (tok * mask).sum(-1), mask.sum(-1)
+
+
+def trl_ipo(policy_logps, ref_logps, beta):
+    """TRL's IPO (trl is not installed here, so its formula is written out in numpy).
+
+    huggingface/trl, trl/trainer/dpo_trainer.py: ``concatenated_forward`` sums the per-token
+    log-probs over the completion mask and, for ``loss_type='ipo'``, divides them by the mask
+    count (``all_logps = all_logps / loss_mask.sum(-1)``), for the policy and the reference
+    alike; ``dpo_loss`` takes ``logits = chosen_logratios - rejected_logratios`` with
+    ``*_logratios = *_logps - ref_*_logps`` and returns ``(logits - 1 / (2 * beta)) ** 2``
+    (eq. 17 of Azar et al. 2023), rewards ``beta * (chosen_logps - ref_chosen_logps)``.
+    """
+    (pc, nc), (pr, nr) = policy_logps
+    (rc, _), (rr, _) = ref_logps
+    pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    losses = ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2
+    return losses, beta * (pc - rc), beta * (pr - rr)
+
+
+def test_ipo_averages_log_ratios_over_completion_tokens_like_trl():
+    model, beta = tiny_model(), 0.1
+    params = init_params(model, 0)
+    policy = jax.tree.map(lambda p: p * 1.1, params)
+    batch = preference_batch(UNEQUAL)
+    counts = [batch[f"{s}_loss_mask"].sum(-1) for s in ("chosen", "rejected")]
+    assert (counts[0] != counts[1]).all()
+    pol = [numpy_completion_logps(model, policy, batch, s) for s in ("chosen", "rejected")]
+    ref = [numpy_completion_logps(model, params, batch, s) for s in ("chosen", "rejected")]
+    want, want_rc, want_rr = trl_ipo(pol, ref, beta)
+    ctx = LossContext(model, config("dpo", beta=beta, loss="ipo"), frozen={"reference": params})
+    s, w, m = OBJECTIVES["dpo"](policy, batch, None, ctx)
+    assert float(w) == 4
+    assert float(s / w) == pytest.approx(want.mean(), rel=1e-5)
+    assert float(m["rewards/chosen"][0] / w) == pytest.approx(want_rc.mean(), rel=1e-4, abs=1e-7)
+    assert float(m["rewards/rejected"][0] / w) == pytest.approx(want_rr.mean(), rel=1e-4, abs=1e-7)
+    # Summed log-ratios (the old behaviour) give another loss for the same beta.
+    (pc, _), (pr, _) = pol
+    (rc, _), (rr, _) = ref
+    summed = ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2
+    assert np.abs(summed - want).max() > 1.0
+    # Precomputed reference log-probs are sums; the loss averages them the same way.
+    pre = dict(batch, reference_chosen_logps=ref[0][0], reference_rejected_logps=ref[1][0])
+    pre = {
+        k: np.asarray(v, np.float32) if k.startswith("reference_") else v for k, v in pre.items()
+    }
+    s2, w2, _ = OBJECTIVES["dpo"](
+        policy, pre, None, LossContext(model, config("dpo", beta=beta, loss="ipo"), frozen=None)
+    )
+    assert float(s2 / w2) == pytest.approx(want.mean(), rel=1e-5)
+    # At the reference the IPO loss is (1 / (2 beta))^2 whatever the lengths.
+    s3, w3, _ = OBJECTIVES["dpo"](params, batch, None, ctx)
+    assert float(s3 / w3) == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-6)

@@ -18,9 +18,9 @@ from lmtrain.data.sft import (
     SFTExampleFn,
     build_preference_example,
     build_sft_example,
+    fit_example,
     pack_examples,
     tokenize_sft,
-    truncate,
 )
 from lmtrain.data.tokenizer import CHAT_SPECIALS, CharTokenizer
 from lmtrain.errors import DataError
@@ -133,14 +133,19 @@ def test_build_sft_example_shifts_and_pads(tok):
     assert ex["targets"][n - 1] == tok.eos_id and ex["loss_mask"][n - 1] == 1
 
 
-def test_right_truncation_keeps_the_start(tok):
+def test_keep_start_truncation_keeps_the_start(tok):
     ids, _ = ChatTemplate().encode(CONV, tok)
-    ex = build_sft_example(CONV, tok, ChatTemplate(), 20, truncation="right")
-    check_example(ex, tok, 20)
-    assert (ex["inputs"] == ids[:20]).all() and (ex["targets"] == ids[1:21]).all()
+    ex = build_sft_example(CONV, tok, ChatTemplate(), 40, truncation="keep_start")
+    check_example(ex, tok, 40)
+    assert (ex["inputs"] == ids[:40]).all() and (ex["targets"] == ids[1:41]).all()
+    end = tok.token_id("<|end|>")
+    assert masked(ex["targets"], ex["loss_mask"]) == [*tok.encode("Hello!"), end]
+    # 21 ids hold no assistant token: dropped with its reason, not a row that trains nothing
+    with pytest.raises(DataError, match=r"dropped \(no_trained_tokens\)"):
+        build_sft_example(CONV, tok, ChatTemplate(), 20, truncation="keep_start")
 
 
-def test_left_prompt_truncation_keeps_the_whole_last_response(tok):
+def test_keep_end_truncation_keeps_the_whole_last_response(tok):
     conv = Conversation((("user", "x" * 60), ("assistant", "short answer")))
     ids, mask = ChatTemplate().encode(conv, tok)
     ex = build_sft_example(conv, tok, ChatTemplate(), 30)
@@ -148,11 +153,13 @@ def test_left_prompt_truncation_keeps_the_whole_last_response(tok):
     assert (ex["targets"] == ids[-30:]).all()  # the last max_len+1 ids, nothing padded
     assert masked(ex["targets"], ex["loss_mask"]) == masked(ids, mask)
     assert tok.decode(ex["targets"][ex["loss_mask"] == 1]) == "short answer"
-    # A response too long to fit even alone falls back to right truncation.
+    # A response too long to fit even alone is dropped (and said so), never cut silently.
     long_conv = Conversation((("user", "question"), ("assistant", "y" * 80)))
+    ex, reason = fit_example(tokenize_sft(long_conv, tok, ChatTemplate()), 30)
+    assert ex is None and reason == "response_too_long"
     ids, _ = ChatTemplate().encode(long_conv, tok)
-    ex, cut = truncate(tokenize_sft(long_conv, tok, ChatTemplate()), 30)
-    assert cut and (ex.ids == ids[:31]).all()
+    ex, reason = fit_example(tokenize_sft(long_conv, tok, ChatTemplate()), 30, "keep_start")
+    assert reason == "response_cut" and (ex.ids == ids[:31]).all()
 
 
 def random_conv(rng: random.Random) -> Conversation:
@@ -219,7 +226,7 @@ def test_preference_example_masks_prompt_and_shares_it(tok):
         assert masked(part["targets"], part["loss_mask"]) == [*tok.encode(text), end, tok.eos_id]
     n = len(ChatTemplate().encode_generation_prompt(prompt, tok))
     assert (ex["chosen_inputs"][:n] == ex["rejected_inputs"][:n]).all()
-    # Left-prompt truncation drops the same prompt tokens from both sides.
+    # keep_end truncation drops the same prompt tokens from both sides.
     small = build_preference_example(prompt, "Yes: 1 2 3" * 3, "No.", tok, ChatTemplate(), 48)
     cut = len(tokenize_sft([*prompt, ("assistant", "Yes: 1 2 3" * 3)], tok, ChatTemplate())) - 49
     assert cut > 0

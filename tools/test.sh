@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import pytest, transformers, libtpu, apache_beam, lm_eval, wandb, prometheus_client" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import pytest, transformers, libtpu, apache_beam, lm_eval, accelerate, wandb, prometheus_client" 2>/dev/null; then
   echo "== creating .venv and installing lmtrain[dev,hf,tpu,beam,eval,wandb] (a few minutes the first time)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip

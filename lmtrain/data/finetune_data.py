@@ -6,6 +6,10 @@ preference records (``dpo``, ``reward``) become ``chosen_*`` / ``rejected_*`` ro
 row. Rows are built once in memory (fine-tuning sets are small next to pre-training streams) and
 served by a Grain ``MapDataset`` with a global shuffle, so the iterator state is one integer and a
 resumed run sees exactly the batches it would have seen.
+
+Over-long records are cut or dropped by ``config.data.truncation`` and counted (``FitStats``,
+lmtrain/data/fit.py); a file whose dropped share exceeds ``config.data.max_lost_fraction`` is
+refused before any row is served.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 
 from lmtrain.data.chat_template import ChatTemplate
+from lmtrain.data.fit import FitStats, policy
 from lmtrain.data.formats import ReadStats, read_preferences, read_sft
 from lmtrain.data.sft import (
     PackStats,
-    PreferenceExampleFn,
+    fit_example,
     pack_examples,
     pad_example,
+    preference_example,
     tokenize_sft,
-    truncate,
 )
 from lmtrain.data.shards import write_split
 from lmtrain.data.tokenizer import CHAT_SPECIALS, Tokenizer
@@ -51,6 +56,10 @@ def stack_rows(rows: list[Mapping[str, np.ndarray]], where: str) -> dict[str, np
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def _fit_stats(what: str, path: str, seq_len: int, truncation: str, given: FitStats | None):
+    return given if given is not None else FitStats(what, seq_len, policy(truncation), path)
+
+
 def sft_rows(
     path: str,
     tokenizer: Tokenizer,
@@ -59,26 +68,37 @@ def sft_rows(
     *,
     layout: str = "auto",
     packing: bool = True,
-    truncation: str = "left_prompt",
+    truncation: str = "keep_end",
+    fit_stats: FitStats | None = None,
+    max_lost_fraction: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], PackStats]:
-    """All SFT records of ``path`` as stacked (N, seq_len) int32 arrays, plus packing counts."""
+    """All SFT records of ``path`` as stacked (N, seq_len) int32 arrays, plus packing counts.
+
+    Over-long records are cut or dropped (counted in ``fit_stats``); more than
+    ``max_lost_fraction`` dropped raises DataError.
+    """
     stats = ReadStats()
+    fit_stats = _fit_stats("SFT examples", path, seq_len, truncation, fit_stats)
     examples = [
         tokenize_sft(c, tokenizer, template) for c in read_sft(path, layout=layout, stats=stats)
     ]
     if packing:
         rows, pack = pack_examples(
-            examples, seq_len, pad_id=tokenizer.pad_id, truncation=truncation
+            examples, seq_len, pad_id=tokenizer.pad_id, truncation=truncation, fit_stats=fit_stats
         )
     else:
         pack, rows = PackStats(seq_len), []
         for ex in examples:
-            ex, cut = truncate(ex, seq_len, truncation)
+            ex, reason = fit_example(ex, seq_len, truncation)
+            fit_stats.add(reason)
+            if ex is None:
+                continue
             rows.append(pad_example(ex, seq_len, tokenizer.pad_id))
             pack.examples += 1
             pack.rows += 1
-            pack.truncated += int(cut)
+            pack.truncated += int(reason is not None)
             pack.tokens += len(ex) - 1
+    fit_stats.check(max_lost_fraction)
     return stack_rows(rows, path), pack
 
 
@@ -88,29 +108,50 @@ def preference_rows(
     template: ChatTemplate,
     seq_len: int,
     *,
-    truncation: str = "left_prompt",
+    truncation: str = "keep_end",
+    fit_stats: FitStats | None = None,
+    max_lost_fraction: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """All preference pairs of ``path`` as stacked ``chosen_*`` / ``rejected_*`` arrays."""
-    fn = PreferenceExampleFn(tokenizer, template, seq_len, truncation)
-    return stack_rows([fn(p) for p in read_preferences(path)], path)
+    """All preference pairs of ``path`` as stacked ``chosen_*`` / ``rejected_*`` arrays.
+
+    Pairs are cut or dropped as a whole (counted in ``fit_stats``); more than
+    ``max_lost_fraction`` dropped raises DataError.
+    """
+    fit_stats = _fit_stats("preference pairs", path, seq_len, truncation, fit_stats)
+    rows = []
+    for p in read_preferences(path):
+        row, reason = preference_example(
+            p.prompt, p.chosen, p.rejected, tokenizer, template, seq_len, truncation
+        )
+        fit_stats.add(reason)
+        if row is not None:
+            rows.append(row)
+    fit_stats.check(max_lost_fraction)
+    return stack_rows(rows, path)
+
+
+def rows_and_fit(config, tokenizer: Tokenizer, path: str) -> tuple[dict[str, np.ndarray], FitStats]:
+    """Rows for ``config.objective`` from one JSONL file, and what fitting them cut and dropped.
+
+    Refuses (DataError) a file whose dropped share exceeds ``config.data.max_lost_fraction``.
+    """
+    d = config.data
+    template = chat_template_for(tokenizer, d.chat_markers)
+    preference = config.objective in PREFERENCE_OBJECTIVES
+    what = "preference pairs" if preference else "SFT examples"
+    fit_stats = FitStats(what, d.seq_len, policy(d.truncation), path)
+    kw = dict(truncation=d.truncation, fit_stats=fit_stats, max_lost_fraction=d.max_lost_fraction)
+    if preference:
+        return preference_rows(path, tokenizer, template, d.seq_len, **kw), fit_stats
+    rows, _ = sft_rows(
+        path, tokenizer, template, d.seq_len, layout=d.format, packing=d.packing, **kw
+    )
+    return rows, fit_stats
 
 
 def rows_for_objective(config, tokenizer: Tokenizer, path: str) -> dict[str, np.ndarray]:
     """Rows for ``config.objective`` from one JSONL file, using the ``config.data`` settings."""
-    d = config.data
-    template = chat_template_for(tokenizer, d.chat_markers)
-    if config.objective in PREFERENCE_OBJECTIVES:
-        return preference_rows(path, tokenizer, template, d.seq_len, truncation=d.truncation)
-    rows, _ = sft_rows(
-        path,
-        tokenizer,
-        template,
-        d.seq_len,
-        layout=d.format,
-        packing=d.packing,
-        truncation=d.truncation,
-    )
-    return rows
+    return rows_and_fit(config, tokenizer, path)[0]
 
 
 def num_rows(rows: Mapping[str, np.ndarray]) -> int:

@@ -8,10 +8,10 @@ Every example is a dict of ``int32`` arrays of length ``max_len``:
 * ``segment_ids``: 1, 2, 3... per example in a row (1 when unpacked), 0 on padding;
 * ``positions``: 0.. within each segment, 0 on padding.
 
-A conversation of n tokens needs ``n - 1 <= max_len``. Longer ones are truncated:
-``'left_prompt'`` drops the oldest prompt tokens so the whole last assistant turn (header, content,
-end, EOS) fits, and falls back to ``'right'`` when even that turn is too long; ``'right'`` keeps
-the first ``max_len + 1`` tokens (the response may lose its end marker and EOS).
+A conversation of n tokens needs ``n - 1 <= max_len``. A longer one is cut or dropped by the
+``truncation`` policy of lmtrain/data/fit.py (``keep_end``: drop the oldest prompt tokens so the
+whole last assistant turn and its EOS stay; ``keep_start``: keep the first ``max_len + 1`` tokens;
+``drop``); ``fit_example`` says which, so callers count every cut and drop.
 
 The builders are pure functions of their arguments; ``SFTExampleFn`` and ``PreferenceExampleFn``
 bind the arguments into picklable callables for Grain's ``MapDataset.map``.
@@ -21,16 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import numpy as np
 
+from lmtrain.data import fit
 from lmtrain.data.chat_template import ChatTemplate
+from lmtrain.data.fit import FitStats
 from lmtrain.data.formats import ConversationLike, PreferencePair, Turn, as_conversation
 from lmtrain.data.tokenizer import Tokenizer
 from lmtrain.errors import DataError
 
-Truncation = Literal["left_prompt", "right"]
+Truncation = fit.Truncation
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -53,34 +54,37 @@ def tokenize_sft(
     return TokenizedExample(np.asarray(ids, np.int32), np.asarray(mask, np.int32), start)
 
 
-def _left_cut(length: int, response_start: int, limit: int, truncation: str) -> int:
-    """Prompt tokens to drop from the left (0 means: no left cut, right-truncate if needed)."""
-    if truncation not in ("left_prompt", "right"):
-        raise DataError(f"truncation={truncation!r}: use 'left_prompt' or 'right'")
-    excess = length - limit
-    if truncation == "right" or excess <= 0 or excess > response_start:
-        return 0
-    return excess
+def _slice(ex: TokenizedExample, start: int, end: int) -> TokenizedExample:
+    return TokenizedExample(
+        ex.ids[start:end], ex.loss_mask[start:end], max(ex.response_start - start, 0)
+    )
 
 
-def truncate(
-    ex: TokenizedExample,
-    max_len: int,
-    truncation: Truncation = "left_prompt",
-    *,
-    left_cut: int | None = None,
-) -> tuple[TokenizedExample, bool]:
-    """Fits ``ex`` into ``max_len`` next-token pairs (``max_len + 1`` ids); says if it cut."""
+def fit_example(
+    ex: TokenizedExample, max_len: int, truncation: str = "keep_end"
+) -> tuple[TokenizedExample | None, str | None]:
+    """Fits ``ex`` into ``max_len`` next-token pairs (``max_len + 1`` ids).
+
+    Returns ``(example, reason)``: the example unchanged with reason None, cut with a reason from
+    ``fit.CUTS``, or ``None`` with a reason from ``fit.DROPS`` when the policy drops it.
+    """
     if max_len < 1:
         raise DataError(f"max_len={max_len}: must be at least 1")
-    limit = max_len + 1
-    if left_cut is None:
-        left_cut = _left_cut(len(ex), ex.response_start, limit, truncation)
-    if left_cut == 0 and len(ex) <= limit:
-        return ex, False
-    end = left_cut + limit
-    start = max(ex.response_start - left_cut, 0)
-    return TokenizedExample(ex.ids[left_cut:end], ex.loss_mask[left_cut:end], start), True
+    cut = fit.plan(ex.loss_mask, ex.response_start, max_len + 1, truncation)
+    if cut.start is None:
+        return None, cut.reason
+    if cut.reason is None:
+        return ex, None
+    return _slice(ex, cut.start, cut.end), cut.reason
+
+
+def _refuse(conv: ConversationLike, reason: str, max_len: int, truncation: str) -> DataError:
+    where = as_conversation(conv).source or "conversation"
+    other = "" if fit.policy(truncation) == "keep_end" else " or use truncation='keep_end'"
+    return DataError(
+        f"{where}: dropped ({reason}): does not fit max_len={max_len} with "
+        f"truncation={truncation!r}; raise max_len{other}"
+    )
 
 
 def _pairs(ex: TokenizedExample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,17 +120,22 @@ def build_sft_example(
     tokenizer: Tokenizer,
     template: ChatTemplate,
     max_len: int,
-    truncation: Truncation = "left_prompt",
+    truncation: Truncation = "keep_end",
 ) -> dict[str, np.ndarray]:
-    """Conversation → one padded row (keys ``FIELDS``, int32, shape ``[max_len]``)."""
-    ex, _ = truncate(tokenize_sft(conv, tokenizer, template), max_len, truncation)
+    """Conversation → one padded row (keys ``FIELDS``, int32, shape ``[max_len]``).
+
+    Raises DataError when the policy drops it (use ``fit_example`` to count drops instead).
+    """
+    ex, reason = fit_example(tokenize_sft(conv, tokenizer, template), max_len, truncation)
+    if ex is None:
+        raise _refuse(conv, reason, max_len, truncation)
     return pad_example(ex, max_len, tokenizer.pad_id)
 
 
 @dataclass
 class PackStats:
     max_len: int
-    examples: int = 0
+    examples: int = 0  # packed (dropped ones are counted by FitStats only)
     rows: int = 0
     truncated: int = 0  # examples cut to fit one row (counted, never split across rows)
     tokens: int = 0  # real (non-padding) positions
@@ -142,11 +151,14 @@ def iter_packed(
     max_len: int,
     *,
     pad_id: int,
-    truncation: Truncation = "left_prompt",
+    truncation: Truncation = "keep_end",
     max_open_rows: int = 256,
     stats: PackStats | None = None,
+    fit_stats: FitStats | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Greedy first-fit packing, streaming: each example goes into the first open row with room.
+
+    Over-long examples are cut or dropped by ``truncation`` first (counted in ``fit_stats``).
 
     At most ``max_open_rows`` rows are open; opening one more emits the fullest. Full rows are
     emitted at once and the rest at the end, in the order they were opened.
@@ -163,10 +175,14 @@ def iter_packed(
         return _row(pieces, max_len, pad_id)
 
     for ex in examples:
-        ex, cut = truncate(ex, max_len, truncation)
+        ex, reason = fit_example(ex, max_len, truncation)
+        if fit_stats is not None:
+            fit_stats.add(reason)
+        if ex is None:
+            continue
         n = len(ex) - 1
         stats.examples += 1
-        stats.truncated += int(cut)
+        stats.truncated += int(reason is not None)
         stats.tokens += n
         fits = np.flatnonzero(room >= n)
         if fits.size:
@@ -190,8 +206,9 @@ def pack_examples(
     max_len: int,
     *,
     pad_id: int,
-    truncation: Truncation = "left_prompt",
+    truncation: Truncation = "keep_end",
     max_open_rows: int = 256,
+    fit_stats: FitStats | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], PackStats]:
     """Packs tokenized examples into rows of ``max_len``; returns the rows and their counts."""
     stats = PackStats(max_len)
@@ -203,9 +220,43 @@ def pack_examples(
             truncation=truncation,
             max_open_rows=max_open_rows,
             stats=stats,
+            fit_stats=fit_stats,
         )
     )
     return rows, stats
+
+
+def preference_example(
+    prompt_conv: ConversationLike,
+    chosen: str,
+    rejected: str,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    max_len: int,
+    truncation: Truncation = "keep_end",
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """``(rows or None when dropped, reason)`` for one pair; see ``build_preference_example``."""
+    if max_len < 1:
+        raise DataError(f"max_len={max_len}: must be at least 1")
+    last_only = replace(template, train_on_all_assistant_turns=False)
+    turns = list(as_conversation(prompt_conv))
+    sides = {
+        name: tokenize_sft([*turns, Turn("assistant", text)], tokenizer, last_only)
+        for name, text in (("chosen", chosen), ("rejected", rejected))
+    }
+    start = sides["chosen"].response_start  # equal on both sides: same prompt, same encoding
+    cuts = fit.plan_pair(
+        sides["chosen"].loss_mask, sides["rejected"].loss_mask, start, max_len + 1, truncation
+    )
+    if cuts[0].start is None:
+        return None, cuts[0].reason
+    out = {}
+    for (name, ex), cut in zip(sides.items(), cuts):
+        ex = _slice(ex, cut.start, cut.end)
+        out.update(
+            {f"{name}_{k}": v for k, v in pad_example(ex, max_len, tokenizer.pad_id).items()}
+        )
+    return out, cuts[0].reason
 
 
 def build_preference_example(
@@ -215,28 +266,19 @@ def build_preference_example(
     tokenizer: Tokenizer,
     template: ChatTemplate,
     max_len: int,
-    truncation: Truncation = "left_prompt",
+    truncation: Truncation = "keep_end",
 ) -> dict[str, np.ndarray]:
     """Prompt + each response → ``chosen_<field>`` and ``rejected_<field>`` rows (int32).
 
     Only the final response, its end marker and EOS are unmasked (earlier assistant turns in the
     prompt are context). Both sides drop the same prompt tokens, so they see identical context.
+    Raises DataError when the policy drops the pair (``preference_example`` returns None).
     """
-    last_only = replace(template, train_on_all_assistant_turns=False)
-    turns = list(as_conversation(prompt_conv))
-    sides = {
-        name: tokenize_sft([*turns, Turn("assistant", text)], tokenizer, last_only)
-        for name, text in (("chosen", chosen), ("rejected", rejected))
-    }
-    longest = max(len(ex) for ex in sides.values())
-    start = sides["chosen"].response_start  # equal on both sides: same prompt, same encoding
-    cut = _left_cut(longest, start, max_len + 1, truncation)
-    out = {}
-    for name, ex in sides.items():
-        ex, _ = truncate(ex, max_len, truncation, left_cut=cut)
-        out.update(
-            {f"{name}_{k}": v for k, v in pad_example(ex, max_len, tokenizer.pad_id).items()}
-        )
+    out, reason = preference_example(
+        prompt_conv, chosen, rejected, tokenizer, template, max_len, truncation
+    )
+    if out is None:
+        raise _refuse(prompt_conv, reason, max_len, truncation)
     return out
 
 
@@ -247,7 +289,7 @@ class SFTExampleFn:
     tokenizer: Tokenizer
     template: ChatTemplate
     max_len: int
-    truncation: Truncation = "left_prompt"
+    truncation: Truncation = "keep_end"
 
     def __call__(self, conv: ConversationLike) -> dict[str, np.ndarray]:
         return build_sft_example(conv, self.tokenizer, self.template, self.max_len, self.truncation)
@@ -260,7 +302,7 @@ class PreferenceExampleFn:
     tokenizer: Tokenizer
     template: ChatTemplate
     max_len: int
-    truncation: Truncation = "left_prompt"
+    truncation: Truncation = "keep_end"
 
     def __call__(self, pair: PreferencePair) -> dict[str, np.ndarray]:
         return build_preference_example(

@@ -5,7 +5,8 @@
     {"title": "...", "run": {"checkpoint": "...", "step": 1000},          # free-form metadata
      "tasks": {name: {"metrics": {m: v}, "n": N, "slices": {...}}},       # metrics.metric_by_slice
      "latency": {row: {column: v}}, "cost": {row: {column: v}},
-     "safety": {"refusal": ..., "canaries": ..., "bias": ...}}            # safety.* outputs
+     "safety": {"refusal": ..., "canaries": ..., "bias": ...},           # safety.* outputs
+     "harness": {task: {metric: v, "n": N}}}                              # lm-eval (harness.py)
 
 Plots use matplotlib's object API with the Agg canvas, so no GUI and no global backend switch.
 """
@@ -57,13 +58,15 @@ def _is_number(v: Any) -> bool:
 
 
 def read_loss_curves(metrics_jsonl: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """Read ``(step, loss)`` points for ``train/loss`` and ``eval/loss`` from a run's JSONL.
+    """Read ``(step, loss)`` series ``train``, ``eval`` and ``eval_full`` from a run's JSONL.
 
-    A line contributes a train point if it has ``step`` and ``train/loss`` (``train/loss_avg``, the
-    mean over the log interval, is preferred when present), and an eval point if
-    it has ``step`` and ``eval/loss``; other lines are skipped. A truncated last line (a run
-    still writing, or killed mid-write) is ignored; a malformed line elsewhere is an error.
-    When a resumed run logs a step twice, the later value wins.
+    ``train`` is ``train/loss_avg`` (the mean over each log interval) where logged, else the
+    single step's ``train/loss``; ``eval`` the periodic evals on one fixed subset of the split
+    (``eval/loss``); ``eval_full`` the final eval over the whole split (``eval_full/loss``), kept
+    apart because a subset and the whole split differ by more than training changes them late
+    in a run. Lines without ``step`` are skipped. A truncated last line (a run still writing, or
+    killed mid-write) is ignored; a malformed line elsewhere is an error. When a resumed run
+    logs a step twice, the later value wins.
     """
     path = Path(metrics_jsonl)
     try:
@@ -71,7 +74,7 @@ def read_loss_curves(metrics_jsonl: str | os.PathLike) -> dict[str, list[tuple[i
     except OSError as e:
         raise DataError(f"cannot read metrics file {path}: {e.strerror}") from e
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    curves: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+    curves: dict[str, dict[int, float]] = {"train": {}, "eval": {}, "eval_full": {}}
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -95,15 +98,18 @@ def read_loss_curves(metrics_jsonl: str | os.PathLike) -> dict[str, list[tuple[i
 
 
 def _loss_summary(curves: Mapping[str, list[tuple[int, float]]]) -> dict[str, Any]:
-    train, evals = curves["train"], curves["eval"]
+    train, evals, full = curves["train"], curves["eval"], curves.get("eval_full", [])
     summary: dict[str, Any] = {"train_points": len(train), "eval_points": len(evals)}
     if train:
         summary["last_step"] = train[-1][0]
         summary["final_train_loss"] = train[-1][1]
     finite = [(s, v) for s, v in evals if math.isfinite(v)]
-    if finite:
+    if finite:  # min over the periodic (fixed-subset) evals only: their points compare
         step, best = min(finite, key=lambda p: p[1])
         summary.update(final_eval_loss=evals[-1][1], min_eval_loss=best, min_eval_loss_step=step)
+    if full:  # the whole split, when the run logged it (older runs folded it into eval/loss)
+        summary["final_eval_loss"] = full[-1][1]
+        summary["final_eval_subset_loss"] = evals[-1][1] if evals else None
     return summary
 
 
@@ -119,17 +125,29 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _plot_loss(curves: Mapping[str, list[tuple[int, float]]], path: Path) -> None:
+LOSS_SERIES = (
+    ("train", "-", "train loss (mean over each log interval)"),
+    ("eval", "o-", "validation loss (periodic, fixed subset)"),
+    ("eval_full", "D", "validation loss (final, whole split)"),  # points only: never joined
+)
+
+
+def loss_figure(curves: Mapping[str, list[tuple[int, float]]]):
+    """The loss plot: one line or marker set per series of ``read_loss_curves``."""
     fig = _new_figure(7, 4)
     ax = fig.add_subplot()
-    for name, style in (("train", "-"), ("eval", "o-")):
-        if curves[name]:
+    for name, style, label in LOSS_SERIES:
+        if curves.get(name):
             steps, values = zip(*curves[name])
-            ax.plot(steps, values, style, label=f"{name}/loss", markersize=3)
+            ax.plot(steps, values, style, label=label, markersize=3 if name == "eval" else 6)
     ax.set(xlabel="step", ylabel="loss", title="Training and validation loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def _plot_loss(curves: Mapping[str, list[tuple[int, float]]], path: Path) -> None:
+    loss_figure(curves).savefig(path, dpi=100)
 
 
 def _plot_slices(task: str, field: str, slices: Mapping[str, Any], path: Path) -> bool:
@@ -230,6 +248,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             for m, v in spec.get("metrics", {}).items()
         ]
         out += ["## Summary", ""] + _table(["task", "metric", "value", "n"], rows)
+    if report.get("harness"):
+        rows = [
+            [t, m, v, spec.get("n")]
+            for t, spec in report["harness"].items()
+            for m, v in spec.items()
+            if m != "n"
+        ]
+        out += ["## lm-evaluation-harness", ""]
+        out += ["lm-eval's own task definitions and metrics (harness_results.json).", ""]
+        out += _table(["task", "metric", "value", "n"], rows)
     if "training" in report:
         out += ["## Training", ""]
         out += [f"- **{k}**: {_fmt(v)}" for k, v in report["training"].items()] + [""]
@@ -283,7 +311,7 @@ def write_report(
     if metrics_jsonl is not None:
         curves = read_loss_curves(metrics_jsonl)
         report["training"] = {**report.get("training", {}), **_loss_summary(curves)}
-        if curves["train"] or curves["eval"]:
+        if any(curves.values()):
             _plot_loss(curves, out / "plots" / "loss.png")
             plots["loss"] = "plots/loss.png"
     for i, (task, spec) in enumerate(report.get("tasks", {}).items()):
@@ -322,7 +350,7 @@ def flatten_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for task, spec in report.get("tasks", {}).items():
         _flatten(f"tasks/{task}", spec.get("metrics", {}), out)
-    for section in ("training", "latency", "cost", "safety"):
+    for section in ("training", "latency", "cost", "safety", "harness"):
         _flatten(section, report.get(section, {}), out)
     return out
 

@@ -58,6 +58,7 @@ class Setup:
     batch_sharding: NamedSharding
     params_transform: object = None  # LoRA / reward head (lmtrain/train/finetune.py)
     eval_rows: dict | None = None  # fine-tuning records runs: the eval file's rows
+    eval_fit: object = None  # and its FitStats (what fitting seq_len cut and dropped)
 
 
 def resolve_data(config, workdir: str) -> str:
@@ -115,9 +116,9 @@ def build(config, workdir: str) -> Setup:
         model, tx, config.data.seq_len, config.seed, mesh, transform
     )
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    eval_rows = None
+    eval_rows = eval_fit = None
     if finetune.uses_records(config) and config.data.eval_file:
-        eval_rows = finetune_data.rows_for_objective(config, tokenizer, config.data.eval_file)
+        eval_rows, eval_fit = finetune_data.rows_and_fit(config, tokenizer, config.data.eval_file)
     return Setup(
         config,
         mesh,
@@ -132,6 +133,7 @@ def build(config, workdir: str) -> Setup:
         batch_sharding,
         transform,
         eval_rows,
+        eval_fit,
     )
 
 
@@ -390,8 +392,15 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         )
     per_process = cfg.train.global_batch_size // jax.process_count()
     num_records = 0  # rows of a fine-tuning records run (names the batches if it diverges)
+    fit_metrics = {}  # records runs: what fitting seq_len cut and dropped, logged at the start
     if finetune.uses_records(cfg):
-        rows = finetune_data.rows_for_objective(cfg, setup.tokenizer, cfg.data.train_file)
+        rows, fit = finetune_data.rows_and_fit(cfg, setup.tokenizer, cfg.data.train_file)
+        fit_metrics = fit.metrics("data/train/")
+        for f in (fit, setup.eval_fit):
+            if f is not None:
+                print_fn(f.summary())
+        if setup.eval_fit is not None:
+            fit_metrics.update(setup.eval_fit.metrics("data/eval/"))
         if cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
             rows = finetune.add_reference_logps(setup, rows, initial, cfg.train.global_batch_size)
             if setup.eval_rows is not None:
@@ -423,12 +432,14 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         if cfg.objective == "dpo"
         else None
     )
-    logger = MetricsLogger(workdir, enabled=is_main)
+    logger = MetricsLogger(workdir, enabled=is_main, loggers=cfg.train.loggers)
     n_params = setup.model_cfg.param_count()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     flops_per_step = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len) * tokens_per_step
     peak = cfg.train.peak_flops or flops_lib.device_peak_flops()
     start = int(state.step)
+    if fit_metrics:
+        logger.write(start, fit_metrics)
     print_fn(
         f"model: {n_params:,} params | mesh {dict(mesh.shape)} | {jax.device_count()} devices | "
         f"batch {cfg.train.global_batch_size}x{cfg.data.seq_len} | steps {start}->{cfg.train.steps}"
@@ -564,11 +575,19 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
                 dpo_monitor.update(s, m)
         has_eval = not (finetune.uses_records(cfg) and setup.eval_rows is None)  # no eval_file
         if has_eval and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-            # Periodic evals may be capped (train.eval_batches); the final one covers the whole split.
-            cap = 0 if done == cfg.train.steps else cfg.train.eval_batches
-            ev = evaluate(setup, eval_step, state.params, cap, frozen)
-            logger.write(done, ev)
-            final.update(ev)
+            # Every periodic eval reads the same first train.eval_batches batches, so its points
+            # compare; the final eval over the whole split is a series of its own (eval_full/*),
+            # never joined to them, and the eval/* that final_metrics.json reports.
+            ev = evaluate(setup, eval_step, state.params, cfg.train.eval_batches, frozen)
+            full, whole = {}, {}
+            if done == cfg.train.steps:
+                whole = ev
+                if cfg.train.eval_batches:  # the periodic evals were capped: read it all once
+                    whole = evaluate(setup, eval_step, state.params, 0, frozen)
+                full = {k.replace("eval/", "eval_full/", 1): v for k, v in whole.items()}
+                print_fn(f"step {done:>6} | whole-split eval loss {whole['eval/loss']:.4f}")
+            logger.write(done, ev | full)
+            final.update(ev | full | whole)
             stop_early = eval_hooks.after_eval(done, ev, state, batches.get_state())
             print_fn(
                 f"step {done:>6} | eval loss {ev['eval/loss']:.4f} | eval ppl {ev.get('eval/perplexity', float('nan')):.2f}"

@@ -1,49 +1,33 @@
-"""Metrics to ``metrics.jsonl`` (one JSON object per line) and TensorBoard event files."""
+"""Training metrics fanned out to the writers ``config.train.loggers`` names
+(``lmtrain/train/metric_writers.py``: metrics.jsonl, TensorBoard, Weights & Biases)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import threading
 
+from lmtrain.train.metric_writers import check_loggers, make_writer, read_run_files
 
-def _open_tensorboard(directory: str):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # optional
-        return None
-    return SummaryWriter(directory)
+DEFAULT_LOGGERS = ("jsonl", "tensorboard")
 
 
 class MetricsLogger:
-    """``metrics.jsonl`` is written at once; TensorBoard opens on a background thread.
+    """One ``write(step, metrics)`` for every writer; non-finite values become null.
 
-    Why the thread: importing tensorboardX imports PyTorch when it is installed (about a second),
-    which would otherwise sit on the training run's critical path before the first step.
+    The writers get the run's resolved config and manifest (read back from ``workdir``, where
+    the loop wrote them) once, before the first metrics.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, loggers=DEFAULT_LOGGERS):
         self.enabled = enabled
-        self._f = None
-        self._tb = None
-        self._tb_thread = None
+        self._writers = []
         if enabled:
+            names = check_loggers(loggers)
             os.makedirs(workdir, exist_ok=True)
-            self._f = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-            self._tb_thread = threading.Thread(
-                target=self._open, args=(os.path.join(workdir, "tensorboard"),), daemon=True
-            )
-            self._tb_thread.start()
-
-    def _open(self, directory: str) -> None:
-        self._tb = _open_tensorboard(directory)
-
-    def _tensorboard(self):
-        if self._tb_thread is not None:
-            self._tb_thread.join()  # long done by the first log line
-            self._tb_thread = None
-        return self._tb
+            self._writers = [make_writer(name, workdir) for name in names]
+            config, manifest = read_run_files(workdir)
+            for w in self._writers:
+                w.start(config, manifest)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -56,16 +40,10 @@ class MetricsLogger:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in clean.items()
         }
-        self._f.write(json.dumps({"step": int(step), **clean}) + "\n")
-        tb = self._tensorboard()
-        if tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float):
-                    tb.add_scalar(k, v, int(step))
+        for w in self._writers:
+            w.write(step, clean)
 
     def close(self) -> None:
-        if self._f:
-            self._f.close()
-        tb = self._tensorboard() if self.enabled else None
-        if tb is not None:
-            tb.close()
+        for w in self._writers:
+            w.close()
+        self._writers = []

@@ -1,11 +1,15 @@
 """Direct Preference Optimization (Rafailov et al. 2023), conservative DPO and IPO.
 
-With ``h = (log pi(y_c|x) - log pi(y_r|x)) - (log ref(y_c|x) - log ref(y_r|x))`` (sequence
-log-probs summed over response tokens, i.e. where ``loss_mask`` is 1):
+With ``h = (log pi(y_c|x) - log pi(y_r|x)) - (log ref(y_c|x) - log ref(y_r|x))``:
 
 * ``sigmoid``: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)`` (eps = label
-  smoothing; eps = 0 is DPO, eps > 0 is conservative DPO);
-* ``ipo``: ``(h - 1 / (2 beta))^2`` (Azar et al. 2023, on summed log-probs).
+  smoothing; eps = 0 is DPO, eps > 0 is conservative DPO), with sequence log-probs summed over
+  the response tokens (where ``loss_mask`` is 1);
+* ``ipo``: ``(h - 1 / (2 beta))^2`` (Azar et al. 2023) with each log-prob *averaged* over its
+  response's tokens, as TRL does (``all_logps / loss_mask.sum(-1)`` for ``loss_type='ipo'`` in
+  its DPOTrainer), so ``beta`` means what it means there. The implicit rewards and the
+  ``logps/*`` metrics then use the averaged log-probs too (as in TRL); ``nll/chosen`` does not
+  change.
 
 Optional NLL on the chosen response (RPO, Pang et al. 2024 "Iterative Reasoning Preference
 Optimization"; ``config.dpo.nll_weight`` = w, default 0): each pair's loss gains
@@ -75,6 +79,11 @@ def reference_logps(batch: Mapping, ctx: LossContext) -> tuple[jax.Array, jax.Ar
     return jax.lax.stop_gradient(c), jax.lax.stop_gradient(r)
 
 
+def per_token_mean(logps: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Sequence log-probs divided by their response token counts (0 tokens: left as is, 0)."""
+    return logps / jnp.maximum(tokens, 1).astype(jnp.float32)
+
+
 def dpo_losses(
     policy_chosen: jax.Array,
     policy_rejected: jax.Array,
@@ -123,6 +132,13 @@ def dpo_loss(params, batch, rng, ctx: LossContext):
     cfg = ctx.config.dpo
     pc, pr = pair_logps(ctx.model, ctx.model_params(params, rng), batch)
     rc_ref, rr_ref = reference_logps(batch, ctx)
+    chosen_tokens = batch["chosen_loss_mask"].sum(-1)
+    rejected_tokens = batch["rejected_loss_mask"].sum(-1)
+    valid = (chosen_tokens > 0) & (rejected_tokens > 0)
+    chosen_nll = -per_token_mean(pc, chosen_tokens)
+    if cfg.loss == "ipo":  # per-token means; precomputed reference log-probs stay sums
+        pc, rc_ref = per_token_mean(pc, chosen_tokens), per_token_mean(rc_ref, chosen_tokens)
+        pr, rr_ref = per_token_mean(pr, rejected_tokens), per_token_mean(rr_ref, rejected_tokens)
     losses, rc, rr = dpo_losses(
         pc,
         pr,
@@ -132,9 +148,6 @@ def dpo_loss(params, batch, rng, ctx: LossContext):
         loss_type=cfg.loss,
         label_smoothing=cfg.label_smoothing,
     )
-    chosen_tokens = batch["chosen_loss_mask"].sum(-1)
-    valid = (chosen_tokens > 0) & (batch["rejected_loss_mask"].sum(-1) > 0)
-    chosen_nll = -pc / jnp.maximum(chosen_tokens, 1).astype(jnp.float32)  # per-token mean
     if cfg.nll_weight:
         losses = losses + cfg.nll_weight * chosen_nll
     loss_sum = jnp.sum(jnp.where(valid, losses, 0.0))
