@@ -172,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.fault.spike_window = 50  # recent finite losses whose median a spike is measured against
     c.fault.max_rollbacks = 5  # more spikes than this stop the run (TrainingDiverged)
+    c.fault.spike_warn_factor = 3.0  # warn (only) on loss > factor x recent median; 0 = off
+    c.fault.accept_unlisted_checkpoints = False  # resume from a step lacking lmtrain_files.json
+    c.fault.allow_restart = False  # start over from step 0 in a workdir with progress on record
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = "auto"  # auto | yes | no
@@ -446,6 +449,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     need(
         f.spike_factor == 0 or f.spike_factor > 1,
         f"config.fault.spike_factor={f.spike_factor}: 0 (off) or > 1, e.g. 3",
+    )
+    need(
+        f.spike_warn_factor == 0 or f.spike_warn_factor > 1,
+        f"config.fault.spike_warn_factor={f.spike_warn_factor}: 0 (off) or > 1, e.g. 3",
     )
     need(
         f.spike_window > 0 and f.max_rollbacks >= 0,

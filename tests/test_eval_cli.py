@@ -46,7 +46,8 @@ def _write_jsonl(path, rows):
     return str(path)
 
 
-def test_eval_report_matches_independent_computation(trained, tmp_path):
+def test_eval_report_matches_independent_computation(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMTRAIN_ALLOW_CODE_EXECUTION", "1")  # the suite has a code task
     run = load_run(trained)
     model, tok = run.setup.model, run.setup.tokenizer
     params = jax.device_get(run.params)

@@ -137,26 +137,31 @@ def test_bias_report_hand_computed():
 
 
 # -------------------------------------------------------------------------------- code execution
+# (the hostile-program probes live in tests/test_code_sandbox.py)
 
-FAST = C.ExecLimits(timeout_s=2.0, memory_bytes=512 << 20)
+FAST = C.ExecLimits(timeout_s=4.0, memory_bytes=512 << 20)
+ADD_TESTS = "assert add(2, 3) == 5, 'add broken'\n"
 
 
-def test_correct_solution_passes():
-    r = C.run_code("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n", FAST)
+@pytest.fixture
+def opt_in(monkeypatch):
+    monkeypatch.setenv(C.ALLOW_ENV, "1")
+
+
+def test_correct_solution_passes(opt_in):
+    r = C.run("def add(a, b):\n    return a + b\n", ADD_TESTS, FAST)
     assert r.status == "passed" and r.passed
 
 
-def test_wrong_solution_fails():
-    r = C.run_code(
-        "def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5, 'add broken'\n", FAST
-    )
+def test_wrong_solution_fails(opt_in):
+    r = C.run("def add(a, b):\n    return a - b\n", ADD_TESTS, FAST)
     assert r.status == "failed" and not r.passed
     assert "add broken" in r.message
 
 
-def test_infinite_loop_is_stopped_quickly():
+def test_infinite_loop_is_stopped_quickly(opt_in):
     start = time.monotonic()
-    r = C.run_code("while True:\n    pass\n", C.ExecLimits(timeout_s=1.0))
+    r = C.run("while True:\n    pass\n", "", C.ExecLimits(timeout_s=1.0))
     elapsed = time.monotonic() - start
     assert r.status == "timed_out"
     assert elapsed < 4.0
@@ -166,39 +171,37 @@ def test_infinite_loop_is_stopped_quickly():
     "bomb",
     ["x = bytearray(10 ** 11)\n", "chunks = []\nwhile True:\n    chunks.append(b' ' * 10 ** 7)\n"],
 )
-def test_memory_bomb_is_stopped(bomb):
+def test_memory_bomb_is_stopped(bomb, opt_in):
     start = time.monotonic()
-    r = C.run_code(bomb, C.ExecLimits(timeout_s=10.0, memory_bytes=256 << 20))
+    r = C.run(bomb, "", C.ExecLimits(timeout_s=10.0, memory_bytes=256 << 20))
     assert r.status == "error" and "MemoryError" in r.message
     assert time.monotonic() - start < 8.0
 
 
-def test_exception_is_reported():
-    r = C.run_code("def f():\n    return 1 / 0\n\nassert f() == 0\n", FAST)
+def test_exception_is_reported(opt_in):
+    r = C.run("def f():\n    return 1 / 0\n", "assert f() == 0\n", FAST)
     assert r.status == "error" and r.message.startswith("ZeroDivisionError")
-    assert C.run_code("def f(:\n", FAST).message.startswith("SyntaxError")
+    assert C.run("def f(:\n", "", FAST).message.startswith("SyntaxError")
 
 
-def test_exiting_early_does_not_pass():
-    for code in ["import sys\nsys.exit(0)\nassert False\n", "import os\nos._exit(0)\n"]:
-        r = C.run_code(code, FAST)
+def test_exiting_early_does_not_pass(opt_in):
+    for code in ["import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n"]:
+        r = C.run(code + "def f():\n    return 1\n", "assert f() == 1\n", FAST)
         assert r.status == "error" and "before finishing its tests" in r.message
 
 
-def test_isolation_stdin_cwd_and_output_cap():
+def test_isolation_stdin_cwd_and_output_cap(opt_in):
     # stdin is closed: input() hits EOF instead of hanging.
-    assert C.run_code("input()\n", FAST).message.startswith("EOFError")
-    # A fresh working directory holding only the program.
-    assert C.run_code(
-        "import os\nassert os.listdir('.') == ['program.py'], os.listdir('.')\n", FAST
-    ).passed
+    assert C.run("input()\n", "", FAST).message.startswith("EOFError")
+    # A fresh, empty working directory.
+    assert C.run("import os\nls = os.listdir('.')\n", "assert ls == [], ls\n", FAST).passed
     # Output is truncated at the cap, even from a print loop.
     limits = C.ExecLimits(timeout_s=1.0, max_output_bytes=1000)
-    r = C.run_code("print('hello')\nwhile True:\n    print('x' * 1000)\n", limits)
+    r = C.run("print('hello')\nwhile True:\n    print('x' * 1000)\n", "", limits)
     assert r.status == "timed_out" and r.output.startswith("hello") and len(r.output) <= 1000
 
 
-def test_evaluate_pass_at_k():
+def test_evaluate_pass_at_k(opt_in):
     problems = [
         {
             "task_id": "inc",

@@ -45,3 +45,29 @@ def test_missing_export_dir_is_a_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
         ExportedModel(str(tmp_path))
+
+
+def test_inputs_past_the_context_are_refused(workdir, tmp_path):  # noqa: F811
+    from lmtrain.errors import DataError
+    from lmtrain.interop.stablehlo_export import export_stablehlo
+
+    out = str(tmp_path / "shlo")
+    export_stablehlo(workdir, out)
+    exported = ExportedModel(out)
+    ctx = exported.manifest["max_seq_len"]
+    assert exported.forward(np.zeros((1, ctx), np.int32)).shape[:2] == (1, ctx)
+    too_long = np.zeros((1, ctx + 1), np.int32)
+    with pytest.raises(DataError) as e:
+        exported.forward(too_long)
+    assert str(e.value) == (
+        f"tokens has length {ctx + 1}, past the model's context of {ctx} tokens; pass at most "
+        f"{ctx} (keep the last {ctx} tokens of a longer text)"
+    )
+    with pytest.raises(DataError, match="the KV cache has length"):
+        exported.empty_cache(1, ctx + 1)
+    # The serialised function itself carries the bound, for callers without ExportedModel.
+    with pytest.raises(ValueError):
+        exported._forward.call(exported.params, too_long)
+    cache = exported.empty_cache(1, ctx)
+    with pytest.raises(DataError, match=f"positions has length {ctx + 1}"):
+        exported.decode(cache, [[1]], [[ctx]], [[1]], ctx - 1)

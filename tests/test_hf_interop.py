@@ -202,7 +202,7 @@ def test_lora_merge_and_peft_export(tmp_path):
 
     hf_dir, base_wd = str(tmp_path / "hf"), str(tmp_path / "base")
     save_model("llama", hf_dir)
-    import_hf(hf_dir, base_wd)
+    import_hf(hf_dir, base_wd, hf_id="tiny-org/tiny-llama")
     base = load_workdir(base_wd)
     adapters = lora.init_adapters(base.params, 4, ("q", "o", "down"), jax.random.PRNGKey(1))
     adapters = jax.tree.map(
@@ -241,6 +241,7 @@ def test_lora_merge_and_peft_export(tmp_path):
     assert info["target_modules"] == ["down_proj", "o_proj", "q_proj"] and info["r"] == 4
     conf = json.load(open(os.path.join(peft_dir, "adapter_config.json")))
     assert conf["peft_type"] == "LORA" and conf["lora_alpha"] == 8.0
+    assert conf["base_model_name_or_path"] == "tiny-org/tiny-llama"  # not the lmtrain workdir
     # Apply the adapters the way PEFT does (W + alpha/r * B @ A) to the exported base model.
     model = load_hf(export_hf(base_wd, str(tmp_path / "base_hf"))["out_dir"])
     tensors = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))

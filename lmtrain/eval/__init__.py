@@ -4,7 +4,13 @@ Heavy dependencies (sacrebleu, matplotlib) are imported only when a function nee
 importing this package stays cheap.
 """
 
-from lmtrain.eval.code_exec import CodeProblem, ExecLimits, ExecResult, evaluate_pass_at_k, run_code
+from lmtrain.eval.code_exec import (
+    CodeProblem,
+    ExecLimits,
+    ExecResult,
+    evaluate_pass_at_k,
+    run_tests,
+)
 from lmtrain.eval.metrics import (
     accuracy,
     bits_per_byte,
@@ -63,7 +69,7 @@ __all__ = [
     "refusal_precision_recall",
     "render_markdown",
     "rouge_l",
-    "run_code",
+    "run_tests",
     "token_f1",
     "write_report",
 ]

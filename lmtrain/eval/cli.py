@@ -151,6 +151,10 @@ def cmd_eval(args, overrides) -> None:
             "lmtrain eval needs --checkpoint <workdir> --config configs/eval/<name>.py --out "
             "<dir> (or --harness --tasks a,b instead of / besides --config; or --compare A B)"
         )
+    if args.allow_code_execution:
+        from lmtrain.eval.code_exec import ALLOW_ENV
+
+        os.environ[ALLOW_ENV] = "1"
     run_eval(
         args.checkpoint, args.config, args.out, step=args.step, overrides=overrides,
         harness=harness,
@@ -168,6 +172,11 @@ def register(subparsers) -> None:
     e.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two report dirs/json files")
     e.add_argument("--tolerance", type=float, default=0.0, help="ignore smaller |deltas|")
     e.add_argument("--fail-on-regression", action="store_true", help="exit 1 on a regression")
+    e.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="let code tasks run model-generated programs (sandboxed; see lmtrain/eval/sandbox.py)",
+    )
     e.add_argument("--harness", action="store_true", help="run lm-evaluation-harness tasks")
     e.add_argument("--tasks", default="", help="--harness: comma-separated lm-eval task names")
     e.add_argument("--include-path", default="", help="--harness: folder of extra task YAMLs")

@@ -393,8 +393,9 @@ def run_choice(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_code(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
-    from lmtrain.eval.code_exec import CodeProblem, ExecLimits, evaluate_pass_at_k
+    from lmtrain.eval.code_exec import CodeProblem, ExecLimits, evaluate_pass_at_k, require_opt_in
 
+    require_opt_in()  # before generating: refuse early, not after minutes of sampling
     rows = read_jsonl(t["path"], t["max_examples"])
     problems = [CodeProblem.from_mapping(r) for r in rows]
     n = int(t["num_samples"])

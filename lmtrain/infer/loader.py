@@ -95,7 +95,8 @@ def load_run(workdir: str, step: str | int | None = None, overrides=()) -> Loade
     if not os.path.isdir(ckpt_dir):
         hint = " (set train.keep_best_metric when training)" if step == "best" else "; train first"
         raise CheckpointError(f"no checkpoint directory {ckpt_dir}{hint}")
-    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    accept = bool(cfg.fault.get("accept_unlisted_checkpoints", False))
+    ckpt = Checkpointer(ckpt_dir, async_save=False, accept_unlisted=accept)
     try:
         if step in (None, "latest", "best"):
             chosen = ckpt.latest_step()

@@ -32,6 +32,8 @@ def cmd_import_hf(args, overrides) -> None:
         param_dtype=args.param_dtype,
         seq_len=args.seq_len,
         overwrite=args.overwrite,
+        tokenizer=args.tokenizer,
+        hf_id=args.hf_id,
     )
     print(json.dumps(summary, indent=2))
 
@@ -85,6 +87,17 @@ def register(subparsers) -> None:
         help="default config.data.seq_len (capped by the model)",
     )
     h.add_argument("--overwrite", action="store_true")
+    h.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer for a weights-only folder: HF tokenizer folder/tokenizer.json, "
+        "SentencePiece .model, or an lmtrain tokenizer folder",
+    )
+    h.add_argument(
+        "--hf-id",
+        default=None,
+        help="the model's Hugging Face id (recorded; --peft exports use it)",
+    )
     h.set_defaults(fn=cmd_import_hf)
 
     exp = subparsers.add_parser("export", help="export a checkpoint for other tools")
@@ -100,7 +113,11 @@ def register(subparsers) -> None:
         help="full weights with LoRA adapters merged in (the default)",
     )
     mode.add_argument("--peft", action="store_true", help="LoRA adapters only, in PEFT's format")
-    e.add_argument("--base-model", default="", help="--peft: base_model_name_or_path to record")
+    e.add_argument(
+        "--base-model",
+        default="",
+        help="--peft: base_model_name_or_path to record (default: the HF id the base came from)",
+    )
     e.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--max-shard-size", default="5GB")

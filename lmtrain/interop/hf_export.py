@@ -18,7 +18,7 @@ import numpy as np
 
 from lmtrain.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer
 from lmtrain.errors import CheckpointError, ConfigError
-from lmtrain.interop import hf_arch
+from lmtrain.interop import hf_arch, sp_to_hf
 from lmtrain.interop.hf_import import HF_SOURCE
 from lmtrain.interop.hf_tokenizer import HFTokenizer
 from lmtrain.interop.model_card import write_model_card
@@ -125,10 +125,16 @@ def write_tokenizer(tok: Tokenizer, workdir: str, out_dir: str) -> None:
         )
         shutil.rmtree(os.path.join(out_dir, ".sp"))
         names = {k: tok.sp.id_to_piece(v) for k, v in specials.items() if v >= 0}
+        # A tokenizer.json that encodes exactly as SentencePiece (see sp_to_hf), loaded as is
+        # by AutoTokenizer; tokenizer.model stays for tools that want the original.
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(sp_to_hf.tokenizer_json(tok._proto))
         cfg = {
-            "tokenizer_class": "LlamaTokenizer",
+            "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": False,
             "add_eos_token": False,
+            # SentencePiece never turns the text "<s>" or a chat role into its control id.
+            "split_special_tokens": True,
             **names,
         }
     else:
@@ -202,6 +208,33 @@ def export_hf(
     }
 
 
+def _base_model_id(workdir: str, cfg) -> str:
+    """The Hugging Face id the run's base model was imported from (following ``init_from``),
+    which is what PEFT's ``base_model_name_or_path`` must name."""
+    from lmtrain.interop.hf_import import SOURCE_INFO
+
+    seen, current = set(), workdir
+    while current and current not in seen:
+        seen.add(current)
+        path = os.path.join(current, HF_SOURCE, SOURCE_INFO)
+        if os.path.exists(path):
+            with open(path) as f:
+                found = json.load(f).get("hf_id")
+            if found:
+                return str(found)
+        try:
+            from lmtrain.interop.workdir import read_config
+
+            current = str(read_config(current).get("init_from", "") or "")
+        except Exception:  # noqa: BLE001 - a base that is not a workdir ends the chain
+            break
+    raise ConfigError(
+        f"adapter_config.json needs the base model's Hugging Face id, and the base of {workdir} "
+        f"({cfg.get('init_from') or 'none'}) was not imported with one: pass --base-model "
+        "ORG/NAME (or import the base with `lmtrain import hf --hf-id ORG/NAME`)"
+    )
+
+
 def export_peft(
     workdir: str, out_dir: str, *, step: int | None = None, base_model: str = ""
 ) -> dict:
@@ -251,7 +284,7 @@ def export_peft(
         "use_rslora": False,
         "use_dora": False,
         "modules_to_save": None,
-        "base_model_name_or_path": base_model or loaded.config.init_from,
+        "base_model_name_or_path": base_model or _base_model_id(workdir, loaded.config),
     }
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -10,6 +10,10 @@ artefacts run without lmtrain's model code (only ``jax`` is needed to call them)
   [b, s, K, Dh]] * L}`` with ``s`` the cache length, zeros to start;
 - ``params.safetensors``: the weights, named by their path (``layers_0/attn/q_kernel``);
 - ``manifest.json``: shapes, dtypes, calling convention and the platforms lowered for.
+
+Lengths past the model's context are refused: the symbolic shapes carry ``t <= max_seq_len``
+(and ``s <= max_seq_len`` for the cache), so the serialised functions themselves reject longer
+inputs whoever calls them, and ``ExportedModel`` says so in one line before calling.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmtrain.errors import CheckpointError
+from lmtrain.errors import CheckpointError, DataError
 from lmtrain.interop.safetensors_io import SafetensorsReader, TensorSpec, write_safetensors
 from lmtrain.interop.workdir import load_workdir
 from lmtrain.model import lora
@@ -42,7 +46,8 @@ def export_functions(
     model = Transformer(model_cfg)
     spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)  # noqa: E731
     p_spec = jax.tree.map(spec, params)
-    b, t, s = jax.export.symbolic_shape("b, t, s", constraints=("s >= t",))
+    ctx = int(model_cfg.max_seq_len)
+    b, t, s = jax.export.symbolic_shape("b, t, s", constraints=("s >= t", f"s <= {ctx}"))
 
     def forward(p, tokens):
         return model.apply({"params": p}, tokens)
@@ -53,7 +58,9 @@ def export_functions(
         )
 
     tok = jax.ShapeDtypeStruct((b, t), jnp.int32)
-    fwd_tok = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, t"), jnp.int32)
+    fwd_tok = jax.ShapeDtypeStruct(
+        jax.export.symbolic_shape("b, t", constraints=(f"t <= {ctx}",)), jnp.int32
+    )
     abstract_cache = jax.eval_shape(lambda: init_cache(model_cfg, 1, 1))
     cache_spec = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct((b, s, *a.shape[2:]), a.dtype), abstract_cache
@@ -143,10 +150,21 @@ class ExportedModel:
         reader = SafetensorsReader(os.path.join(directory, PARAMS))
         self.params = unflatten({n: np.array(reader.get(n)) for n in reader.names()})
 
+    def _check_length(self, what: str, length: int) -> None:
+        ctx = int(self.manifest["max_seq_len"])
+        if length > ctx:
+            raise DataError(
+                f"{what} has length {length}, past the model's context of {ctx} tokens; "
+                f"pass at most {ctx} (keep the last {ctx} tokens of a longer text)"
+            )
+
     def forward(self, tokens) -> np.ndarray:
-        return np.asarray(self._forward.call(self.params, jnp.asarray(tokens, jnp.int32)))
+        tokens = jnp.asarray(tokens, jnp.int32)
+        self._check_length("tokens", tokens.shape[-1])
+        return np.asarray(self._forward.call(self.params, tokens))
 
     def empty_cache(self, batch: int, length: int) -> dict:
+        self._check_length("the KV cache", length)
         m = self.manifest
         shape = (batch, length, m["n_kv_heads"], m["head_dim"])
         dtype = jnp.dtype(m["cache_dtype"])
@@ -158,6 +176,10 @@ class ExportedModel:
 
     def decode(self, cache, tokens, positions, segment_ids, cache_offset: int):
         i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+        self._check_length("the KV cache", int(cache["seg"].shape[1]))
+        pos = np.asarray(positions)
+        if pos.size and int(pos.max()) >= int(self.manifest["max_seq_len"]):
+            self._check_length("positions", int(pos.max()) + 1)
         logits, cache = self._decode.call(
             self.params, cache, i32(tokens), i32(positions), i32(segment_ids), i32(cache_offset)
         )

@@ -22,6 +22,7 @@ from lmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from lmtrain.errors import CheckpointError, DataError
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.transformer import Transformer
+from lmtrain.train.checkpoint import write_listing
 
 
 @dataclasses.dataclass
@@ -122,4 +123,8 @@ def save_params(workdir: str, params: dict, step: int = 0) -> str:
     )
     mgr.wait_until_finished()
     mgr.close()
-    return os.path.join(directory, str(step))
+    step_dir = os.path.join(directory, str(step))
+    # The file listing training checkpoints carry, so readers can verify this step too
+    # (a step without one is refused). Written after the commit: no run is reading it yet.
+    write_listing(step_dir)
+    return step_dir

@@ -6,8 +6,13 @@ commits it with one atomic rename, so a run killed mid-save leaves only a tempor
 file listing (``lmtrain_files.json``: each file's size and SHA-256) written *inside* the temporary
 directory just before the rename, so it is part of the atomic commit. ``latest_step()`` checks the
 newest steps against their listings; a step with a truncated, missing or altered file is reported,
-moved to ``<dir>.corrupt/`` and the previous step is used. Restoring takes the *target* shardings,
-so a checkpoint written on one mesh restores onto any other mesh or device count.
+moved to ``<dir>.corrupt/`` and the previous step is used. The listing also records the stable
+fields of Orbax's top-level ``_CHECKPOINT_METADATA`` (all but the commit time, which Orbax fills in
+at the rename). A step *without* a listing (written by another tool, or its listing deleted)
+cannot be checked, so it is refused unless unlisted steps are accepted
+(``config.fault.accept_unlisted_checkpoints``; then only its metadata is checked). Restoring
+takes the *target* shardings, so a checkpoint written on one mesh restores onto any other mesh or
+device count.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ from lmtrain.errors import CheckpointError
 
 LISTING_FILE = "lmtrain_files.json"
 TMP_MARKER = ".orbax-checkpoint-tmp"
+METADATA_FILE = "_CHECKPOINT_METADATA"
+# Written or rewritten by Orbax at the commit rename, after our listing: not recorded.
+_COMMIT_TIME_FIELDS = ("commit_timestamp_nsecs", "performance_metrics")
+UNLISTED = "it has no file listing"
+ACCEPT_UNLISTED_HINT = (
+    "if you trust it, rerun with --config.fault.accept_unlisted_checkpoints=True; otherwise "
+    "move it aside to resume from an earlier step"
+)
 
 
 def _sha256(path: str, block: int = 1 << 20) -> str:
@@ -58,9 +71,23 @@ def list_files(step_dir: str, hashes: bool = True) -> dict[str, dict]:
     return dict(sorted(out.items()))
 
 
+def _stable_metadata(step_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(step_dir, METADATA_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    return {k: v for k, v in meta.items() if k not in _COMMIT_TIME_FIELDS}
+
+
 def write_listing(step_dir: str, hashes: bool = True) -> None:
     """Writes the listing atomically (temp file, fsync, rename) so it is never half written."""
     listing = {"format": "lmtrain-checkpoint-files-v1", "files": list_files(step_dir, hashes)}
+    meta = _stable_metadata(step_dir)
+    if meta is not None:
+        listing["metadata"] = meta
     tmp = os.path.join(step_dir, LISTING_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(listing, f, indent=1, sort_keys=True)
@@ -69,17 +96,43 @@ def write_listing(step_dir: str, hashes: bool = True) -> None:
     os.replace(tmp, os.path.join(step_dir, LISTING_FILE))
 
 
-def verify_step_dir(step_dir: str) -> str | None:
-    """None if every listed file is present with its size and hash; else what is wrong."""
+def _verify_metadata(step_dir: str, want: dict | None) -> str | None:
+    """Orbax's top-level metadata: present and parseable, with the fields the listing recorded."""
+    path = os.path.join(step_dir, METADATA_FILE)
+    if not os.path.exists(path):
+        return f"{METADATA_FILE} is missing" if want is not None else None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        assert isinstance(meta, dict)
+    except (OSError, ValueError, AssertionError) as e:
+        return f"{METADATA_FILE} is unreadable ({type(e).__name__}) (corrupted)"
+    stamp = meta.get("commit_timestamp_nsecs")
+    if stamp is not None and not isinstance(stamp, int):
+        return f"{METADATA_FILE} has a malformed commit time {stamp!r} (corrupted)"
+    for key, value in (want or {}).items():
+        if meta.get(key) != value:
+            return f"{METADATA_FILE} field {key!r} differs from {LISTING_FILE} (altered)"
+    return None
+
+
+def verify_step_dir(step_dir: str, accept_unlisted: bool = False) -> str | None:
+    """None if every listed file is present with its size and hash and the top-level metadata
+    matches; else what is wrong. A step without a listing is a problem unless
+    ``accept_unlisted`` (then only its metadata is checked)."""
     path = os.path.join(step_dir, LISTING_FILE)
     if not os.path.isdir(step_dir):
         return f"{step_dir} does not exist"
     if not os.path.exists(path):
-        return None  # written before listings existed; Orbax's commit is all we have
+        if accept_unlisted:
+            return _verify_metadata(step_dir, None)
+        return f"{UNLISTED} ({LISTING_FILE}), so its files cannot be checked"
     try:
         with open(path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            listing = json.load(f)
+        files = listing["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         return f"its file listing {path} is unreadable ({type(e).__name__}: {e})"
     for rel, want in files.items():
         full = os.path.join(step_dir, rel)
@@ -92,7 +145,7 @@ def verify_step_dir(step_dir: str) -> str | None:
             )
         if "sha256" in want and _sha256(full) != want["sha256"]:
             return f"{rel} does not match its SHA-256 in {LISTING_FILE} (corrupted)"
-    return None
+    return _verify_metadata(step_dir, listing.get("metadata"))
 
 
 def _single_writer_saves_on_cpu() -> None:
@@ -128,12 +181,14 @@ class Checkpointer:
         hash_files: bool = True,
         report: Callable[[str], None] = print,
         owner: bool = False,
+        accept_unlisted: bool = False,
     ):
         """``owner=True`` for the one training run writing ``directory``: it removes incomplete
         writes left by a killed run and moves corrupt steps aside. Readers (eval, generate,
         init_from) only skip them, so they never disturb a run that is still saving."""
         self.directory = os.path.abspath(directory)
         self.owner = owner
+        self.accept_unlisted = accept_unlisted
         self.async_save = async_save
         self.hash_files = hash_files
         self.report = report
@@ -178,7 +233,7 @@ class Checkpointer:
         """None if step's files match its listing (cached per step for this process)."""
         if step in self._verified:
             return None
-        problem = verify_step_dir(self.step_dir(step))
+        problem = verify_step_dir(self.step_dir(step), self.accept_unlisted)
         if problem is None:
             self._verified.add(step)
         return problem
@@ -208,6 +263,11 @@ class Checkpointer:
                 problem = self.verify(step)
                 if problem is None:
                     return step
+                if problem.startswith(UNLISTED):  # not known to be corrupt: the user decides
+                    raise CheckpointError(
+                        f"step {step} in {self.directory}: {problem}; {ACCEPT_UNLISTED_HINT} "
+                        f"({self.step_dir(step)})"
+                    )
                 self.quarantine(step, problem)
             return None
         for step in sorted(self.mgr.all_steps(), reverse=True):
@@ -216,8 +276,10 @@ class Checkpointer:
                 return step
             if step not in self._reported and self._is_primary:
                 self._reported.add(step)
+                hint = f"; {ACCEPT_UNLISTED_HINT}" if problem.startswith(UNLISTED) else ""
                 self.report(
                     f"checkpoint: skipping corrupt step {step} in {self.directory}: {problem}"
+                    + hint
                 )
         return None
 
@@ -239,6 +301,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, shardings):
         problem = self.verify(step)
         if problem is not None:
+            if problem.startswith(UNLISTED):
+                raise CheckpointError(
+                    f"step {step} in {self.directory}: {problem}; {ACCEPT_UNLISTED_HINT}"
+                )
             raise CheckpointError(
                 f"step {step} in {self.directory} is corrupt: {problem}. Move {self.step_dir(step)} "
                 "aside (or delete it) to resume from the previous checkpoint"

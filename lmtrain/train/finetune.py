@@ -177,8 +177,9 @@ def seed_params(model: Transformer, seq_len: int, seed: int, shardings) -> dict:
     return jax.jit(init, out_shardings=shardings)()
 
 
-def restore_run_params(workdir: str, abstract, shardings) -> dict:
-    """The latest params of an lmtrain run; a LoRA run's adapters come merged into its base."""
+def restore_run_params(workdir: str, abstract, shardings, accept_unlisted: bool = False) -> dict:
+    """The latest params of an lmtrain run; a LoRA run's adapters come merged into its base.
+    ``accept_unlisted``: use a step without a file listing (``fault.accept_unlisted_checkpoints``)."""
     run_config, _ = read_run(workdir)
     if run_config.get("lora", {}).get("rank", 0) > 0:
         # Its checkpoint holds adapters only: rebuild base + adapters (following its own
@@ -188,7 +189,7 @@ def restore_run_params(workdir: str, abstract, shardings) -> dict:
 
         loaded = load_run(workdir, overrides=("mesh.shape=(1,1,1)", "mesh.num_devices=1"))
         return jax.device_put(loaded.params, shardings)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), accept_unlisted=accept_unlisted)
     try:
         step = ckpt.latest_step()
         if step is None:
@@ -206,7 +207,8 @@ def initial_params(setup) -> tuple[dict, dict]:
     abstract, shardings = abstract_params(setup.model, cfg.data.seq_len, setup.mesh)
     with setup.mesh:
         if cfg.init_from:
-            return restore_run_params(cfg.init_from, abstract, shardings), shardings
+            accept = cfg.fault.accept_unlisted_checkpoints
+            return restore_run_params(cfg.init_from, abstract, shardings, accept), shardings
         return seed_params(setup.model, cfg.data.seq_len, cfg.seed, shardings), shardings
 
 
@@ -237,7 +239,9 @@ def teacher(setup, tokenizer: Tokenizer):
     model = Transformer(model_cfg)
     abstract, shardings = abstract_params(model, cfg.data.seq_len, setup.mesh)
     with setup.mesh:
-        params = restore_run_params(cfg.distill.teacher, abstract, shardings)
+        params = restore_run_params(
+            cfg.distill.teacher, abstract, shardings, cfg.fault.accept_unlisted_checkpoints
+        )
     return model, params, shardings
 
 

@@ -24,7 +24,7 @@ from lmtrain.errors import ConfigError, DataError
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
 from lmtrain.model.transformer import Transformer
-from lmtrain.train import compile_cache, divergence, finetune
+from lmtrain.train import compile_cache, divergence, finetune, run_guard
 from lmtrain.train import flops as flops_lib
 from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.compile_ahead import CompileAhead, global_spec, with_shardings
@@ -323,7 +323,7 @@ def train(config, workdir: str, *, print_fn=print) -> dict:
 
     SIGTERM/SIGINT save the current step and raise ``TrainingInterrupted`` (rerun to resume).
     """
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, run_guard.workdir_errors(workdir):
         return _train(config, workdir, print_fn=print_fn, guard=guard)
 
 
@@ -331,7 +331,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     jax.config.update("jax_threefry_partitionable", True)
     compile_cache.enable(config.train.get("compilation_cache_dir", ""))
     maybe_initialize(config.distributed)  # before anything (preflight too) touches the backend
-    os.makedirs(workdir, exist_ok=True)
+    run_guard.prepare_workdir(workdir)
     if config.fault.preflight:
         run_preflight(config, workdir, print_fn=print_fn if jax.process_index() == 0 else None)
     setup = build(config, workdir)
@@ -343,8 +343,12 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         hash_files=cfg.fault.checkpoint_hashes,
         report=print_fn if jax.process_index() == 0 else (lambda _: None),
         owner=True,
+        accept_unlisted=cfg.fault.accept_unlisted_checkpoints,
     )
     latest = ckpt.latest_step()
+    note = run_guard.check_progress(workdir, ckpt.directory, latest, cfg.fault.allow_restart)
+    if note and jax.process_index() == 0:
+        print_fn(note)
     # Plain pretraining: build the data and step functions first and compile the first train
     # call, the eval step and the sampler in background threads while the state initialises
     # or restores.
@@ -486,6 +490,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     spikes = divergence.SpikeGuard(
         cfg.fault.spike_factor, cfg.fault.spike_window, cfg.fault.max_rollbacks
     )
+    warn_factor = 0.0 if cfg.fault.spike_factor else cfg.fault.spike_warn_factor  # rollback says it
+    watch = run_guard.LossWatch(warn_factor, cfg.fault.spike_window, print_fn)
     steps = divergence.StepCounter(start, cfg.train.steps)
     last_saved = latest
     eval_hooks, stop_early = EvalHooks(cfg.train, workdir), False  # early stop / keep best
@@ -507,6 +513,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             # Counted from the per-step metrics, not the state: the state is a call or two ahead
             # and a streak that ends inside that lag would otherwise go unseen.
             streak = streak + 1 if m["skipped"] else 0
+            watch.observe(s, m["loss"])
             if streak >= cfg.train.max_nonfinite_in_a_row:
                 _stop_diverged(
                     setup,
@@ -608,8 +615,13 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             batches.close()
             logger.close()
             raise TrainingInterrupted(
-                f"{guard.name} received: stopped at step {done}; the newest checkpoint is step "
-                f"{last_saved} in {ckpt.directory}. Run the same command to resume.",
+                f"{guard.name} received: stopped at step {done}; "
+                + (
+                    f"the newest checkpoint is step {last_saved} in {ckpt.directory}. Run the same "
+                    "command to resume."
+                    if last_saved is not None
+                    else run_guard.last_checkpoint_phrase(None) + "."
+                ),
                 guard.signum,
             )
         if stop_early:
@@ -625,6 +637,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     eval_hooks.close()
     ckpt.close()
     batches.close()
+    if warnings := watch.finish():
+        final["warnings"] = warnings
     final["wall_time_s"] = time.perf_counter() - t_start
     final["step"] = int(state.step)
     final["nonfinite_total"] = int(state.nonfinite_total)
@@ -750,7 +764,7 @@ def _stop_diverged(
         )
     raise divergence.TrainingDiverged(
         f"{n} non-finite steps in a row (config.train.max_nonfinite_in_a_row) ending at step {done}; "
-        f"the offending batches are listed in {path}; the last good checkpoint is step {last_saved}. "
+        f"the offending batches are listed in {path}; {run_guard.last_checkpoint_phrase(last_saved)}. "
         "Lower config.optim.lr or inspect/remove that data before resuming (a resume replays it)."
     )
 
