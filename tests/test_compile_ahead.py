@@ -9,6 +9,8 @@ import pytest
 from lmtrain.config import ConfigError, apply_overrides, validate
 from lmtrain.train.loop import train
 
+pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
+
 
 def run(cfg, workdir, **overrides):
     cfg = cfg.copy_and_resolve_references()

@@ -233,6 +233,7 @@ def loop_config(tmp_path, sft_file: str, **data):
     return c
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_the_loop_prints_one_summary_line_per_file_and_logs_the_counts(tmp_path, sft_file):
     import json
 

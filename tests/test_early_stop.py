@@ -67,6 +67,7 @@ def test_best_keeper_saves_only_improvements(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_train_loop_stops_early_and_keeps_best(tmp_path, tiny_text):
     cfg = tiny_config(tiny_text, steps=12, eval_every=2, eval_batches=2, checkpoint_every=100)
     cfg.train.early_stop_patience = 1

@@ -46,6 +46,7 @@ def _write_jsonl(path, rows):
     return str(path)
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_eval_report_matches_independent_computation(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("LMTRAIN_ALLOW_CODE_EXECUTION", "1")  # the suite has a code task
     run = load_run(trained)
@@ -186,6 +187,7 @@ def get_config():
     assert "## Task: gen" in md and "## Latency" in md and "![Training and validation loss]" in md
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_compare_cli_flags_regressions(trained, tmp_path, capsys):
     a = {
         "tasks": {"t": {"metrics": {"perplexity": 5.0, "accuracy": 0.5}, "n": 3}},
@@ -237,6 +239,7 @@ def test_eval_config_errors_name_the_problem(tmp_path):
         normalize_eval_config({"safety": {"canaries": {}}})
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_eval_missing_data_file_is_a_data_error(trained, tmp_path):
     cfg_path = tmp_path / "c.py"
     cfg_path.write_text(
@@ -249,6 +252,7 @@ def test_eval_missing_data_file_is_a_data_error(trained, tmp_path):
         run_eval(trained, str(cfg_path), str(tmp_path / "o"), print_fn=lambda *_: None)
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_generate_cli_prompt_and_interactive(trained, capsys, monkeypatch):
     main(
         [

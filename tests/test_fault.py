@@ -26,6 +26,8 @@ from lmtrain.train import loop
 from lmtrain.train.checkpoint import LISTING_FILE, TMP_MARKER, Checkpointer
 from lmtrain.train.divergence import REPORT_FILE, TrainingDiverged
 
+pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shakespeare_char.py")
 SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")

@@ -28,6 +28,8 @@ from lmtrain.train.finetune import abstract_params, restore_run_params
 from lmtrain.train.loop import build, train
 from tests.finetune_fixtures import TOK
 
+pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
+
 MESH = (2, 2, 2)  # data x fsdp x tensor: every axis in use
 
 

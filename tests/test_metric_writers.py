@@ -36,6 +36,7 @@ def wandb_offline(monkeypatch, tmp_path):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_wandb_offline_run_holds_config_manifest_and_the_loss_curve(
     tiny_cfg, wandb_offline, tmp_path
 ):

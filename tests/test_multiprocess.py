@@ -10,6 +10,9 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
 
 WORKER = textwrap.dedent(
     """

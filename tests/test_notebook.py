@@ -4,7 +4,10 @@ import os
 import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -181,6 +181,7 @@ def test_all_problems_reported_together(tmp_path):
     assert checks == ["batch", "data", "workdir"]
 
 
+@pytest.mark.slow  # end-to-end: a training run
 def test_train_runs_preflight_before_compiling(tmp_path, monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("build() reached: preflight did not stop the run")

@@ -4,10 +4,13 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from lmtrain.config import apply_overrides
 from lmtrain.data import pipeline
 from lmtrain.train.loop import train
+
+pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
 
 
 def run(cfg, workdir, **overrides):

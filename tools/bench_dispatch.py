@@ -104,8 +104,8 @@ def main(argv=None) -> None:
     if base.train.cpu_opt_level >= 0 and jax.default_backend() == "cpu":
         grouped.append(make("flat" if args.devices > 1 else "spmd", k, opt_level=-1))
     times = {v["name"]: [] for v in variants + grouped}
-    # One-step variants alternate round by round; the grouped ones run after them (in one
-    # measurement, one-step calls interleaved with its scan program ran up to ~40% slower).
+    # One-step variants alternate round by round; the grouped ones run after them: one-step
+    # calls interleaved with the scan program ran slower than on their own.
     for phase in (variants, grouped):
         for v in phase:  # compile and warm up
             run_round(v)

@@ -5,11 +5,11 @@
 
 Runs configs/shakespeare_char.py end to end (data preparation, compile, 2,000 steps with periodic
 validation, a final full-split validation, checkpoints, a sample) and prints the figures beside
-nanoGPT's, measured on the same 2-core machine class (val loss 1.886, 91 s wall, ~40 ms/iter).
+nanoGPT's published CPU figures (``NANOGPT`` below; docs/performance.md has the measured ones).
 
 ``--devices N`` emulates N host devices and puts the batch on a (N, 1, 1) data-parallel mesh:
-XLA then runs the N shards on separate threads, which uses both cores of a 2-core CPU better than
-one device's intra-op threading at this tiny size.
+XLA then runs the N shards on separate threads, which uses a small CPU's cores better than one
+device's intra-op threading at this tiny size.
 
 Compiles come from the persistent cache (``config.train.compilation_cache_dir``) when an earlier
 run of the same config filled it; the figures say how many did. For a cold figure, run with

@@ -2,8 +2,8 @@
 
     python tools/torch_baby_gpt.py [--data ../shared/data/tinyshakespeare.txt] [--steps 2000]
 
-Why: wall times on shared 2-core machines drift by tens of percent between days, so a speed ratio
-against a number measured once (nanoGPT: 91 s, val loss 1.886) is only as good as that day.
+Why: wall times on shared machines drift between days, so a speed ratio against a number
+measured once (nanoGPT's published run) is only as good as that day.
 ``tools/bench_shakespeare.py`` runs this script in the same session and reports the ratio against it.
 
 The recipe is nanoGPT's documented CPU run (eager PyTorch, no ``torch.compile``): GPT-2 style model

@@ -23,8 +23,6 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _EXOTIC_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 
-INVALID_UTF8_POLICIES = ("replace", "drop", "error")
-
 
 class DecodeResult:
     """Outcome of decoding: ``text`` (None when dropped/invalid), ``status`` and where it failed."""

@@ -94,7 +94,7 @@ def iterate(ds):
     """A checkpointable iterator over a ``MapDataset`` that reads in the calling thread.
 
     The loop's own ``Prefetcher`` thread already overlaps input with compute; Grain's default
-    thread pool on top of it costs about 3x the CPU per batch, which a 2-core host feels.
+    thread pool on top of it costs several times the CPU per batch, which a small host feels.
     """
     import grain
 

@@ -168,8 +168,8 @@ class TokenStream:
                 raise DataError(f"shard {p} listed in {self.dir / INDEX_FILE} is missing")
         self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
         # Decoded records, least recently used first. Training reads random windows, so a small
-        # cache misses on almost every read (~15 µs of array_record each, 12 per shakespeare
-        # batch); 64 MiB holds a small split whole and bounds a large one's memory.
+        # cache misses on almost every read and each miss is an array_record read; 64 MiB holds a
+        # small split whole and bounds a large one's memory.
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_records = max(1, cache_bytes // (self.chunk_tokens * self.dtype.itemsize))
 

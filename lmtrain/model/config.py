@@ -9,13 +9,16 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The model section of a run config. These defaults are the defaults of ``config.model``:
+    ``section_defaults`` gives them to ``lmtrain.config.base_config``, so they live here only."""
+
     vocab_size: int = 256
     d_model: int = 128
-    n_layers: int = 2
+    n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 4
     head_dim: int = 0  # 0 = d_model // n_heads
-    d_ff: int = 512
+    d_ff: int = 352
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -25,6 +28,8 @@ class ModelConfig:
     mlp_activation: str = "silu"  # silu (Llama) | gelu_tanh (Gemma)
     dtype: str = "bfloat16"  # compute dtype: activations and elementwise maths
     matmul_dtype: str = ""  # operands of matmuls ("" = dtype); accumulation is always float32
+    # float32 activations with bfloat16 matmul operands is the fast mix on CPUs with AMX /
+    # AVX512-BF16 (docs/performance.md).
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
@@ -50,6 +55,11 @@ class ModelConfig:
     @property
     def params_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @classmethod
+    def section_defaults(cls) -> dict:
+        """``{field: default}`` in field order: the ``model`` section of ``base_config``."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelConfig:

@@ -91,13 +91,3 @@ def dequantize_params(qparams: dict, dtype=jnp.float32) -> dict:
 
 def tree_nbytes(tree) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
-
-
-def quantized_apply(model):
-    """``fn(qparams, tokens) -> logits``: the model on int8 weights, jitted."""
-
-    @jax.jit
-    def apply(qparams, tokens):
-        return model.apply({"params": dequantize_params(qparams, model.cfg.params_dtype)}, tokens)
-
-    return apply

@@ -2,9 +2,8 @@
 
 Started before the state is initialised, these compiles overlap the init compile (and a
 checkpoint restore) and each other instead of queueing; the eval and sampler compiles no longer
-come mid-run and at the end. XLA:CPU already spreads one compile over ~1.5 cores, so on the
-2-core CI machine this saves ~1-2 s of the shakespeare run's ~7.5 s cold start-up; hosts with
-more cores overlap more. A compiled program stays in JAX's cache, so the loop's later call with
+come mid-run and at the end. XLA:CPU already spreads one compile over more than one core, so
+the gain grows with the host's cores (docs/performance.md). A compiled program stays in JAX's cache, so the loop's later call with
 arguments of the same shapes runs it.
 """
 

@@ -1,7 +1,6 @@
 """Persistent XLA compilation cache: a repeat run of a config loads its executables from disk.
 
-A small model's run spends seconds compiling (on a 2-core CPU the shakespeare config compiles
-for ~7 s of its ~55 s). JAX's persistent cache keys each executable by its HLO, compile options,
+A small model's run spends a large share of its wall time compiling (docs/performance.md). JAX's persistent cache keys each executable by its HLO, compile options,
 XLA flags and backend, so an edited model or flag simply misses; XLA:CPU also refuses an
 executable built for other CPU features and recompiles it. MaxText keeps such a cache on by
 default too. ``config.train.compilation_cache_dir = ""`` turns it off.

@@ -13,7 +13,8 @@ import jax
 
 from lmtrain.model.config import ModelConfig
 
-# Dense bf16 peak per device (float32 matmul peak for CPU, measured on the project's 2-core box).
+# Dense bf16 peak per device; for CPU a float32 matmul peak, since CPUs publish none (the
+# figure and its machine are in docs/performance.md).
 PEAK_FLOPS = {
     "cpu": 3.0e11,
     "h100": 989e12,

@@ -83,8 +83,7 @@ def apply_adamw(
     ``tx.init`` are shared). The same arithmetic as ``tx.update`` + ``optax.apply_updates``
     (tested against them), written as one elementwise expression per parameter and gated by
     scalars instead of a ``lax.cond``: the branch kept XLA from fusing the update with the
-    gradient scaling and made ~250 small kernels a step on the shakespeare model (~1 ms of 19 on
-    CPU). When ``ok`` is False (a non-finite loss or gradient) the moments are carried over by
+    gradient scaling, leaving many small kernels a step (docs/performance.md). When ``ok`` is False (a non-finite loss or gradient) the moments are carried over by
     coefficients (0, 1), the counts do not advance and the parameters get a zero update.
     """
     adam = _find_state(opt_state, optax.ScaleByAdamState)

@@ -73,9 +73,9 @@ def init_state(
     return state, shardings
 
 
-# Init runs once: on CPU, LLVM's -O1 instead of -O2 takes ~25% off its compile (0.55 of 2.2 s for
-# the shakespeare model, whose init is ~400 unrolled threefry fusions) and gives bitwise the
-# same values; the program itself runs a few milliseconds longer.
+# Init runs once, so its compile time matters more than its run time: on CPU, LLVM's -O1 compiles
+# the many unrolled threefry fusions of an init faster than -O2 and gives bitwise the same values
+# (docs/performance.md).
 _INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 

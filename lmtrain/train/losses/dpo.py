@@ -39,7 +39,6 @@ from lmtrain.errors import ConfigError
 from lmtrain.train.objectives import LossContext, register, token_cross_entropy
 
 log = logging.getLogger(__name__)
-SIDES = ("chosen", "rejected")
 FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
 
