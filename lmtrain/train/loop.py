@@ -566,13 +566,17 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             if dpo_monitor is not None:
                 dpo_monitor.update(s, m)
         has_eval = not (finetune.uses_records(cfg) and setup.eval_rows is None)  # no eval_file
-        if rl is not None and rl.has_eval and (
-            done % cfg.train.eval_every == 0 or done == cfg.train.steps
+        if (
+            rl is not None
+            and rl.has_eval
+            and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
         ):
             ev = rl.evaluate(state.params, done)
             logger.write(done, ev)
             final.update(ev)
-            print_fn(f"step {done:>6} | eval reward {ev['eval/reward']:.4f} | eval KL {ev.get('eval/kl', float('nan')):.4f}")
+            print_fn(
+                f"step {done:>6} | eval reward {ev['eval/reward']:.4f} | eval KL {ev.get('eval/kl', float('nan')):.4f}"
+            )
         elif has_eval and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
             # Periodic evals may be capped (train.eval_batches); the final one covers the whole split.
             cap = 0 if done == cfg.train.steps else cfg.train.eval_batches

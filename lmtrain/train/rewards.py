@@ -94,9 +94,7 @@ class CodeReward:
             order.append((tid, len(samples[tid])))
             samples[tid].append(c)
         ks = sorted({1, self.group_size})
-        out = evaluate_pass_at_k(
-            problems, samples, ks, limits=ExecLimits(timeout_s=self.timeout_s)
-        )
+        out = evaluate_pass_at_k(problems, samples, ks, limits=ExecLimits(timeout_s=self.timeout_s))
         self.last_pass_at_k = dict(out["metrics"])
         statuses = {t: e["statuses"] for t, e in out["per_problem"].items()}
         return np.asarray([statuses[t][j] == "passed" for t, j in order], np.float32)
