@@ -60,7 +60,8 @@ def small_config(args, tok_dir: str):
 
 
 def split_pairs(path: str, n_eval: int, seed: int = 0):
-    pairs = list(read_preferences(path))
+    # SFT refuses empty responses; a few hh-rlhf pairs have one
+    pairs = [p for p in read_preferences(path) if p.chosen.strip() and p.rejected.strip()]
     random.Random(seed).shuffle(pairs)
     return pairs[n_eval:], pairs[:n_eval]
 
@@ -160,7 +161,9 @@ def main(argv=None) -> dict:
     sft.objective = "sft"
     sft.data.train_file = f["sft"]
     sft.train.steps = args.sft_steps
-    sft.optim.update(lr=2e-3, warmup_steps=10, min_lr=2e-4, weight_decay=0.0)
+    sft.optim.update(
+        lr=2e-3, warmup_steps=min(10, args.sft_steps // 5), min_lr=2e-4, weight_decay=0.0
+    )
     out = train(sft, os.path.join(wd, "sft"), print_fn=log)
     report["sft_loss"] = out["train/loss"]
 
@@ -170,7 +173,9 @@ def main(argv=None) -> dict:
     rm.init_from = os.path.join(wd, "sft")
     rm.data.train_file = f["pairs"]
     rm.train.steps = args.rm_steps
-    rm.optim.update(lr=1e-3, warmup_steps=10, min_lr=1e-4, weight_decay=0.0)
+    rm.optim.update(
+        lr=1e-3, warmup_steps=min(10, args.rm_steps // 5), min_lr=1e-4, weight_decay=0.0
+    )
     out = train(rm, os.path.join(wd, "reward"), print_fn=log)
     report["reward_model_train_accuracy"] = out.get("train/accuracy")
 
@@ -191,7 +196,9 @@ def main(argv=None) -> dict:
         loss_norm="token",
     )
     rl.train.update(steps=args.rl_steps, log_every=1, eval_every=max(1, args.rl_steps // 3))
-    rl.optim.update(lr=args.lr, warmup_steps=3, min_lr=args.lr / 10, weight_decay=0.0)
+    rl.optim.update(
+        lr=args.lr, warmup_steps=min(3, args.rl_steps // 3), min_lr=args.lr / 10, weight_decay=0.0
+    )
     rl_dir = os.path.join(wd, args.objective)
     # before: the SFT policy itself on the held-out prompts (reference = policy, KL = 0)
     setup = build(rl.copy_and_resolve_references(), rl_dir + "_before")

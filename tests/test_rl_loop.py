@@ -132,3 +132,44 @@ def _adapter_factors(tree):
     elif isinstance(tree, dict):
         for v in tree.values():
             yield from _adapter_factors(v)
+
+
+def test_reward_model_judge_on_the_mesh_scores_like_the_reward_objective(files, tmp_path):
+    from lmtrain.data.finetune_data import chat_template_for
+    from lmtrain.data.sft import build_preference_example
+    from lmtrain.model.config import ModelConfig
+    from lmtrain.model.transformer import Transformer
+    from lmtrain.train.losses.reward import pair_scores
+    from lmtrain.train.objectives import LossContext
+    from lmtrain.train.rewards import PromptRecord
+    from lmtrain.train.rollout import RewardModelJudge
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a}+1=?", "chosen": str(a + 1), "rejected": str(a)}) + "\n"
+            for a in range(16)
+        )
+    )
+    rm = rl_cfg(files, "reward")
+    rm.data.train_file = str(pairs)
+    rm.train.steps = 1
+    out = train(rm, str(tmp_path / "rm"), print_fn=quiet)
+    cfg = rl_cfg(files, rewards=("reward_model",), reward_model=str(tmp_path / "rm"))
+    cfg.mesh.shape = (2, 2, 2)
+    setup = build(cfg, str(tmp_path / "policy"))
+    template = chat_template_for(TOK)
+    judge = RewardModelJudge(str(tmp_path / "rm"), setup, template)
+    records = [PromptRecord((("user", f"{a}+1=?"),)) for a in range(5)]
+    comps = ["1", "22", "x", "", "7"]
+    got = judge(records, comps)
+    rows = [
+        build_preference_example(list(r.turns), c, "0", TOK, template, rm.data.seq_len)
+        for r, c in zip(records, comps)
+    ]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    model = Transformer(ModelConfig.from_config(rm.model))
+    ctx = LossContext(model=model, config=rm, train=False)
+    want, _ = pair_scores(jax.device_get(out["state"].params), batch, ctx)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert np.std(got) > 0
