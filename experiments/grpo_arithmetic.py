@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--group", type=int, default=8, help="sampled answers per prompt")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.02)
+    ap.add_argument("--name", default="grpo", help="the GRPO run's directory in the workdir")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     wd = os.path.abspath(args.workdir)
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
         f"lr {args.lr}, beta {args.beta}",
         flush=True,
     )
-    out = train(cfg, os.path.join(wd, "grpo"), print_fn=lambda m: print(m, flush=True))
+    out = train(cfg, os.path.join(wd, args.name), print_fn=lambda m: print(m, flush=True))
     after = scores(cfg, jax.device_get(out["state"].params), tok, test_tasks)
     table = {
         "after_sft": prior["after_sft"],
@@ -115,7 +116,7 @@ def main(argv=None) -> dict:
         "grpo_wall_time_s": time.perf_counter() - t0,
         "grpo_config": json.loads(cfg.to_json()),
     }
-    with open(os.path.join(wd, "grpo_report.json"), "w") as f:
+    with open(os.path.join(wd, f"{args.name}_report.json"), "w") as f:
         json.dump(table, f, indent=2)
     print("\n| stage | exact match | add | rev | sort | ends with EOS |\n|---|---|---|---|---|---|")
     for stage in ("after_sft", "after_dpo", "after_grpo"):

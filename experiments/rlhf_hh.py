@@ -143,7 +143,9 @@ def main(argv=None) -> dict:
     tok = CharTokenizer.train(texts, extra_specials=CHAT_SPECIALS)
     tok_dir = os.path.join(wd, "tokenizer")
     tok.save(tok_dir)
-    f = {k: os.path.join(wd, f"{k}.jsonl") for k in ("sft", "pairs", "rl_train", "rl_eval")}
+    names = ("sft", "pairs", "eval_pairs", "rl_train", "rl_eval")
+    f = {k: os.path.join(wd, f"{k}.jsonl") for k in names}
+    finetune_data.write_jsonl(f["eval_pairs"], (pair_record(p) for p in eval_pairs))
     finetune_data.write_jsonl(f["sft"], (sft_record(p) for p in train_pairs))
     finetune_data.write_jsonl(f["pairs"], (pair_record(p) for p in train_pairs))
     short = [p for p in train_pairs if prompt_chars(p) <= args.max_prompt_chars]
@@ -165,19 +167,20 @@ def main(argv=None) -> dict:
         lr=2e-3, warmup_steps=min(10, args.sft_steps // 5), min_lr=2e-4, weight_decay=0.0
     )
     out = train(sft, os.path.join(wd, "sft"), print_fn=log)
-    report["sft_loss"] = out["train/loss"]
+    report["sft_loss"] = out.get("train/loss")
 
     # 2. reward model on the pairs, from the SFT model
     rm = small_config(args, tok_dir)
     rm.objective = "reward"
     rm.init_from = os.path.join(wd, "sft")
-    rm.data.train_file = f["pairs"]
+    rm.data.update(train_file=f["pairs"], eval_file=f["eval_pairs"])
     rm.train.steps = args.rm_steps
     rm.optim.update(
         lr=1e-3, warmup_steps=min(10, args.rm_steps // 5), min_lr=1e-4, weight_decay=0.0
     )
     out = train(rm, os.path.join(wd, "reward"), print_fn=log)
-    report["reward_model_train_accuracy"] = out.get("train/accuracy")
+    report["reward_model_heldout_accuracy"] = out.get("eval/accuracy")
+    log(f"reward model: held-out pair accuracy {out.get('eval/accuracy', float('nan')):.3f}")
 
     # 3. online RL against the reward model
     rl = small_config(args, tok_dir)
