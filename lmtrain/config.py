@@ -165,6 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.format_regex = ""
     c.rl.reward_model = ""  # workdir of a trained objective=reward run (the judge)
     c.rl.code_timeout_s = 5.0
+    c.rl.allow_code_execution = False  # reward 'code' runs generated programs: opt in explicitly
     c.rl.eval_temperature = 0.0  # held-out completions: 0 = greedy
     c.rl.eval_max_prompts = 0  # 0 = every held-out prompt
     c.rl.log_samples = 8  # rollouts written to <workdir>/rollouts/eval_<step>.jsonl per eval

@@ -34,7 +34,7 @@ def test_code_reward_runs_the_tests_in_the_sandbox_and_reports_pass_at_k():
     rec = PromptRecord(
         (("user", "write add"),), "", {"test": "assert add(2, 3) == 5", "code_prompt": ""}
     )
-    fn = rewards.CodeReward(group_size=2, timeout_s=10)
+    fn = rewards.CodeReward(group_size=2, timeout_s=10, allow=True)
     good = "def add(a, b):\n    return a + b"
     bad = "def add(a, b):\n    return a - b"
     np.testing.assert_array_equal(fn([rec, rec], [good, bad]), [1.0, 0.0])

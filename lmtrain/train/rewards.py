@@ -21,6 +21,7 @@ Built in:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,9 +66,10 @@ def format_reward(pattern: str) -> RewardFn:
 class CodeReward:
     """1 per completion that passes its record's tests; ``last_pass_at_k`` per group of samples."""
 
-    def __init__(self, group_size: int, timeout_s: float = 5.0):
+    def __init__(self, group_size: int, timeout_s: float = 5.0, allow: bool = False):
         self.group_size = group_size
         self.timeout_s = timeout_s
+        self.allow = allow  # config.rl.allow_code_execution: the sandbox's explicit opt-in
         self.last_pass_at_k: dict[str, float] = {}
 
     def __call__(self, prompts, completions) -> np.ndarray:
@@ -94,7 +96,11 @@ class CodeReward:
             order.append((tid, len(samples[tid])))
             samples[tid].append(c)
         ks = sorted({1, self.group_size})
-        out = evaluate_pass_at_k(problems, samples, ks, limits=ExecLimits(timeout_s=self.timeout_s))
+        kwargs = {"limits": ExecLimits(timeout_s=self.timeout_s)}
+        if "allow" in inspect.signature(evaluate_pass_at_k).parameters:
+            # None defers to the sandbox's environment opt-in; True is the config's explicit one
+            kwargs["allow"] = True if self.allow else None
+        out = evaluate_pass_at_k(problems, samples, ks, **kwargs)
         self.last_pass_at_k = dict(out["metrics"])
         statuses = {t: e["statuses"] for t, e in out["per_problem"].items()}
         return np.asarray([statuses[t][j] == "passed" for t, j in order], np.float32)
@@ -127,7 +133,9 @@ def make_rewards(cfg, judge_factory: Callable[[], RewardFn] | None = None):
         elif n == "format":
             fns[n] = format_reward(cfg.rl.format_regex)
         elif n == "code":
-            fns[n] = CodeReward(cfg.rl.group_size, cfg.rl.code_timeout_s)
+            fns[n] = CodeReward(
+                cfg.rl.group_size, cfg.rl.code_timeout_s, cfg.rl.get("allow_code_execution", False)
+            )
         elif n == "reward_model":
             if judge_factory is None or not cfg.rl.reward_model:
                 raise ConfigError("reward 'reward_model' needs config.rl.reward_model (a workdir)")
