@@ -22,7 +22,7 @@ from lmtrain.errors import ConfigError
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.objective = "lm"  # lm | sft | dpo | reward | distill
+    c.objective = "lm"  # lm | sft | dpo | reward | distill | grpo | ppo
     c.init_from = ""  # checkpoint dir (lmtrain workdir) to start from: params only
 
     c.model = ml_collections.ConfigDict()
@@ -148,6 +148,39 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.teacher = ""  # lmtrain workdir of the teacher run (same tokenizer)
     c.distill.temperature = 2.0
     c.distill.alpha = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * LM loss
+
+    # Online RL (objectives grpo / ppo): rollouts each num_iterations steps, data.train_file =
+    # prompts, data.eval_file = held-out prompts (lmtrain/train/rollout.py, losses/rl.py).
+    c.rl = ml_collections.ConfigDict()
+    c.rl.group_size = 4  # completions per prompt (global_batch_size = prompts x group_size)
+    c.rl.num_iterations = 1  # optimizer steps on each rollout batch (> 1: clipped ratios matter)
+    c.rl.max_new_tokens = 32
+    c.rl.temperature = 1.0
+    c.rl.top_k = 0
+    c.rl.top_p = 1.0
+    c.rl.stop = ""  # a stop string (kept, trained, as the completion's end) or "" = EOS only
+    c.rl.beta = 0.04  # k3 KL to the reference; 0 = no reference pass
+    c.rl.epsilon_low = 0.2
+    c.rl.epsilon_high = 0.2  # > epsilon_low: DAPO's clip-higher
+    c.rl.scale_rewards = True  # GRPO: divide by the group's std (False: Dr.GRPO)
+    c.rl.loss_norm = "sequence"  # sequence (GRPO) | token (DAPO) | constant (Dr.GRPO)
+    c.rl.importance_level = "token"  # token | sequence (GSPO)
+    c.rl.rewards = ("exact_match",)  # exact_match | format | code | reward_model
+    c.rl.reward_weights = ()  # one per reward; () = all 1.0
+    c.rl.format_regex = ""
+    c.rl.reward_model = ""  # workdir of a trained objective=reward run (the judge)
+    c.rl.code_timeout_s = 5.0
+    c.rl.allow_code_execution = False  # reward 'code' runs generated programs: opt in explicitly
+    c.rl.eval_temperature = 0.0  # held-out completions: 0 = greedy
+    c.rl.eval_max_prompts = 0  # 0 = every held-out prompt
+    c.rl.log_samples = 8  # rollouts written to <workdir>/rollouts/eval_<step>.jsonl per eval
+    c.rl.kl_budget = 0.0  # > 0: warn when held-out per-sequence KL to the reference exceeds it
+    c.rl.ppo = ml_collections.ConfigDict()
+    c.rl.ppo.gamma = 1.0
+    c.rl.ppo.lam = 0.95
+    c.rl.ppo.vf_coef = 0.1
+    c.rl.ppo.cliprange_value = 0.2
+    c.rl.ppo.whiten_advantages = True
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = off (full fine-tuning); > 0 = train low-rank adapters only
@@ -465,7 +498,7 @@ def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
     from lmtrain.model.lora import resolve_targets
 
     d, obj = cfg.data, cfg.objective
-    if obj in ("sft", "dpo", "reward"):
+    if obj in ("sft", "dpo", "reward", "grpo", "ppo"):
         need(
             bool(d.train_file),
             f"config.objective={obj!r} needs config.data.train_file (JSONL records)",
@@ -517,6 +550,9 @@ def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
     )
     need(t.temperature > 0, f"config.distill.temperature={t.temperature} must be positive")
     need(0.0 <= t.alpha <= 1.0, f"config.distill.alpha={t.alpha} must be in [0, 1]")
+    from lmtrain.train.rl_checks import validate_rl
+
+    validate_rl(cfg, need)
     lo = cfg.lora
     need(lo.rank >= 0, f"config.lora.rank={lo.rank} must be >= 0 (0 = off)")
     need(lo.alpha > 0, f"config.lora.alpha={lo.alpha} must be positive")

@@ -30,6 +30,8 @@ from lmtrain.model.reward_head import HEAD_KEY, init_reward_head
 from lmtrain.model.sharding import LOGICAL_RULES, logical_shardings
 from lmtrain.model.transformer import Transformer
 from lmtrain.train.checkpoint import Checkpointer
+from lmtrain.train.losses.rl import VALUE_KEY, init_value_head
+from lmtrain.train.rl_checks import RL_OBJECTIVES
 
 # Model keys that fix the param tree or its meaning; taken from the init_from run.
 ARCH_KEYS = (
@@ -137,7 +139,8 @@ def check_same_vocabulary(workdir: str, tokenizer: Tokenizer, vocab_size: int, w
 def params_transform(config, model_cfg: ModelConfig) -> Callable | None:
     """Init-time transform of the model's (boxed) params into the trainable tree, or None."""
     use_lora, reward = lora_enabled(config), config.objective == "reward"
-    if not use_lora and not reward:
+    value = config.objective == "ppo"  # PPO's value head beside the policy
+    if not use_lora and not reward and not value:
         return None
 
     def transform(params, rng):
@@ -151,6 +154,13 @@ def params_transform(config, model_cfg: ModelConfig) -> Callable | None:
                 **out,
                 HEAD_KEY: init_reward_head(
                     model_cfg.d_model, jax.random.fold_in(rng, 2), boxed=True
+                ),
+            }
+        if value:
+            out = {
+                **out,
+                VALUE_KEY: init_value_head(
+                    model_cfg.d_model, jax.random.fold_in(rng, 3), boxed=True
                 ),
             }
         return out
@@ -219,6 +229,8 @@ def start_state(setup, state, initial: dict | None):
     params = dict(initial)
     if setup.config.objective == "reward":
         params[HEAD_KEY] = state.params[HEAD_KEY]
+    if setup.config.objective == "ppo":
+        params[VALUE_KEY] = state.params[VALUE_KEY]
     # A real copy: the step donates the state's buffers, and ``initial`` may also be passed as a
     # frozen tree (the DPO reference), which must outlive the donation.
     shardings = jax.tree.map(lambda s: s.sharding, state.params)
@@ -251,7 +263,7 @@ def frozen_trees(setup, tokenizer: Tokenizer, initial: dict | None, initial_shar
     frozen, shardings, extras = {}, {}, None
     if lora_enabled(cfg):
         frozen["base"], shardings["base"] = initial, initial_shardings
-    elif cfg.objective == "dpo" and cfg.dpo.reference == "params":
+    elif (cfg.objective == "dpo" and cfg.dpo.reference == "params") or rl_reference(cfg):
         frozen["reference"], shardings["reference"] = initial, initial_shardings
     if cfg.objective == "distill":
         model, frozen["teacher"], shardings["teacher"] = teacher(setup, tokenizer)
@@ -266,15 +278,21 @@ def needs_initial_params(config) -> bool:
         bool(config.init_from)
         or lora_enabled(config)
         or (config.objective == "dpo" and config.dpo.reference == "params")
+        or rl_reference(config)
     )
+
+
+def rl_reference(config) -> bool:
+    """Online RL with a KL term keeps the initial params as its reference (LoRA: the base)."""
+    return config.objective in RL_OBJECTIVES and config.rl.beta > 0
 
 
 def full_params(config, params, frozen):
     """Plain model params for inference: LoRA folded in, reward head dropped."""
     if lora_enabled(config):
-        body = {k: v for k, v in params.items() if k != HEAD_KEY}
+        body = {k: v for k, v in params.items() if k not in (HEAD_KEY, VALUE_KEY)}
         return lora.apply_adapters(frozen["base"], body, config.lora.alpha / config.lora.rank)
-    return {k: v for k, v in params.items() if k != HEAD_KEY}
+    return {k: v for k, v in params.items() if k not in (HEAD_KEY, VALUE_KEY)}
 
 
 def add_reference_logps(setup, rows: dict, reference_params, batch_size: int) -> dict:

@@ -24,7 +24,7 @@ from lmtrain.errors import ConfigError, DataError
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
 from lmtrain.model.transformer import Transformer
-from lmtrain.train import compile_cache, divergence, finetune, run_guard
+from lmtrain.train import compile_cache, divergence, finetune, rollout, run_guard
 from lmtrain.train import flops as flops_lib
 from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.compile_ahead import CompileAhead, global_spec, with_shardings
@@ -117,7 +117,7 @@ def build(config, workdir: str) -> Setup:
     )
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     eval_rows = eval_fit = None
-    if finetune.uses_records(config) and config.data.eval_file:
+    if finetune.uses_records(config) and config.data.eval_file and not rollout.is_rl(config):
         eval_rows, eval_fit = finetune_data.rows_and_fit(config, tokenizer, config.data.eval_file)
     return Setup(
         config,
@@ -393,7 +393,10 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     per_process = cfg.train.global_batch_size // jax.process_count()
     num_records = 0  # rows of a fine-tuning records run (names the batches if it diverges)
     fit_metrics = {}  # records runs: what fitting seq_len cut and dropped, logged at the start
-    if finetune.uses_records(cfg):
+    rl = None  # online RL: batches come from rollouts (lmtrain/train/rollout.py)
+    if rollout.is_rl(cfg):
+        rl = rollout.make_source(setup, frozen, iter_state, workdir, print_fn)
+    elif finetune.uses_records(cfg):
         rows, fit = finetune_data.rows_and_fit(cfg, setup.tokenizer, cfg.data.train_file)
         fit_metrics = fit.metrics("data/train/")
         for f in (fit, setup.eval_fit):
@@ -417,10 +420,13 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         )
     elif not early:
         ds = _token_dataset(cfg, setup)
-    it = pipeline.iterate(ds)
-    if iter_state:
-        it.set_state(iter_state)
-    batches = Prefetcher(it, cfg.data.prefetch)
+    if rl is None:
+        it = pipeline.iterate(ds)
+        if iter_state:
+            it.set_state(iter_state)
+        batches = Prefetcher(it, cfg.data.prefetch)
+    else:
+        batches = rl
 
     if not early:
         train_step, eval_step = _step_functions(setup, frozen_shardings, extras)
@@ -473,6 +479,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
         n = dispatch_size(step, group, cfg)
         host = []
         for j in range(n):
+            if rl is not None:
+                rl.params = state.params  # the rollout samples from the current policy
             history.record(step + j + 1, batches.get_state())
             # a few bucketed lengths under a sequence-length curriculum
             host.append(pipeline.curriculum_batch(next(batches), step + j, cfg.data))
@@ -556,6 +564,8 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             if loss_acc["n"]:
                 m["loss_avg"] = loss_acc["sum"] / loss_acc["n"]
             loss_acc.update(sum=0.0, n=0)
+            if rl is not None:
+                m.update(rl.metrics())
             m.update(
                 {
                     "step_time_s": dt,
@@ -574,7 +584,18 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
             if dpo_monitor is not None:
                 dpo_monitor.update(s, m)
         has_eval = not (finetune.uses_records(cfg) and setup.eval_rows is None)  # no eval_file
-        if has_eval and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+        if (
+            rl is not None
+            and rl.has_eval
+            and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
+        ):
+            ev = rl.evaluate(state.params, done)
+            logger.write(done, ev)
+            final.update(ev)
+            print_fn(
+                f"step {done:>6} | eval reward {ev['eval/reward']:.4f} | eval KL {ev.get('eval/kl', float('nan')):.4f}"
+            )
+        elif has_eval and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
             # Every periodic eval reads the same first train.eval_batches batches, so its points
             # compare; the final eval over the whole split is a series of its own (eval_full/*),
             # never joined to them, and the eval/* that final_metrics.json reports.

@@ -105,5 +105,5 @@ def lm_loss(params, batch, rng, ctx: LossContext):
     return loss_sum, n, metrics
 
 
-# Fine-tuning objectives register themselves on import (sft, dpo, reward, distill).
-from lmtrain.train.losses import distill, dpo, reward, sft  # noqa: E402, F401
+# Fine-tuning objectives register themselves on import (sft, dpo, reward, distill, grpo, ppo).
+from lmtrain.train.losses import distill, dpo, reward, rl, sft  # noqa: E402, F401
