@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--out", required=True)
     dp.add_argument("--overwrite", action="store_true")
     dp.set_defaults(fn=cmd_data_prepare)
+    from lmtrain.data.fetch import add_fetch_parser
+
+    add_fetch_parser(dsub)  # lmtrain data fetch NAME
 
     g = sub.add_parser("generate", help="sample from a trained run")
     from lmtrain.infer.generate_cli import add_generate_args
