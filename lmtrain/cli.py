@@ -105,9 +105,30 @@ def _extra_commands():
     return regs
 
 
+def _default_host_devices(rest: list[str], overrides: list[str]) -> None:
+    """``lmtrain train`` on CPU: one device per core unless XLA_FLAGS says otherwise. Runs
+    before the parser is built, since building it imports modules that import jax."""
+    if not rest or rest[0] != "train":
+        return
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config")
+    known, _ = p.parse_known_args(rest[1:])
+    if not known.config:
+        return
+    from lmtrain import host_devices
+    from lmtrain.config import load_config
+
+    try:
+        cfg = load_config(known.config, overrides)
+    except LmtrainError:
+        return  # reported by cmd_train with its usual message
+    host_devices.apply_default(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
+    _default_host_devices(rest, overrides)
     args = build_parser().parse_args(rest)
     try:
         args.fn(args, overrides)
