@@ -25,10 +25,10 @@ from lmtrain.data.shards import TokenStream
 from lmtrain.train import loop
 from lmtrain.train.checkpoint import LISTING_FILE, TMP_MARKER, Checkpointer
 from lmtrain.train.divergence import REPORT_FILE, TrainingDiverged
+from tests.public_data import SHAKESPEARE_HEAD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shakespeare_char.py")
-SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
 STEPS = 24
 ORIGINAL_TRAIN_DATASET = pipeline.train_dataset
 
@@ -58,14 +58,7 @@ def tiny_overrides(text_path: str, **extra) -> list[str]:
 
 
 def write_text(path: str) -> str:
-    if os.path.exists(SHAKESPEARE):
-        with open(SHAKESPEARE, encoding="utf-8") as f:
-            text = f.read(20000)
-    else:  # deterministic stand-in with a small vocabulary
-        rng = np.random.default_rng(0)
-        text = "".join(rng.choice(list("abcdefgh \n"), size=20000))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    shutil.copyfile(SHAKESPEARE_HEAD, path)  # committed fixture: every clone has it
     return path
 
 
