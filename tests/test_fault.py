@@ -1,7 +1,7 @@
 """Fault tolerance: preemption, kill -9 mid-checkpoint, corrupt checkpoints, non-finite batches.
 
-Runs are tiny (d_model 32, 2 layers, seq 32, batch 8) on a slice of tinyshakespeare written by
-the test. Interrupted runs are real ``python -m lmtrain train`` subprocesses; their final train
+Runs are tiny (d_model 32, 2 layers, seq 32, batch 8) on the committed tinyshakespeare excerpt
+(tests/data). Interrupted runs are real ``python -m lmtrain train`` subprocesses; their final train
 state must equal an uninterrupted run's bit for bit.
 """
 
