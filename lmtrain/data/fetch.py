@@ -161,7 +161,7 @@ def fetch(
             source = spec.url
     print_fn(f"{spec.name}: {source} -> {dest}")
     install(spec, source, dest)
-    print_fn(f"{dest}: {spec.size:,} bytes, sha256 {spec.sha256} verified ({spec.licence})")
+    print_fn(f"{dest}: {spec.size:,} bytes, sha256 {spec.sha256} verified; licence: {spec.licence}")
     return dest
 
 
