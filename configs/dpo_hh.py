@@ -1,5 +1,6 @@
 """DPO on the Anthropic hh-rlhf harmless preference pairs, starting from an SFT run.
 
+    lmtrain data fetch hh-rlhf-harmless       # -> data/hh_rlhf_harmless_test.jsonl.gz, SHA-256 checked
     lmtrain train --config configs/dpo_hh.py --workdir runs/dpo --config.init_from=runs/sft
 
 Dialogues share a prefix and are split at the last assistant turn into prompt / chosen /
@@ -14,7 +15,7 @@ def get_config():
     c = base_config()
     c.objective = "dpo"
     c.init_from = "runs/sft"
-    c.data.train_file = "../shared/data/hh_rlhf_harmless_test.jsonl.gz"
+    c.data.train_file = "data/hh_rlhf_harmless_test.jsonl.gz"  # see the fetch line above
     c.data.seq_len = 128
     # Pairs whose longer response does not fit 128 tokens are dropped and counted.
     c.data.max_lost_fraction = 0.3

@@ -1,5 +1,6 @@
 """Instruction tuning with LoRA on the 175 Alpaca seed tasks, starting from the quickstart run.
 
+    lmtrain data fetch alpaca-seed-tasks      # -> data/alpaca_seed_tasks.jsonl, SHA-256 checked
     lmtrain train --config configs/sft_alpaca_lora.py --workdir runs/sft \
         --config.init_from=runs/quickstart
 
@@ -16,7 +17,7 @@ def get_config():
     c = base_config()
     c.objective = "sft"
     c.init_from = "runs/quickstart"
-    c.data.train_file = "../shared/data/alpaca_seed_tasks.jsonl"
+    c.data.train_file = "data/alpaca_seed_tasks.jsonl"  # `lmtrain data fetch alpaca-seed-tasks`
     c.data.format = "seed_tasks"
     c.data.seq_len = 128
     c.data.packing = True

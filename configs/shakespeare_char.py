@@ -13,8 +13,8 @@ Precision: float32 activations with bfloat16 matmul operands (float32 accumulati
 AMX / AVX512-BF16 the matmuls run about twice as fast as float32 ones and the elementwise maths
 avoids bf16 converts; the final validation loss is unchanged (1.649 vs 1.650 in float32).
 
-    lmtrain train --config configs/shakespeare_char.py --workdir runs/shakespeare \
-        --config.data.path=../shared/data/tinyshakespeare.txt
+    lmtrain data fetch tinyshakespeare        # -> data/tinyshakespeare.txt, SHA-256 checked
+    lmtrain train --config configs/shakespeare_char.py --workdir runs/shakespeare
 
 Expected (2-core CPU): validation loss <= 1.89 at step 2,000; see tools/bench_shakespeare.py.
 """
@@ -24,7 +24,7 @@ from lmtrain.config import base_config
 
 def get_config():
     c = base_config()
-    c.data.path = "../shared/data/tinyshakespeare.txt"
+    c.data.path = "data/tinyshakespeare.txt"  # `lmtrain data fetch tinyshakespeare`
     c.data.tokenizer = "char"
     c.data.val_fraction = 0.1
     c.data.seq_len = 64

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--beam-options", default="",
                     help='Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..."')  # fmt: skip
     dp.set_defaults(fn=cmd_data_prepare)
+    from lmtrain.data.fetch import add_fetch_parser
+
+    add_fetch_parser(dsub)  # lmtrain data fetch NAME
 
     g = sub.add_parser("generate", help="sample from a trained run")
     from lmtrain.infer.generate_cli import add_generate_args
@@ -113,9 +116,30 @@ def _extra_commands():
     return regs
 
 
+def _default_host_devices(rest: list[str], overrides: list[str]) -> None:
+    """``lmtrain train`` on CPU: one device per core unless XLA_FLAGS says otherwise. Runs
+    before the parser is built, since building it imports modules that import jax."""
+    if not rest or rest[0] != "train":
+        return
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config")
+    known, _ = p.parse_known_args(rest[1:])
+    if not known.config:
+        return
+    from lmtrain import host_devices
+    from lmtrain.config import load_config
+
+    try:
+        cfg = load_config(known.config, overrides)
+    except LmtrainError:
+        return  # reported by cmd_train with its usual message
+    host_devices.apply_default(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
+    _default_host_devices(rest, overrides)
     args = build_parser().parse_args(rest)
     try:
         args.fn(args, overrides)

@@ -1,7 +1,7 @@
 """Fault tolerance: preemption, kill -9 mid-checkpoint, corrupt checkpoints, non-finite batches.
 
-Runs are tiny (d_model 32, 2 layers, seq 32, batch 8) on a slice of tinyshakespeare written by
-the test. Interrupted runs are real ``python -m lmtrain train`` subprocesses; their final train
+Runs are tiny (d_model 32, 2 layers, seq 32, batch 8) on the committed tinyshakespeare excerpt
+(tests/data). Interrupted runs are real ``python -m lmtrain train`` subprocesses; their final train
 state must equal an uninterrupted run's bit for bit.
 """
 
@@ -25,12 +25,12 @@ from lmtrain.data.shards import TokenStream
 from lmtrain.train import loop
 from lmtrain.train.checkpoint import LISTING_FILE, TMP_MARKER, Checkpointer
 from lmtrain.train.divergence import REPORT_FILE, TrainingDiverged
+from tests.public_data import SHAKESPEARE_HEAD
 
 pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shakespeare_char.py")
-SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
 STEPS = 24
 ORIGINAL_TRAIN_DATASET = pipeline.train_dataset
 
@@ -60,14 +60,7 @@ def tiny_overrides(text_path: str, **extra) -> list[str]:
 
 
 def write_text(path: str) -> str:
-    if os.path.exists(SHAKESPEARE):
-        with open(SHAKESPEARE, encoding="utf-8") as f:
-            text = f.read(20000)
-    else:  # deterministic stand-in with a small vocabulary
-        rng = np.random.default_rng(0)
-        text = "".join(rng.choice(list("abcdefgh \n"), size=20000))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    shutil.copyfile(SHAKESPEARE_HEAD, path)  # committed fixture: every clone has it
     return path
 
 

@@ -22,10 +22,7 @@ from lmtrain.data.formats import (
     split_hh_pair,
 )
 from lmtrain.errors import DataError
-
-DATA = Path("/work/shared/data")
-HH_FILE = DATA / "hh_rlhf_harmless_test.jsonl.gz"
-SEED_FILE = DATA / "alpaca_seed_tasks.jsonl"
+from tests.public_data import needs_public_data, public_file
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -81,10 +78,11 @@ def test_alpaca_seed_tasks_one_record_per_instance(tmp_path):
     assert [c.turns[1].content for c in convs] == ["A", "B"]
 
 
-@pytest.mark.skipif(not SEED_FILE.exists(), reason=f"{SEED_FILE} absent (shared test data)")
+@needs_public_data
 def test_real_alpaca_seed_tasks():
-    rows = [json.loads(line) for line in SEED_FILE.read_text().splitlines()]
-    convs = list(read_alpaca_seed_tasks(SEED_FILE))
+    seed_file = public_file("alpaca-seed-tasks")
+    rows = [json.loads(line) for line in seed_file.read_text().splitlines()]
+    convs = list(read_alpaca_seed_tasks(seed_file))
     assert len(convs) == sum(len(r["instances"]) for r in rows) == 175
     assert all([t.role for t in c] == ["user", "assistant"] for c in convs)
     assert convs[0].turns[1].content == rows[0]["instances"][0]["output"]
@@ -203,9 +201,10 @@ def test_hh_split_errors():
         parse_preference_record(empty, allow_empty_response=False)
 
 
-@pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} absent (shared test data)")
+@needs_public_data
 def test_real_hh_rlhf_harmless_test_parses_into_2312_pairs():
-    pairs = list(read_preferences(HH_FILE))
+    hh_file = public_file("hh-rlhf-harmless")
+    pairs = list(read_preferences(hh_file))
     assert len(pairs) == 2312
     assert all(isinstance(p, PreferencePair) for p in pairs)
     assert all(p.prompt.turns and p.prompt.turns[0].role == "user" for p in pairs)
@@ -215,12 +214,12 @@ def test_real_hh_rlhf_harmless_test_parses_into_2312_pairs():
     # (lines 87, 517, 926, 1104): they are kept by default and refused on request.
     empty = [int(p.source.rsplit(":", 1)[1]) for p in pairs if not p.chosen]
     assert empty == [87, 517, 926, 1104]
-    raws = [json.loads(line) for line in gzip.open(HH_FILE, "rt", encoding="utf-8")]
+    raws = [json.loads(line) for line in gzip.open(hh_file, "rt", encoding="utf-8")]
     for p, raw in zip(pairs, raws):
         assert raw["chosen"].rstrip().endswith(p.chosen)
         assert raw["rejected"].rstrip().endswith(p.rejected)
     stats = ReadStats()
     strict = list(
-        read_preferences(HH_FILE, allow_empty_response=False, on_error="skip", stats=stats)
+        read_preferences(hh_file, allow_empty_response=False, on_error="skip", stats=stats)
     )
     assert (len(strict), stats.skipped) == (2308, 4)

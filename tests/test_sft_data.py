@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import random
 import string
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,8 @@ from lmtrain.data.sft import (
 )
 from lmtrain.data.tokenizer import CHAT_SPECIALS, CharTokenizer
 from lmtrain.errors import DataError
+from tests.public_data import needs_public_data, public_file
 
-HH_FILE = Path("/work/shared/data/hh_rlhf_harmless_test.jsonl.gz")
 CONV = Conversation(
     (
         ("system", "Be kind."),
@@ -245,9 +244,9 @@ def test_builders_are_picklable_grain_map_functions(tok):
     assert all((ds[1][k] == direct[k]).all() for k in FIELDS)
 
 
-@pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} absent (shared test data)")
+@needs_public_data
 def test_hh_pairs_become_preference_examples():
-    pairs = list(read_preferences(HH_FILE))[:200]
+    pairs = list(read_preferences(public_file("hh-rlhf-harmless")))[:200]
     texts = ["\n"] + [t.content for p in pairs for t in p.prompt]
     texts += [p.chosen + p.rejected for p in pairs]
     tok = CharTokenizer.train(texts, extra_specials=CHAT_SPECIALS)

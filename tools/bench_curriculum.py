@@ -5,8 +5,8 @@ validation loss (on ``--eval-batches`` batches, every ``--eval-every`` steps) fi
 target. Compile time counts (the curriculum compiles one step per length bucket). Timings on a
 shared machine are noisy: compare the two rows of one run, not across runs.
 
-    python tools/bench_curriculum.py --config configs/shakespeare_char.py \
-        --config.data.path=/work/shared/data/tinyshakespeare.txt
+    lmtrain data fetch tinyshakespeare
+    python tools/bench_curriculum.py --config configs/shakespeare_char.py
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
+TEXT = os.path.join(REPO, "data", "tinyshakespeare.txt")  # `lmtrain data fetch tinyshakespeare`
 
 
 def overrides(text: str, steps: int) -> list[str]:
@@ -178,6 +178,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-kills-per-round", type=int, default=15)
     p.add_argument("--text", default=TEXT, help="training text (its first 40,000 characters)")
     args = p.parse_args(argv)
+    if not os.path.isfile(args.text):
+        sys.exit(f"{args.text} not found: run `lmtrain data fetch tinyshakespeare` or pass --text")
 
     root = args.workdir or tempfile.mkdtemp(prefix="lmtrain-soak-")
     os.makedirs(root, exist_ok=True)

@@ -12,4 +12,4 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import pytest, transforme
 fi
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q -rs "$@"  # -rs: why a test was skipped

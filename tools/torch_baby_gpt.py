@@ -1,6 +1,6 @@
 """A PyTorch reference for the shakespeare benchmark: nanoGPT's CPU "baby GPT" recipe, run here.
 
-    python tools/torch_baby_gpt.py [--data ../shared/data/tinyshakespeare.txt] [--steps 2000]
+    python tools/torch_baby_gpt.py [--data data/tinyshakespeare.txt] [--steps 2000]
 
 Why: wall times on shared machines drift between days, so a speed ratio against a number
 measured once (nanoGPT's published run) is only as good as that day.
@@ -161,9 +161,7 @@ def main() -> None:
     )
     p.add_argument(
         "--data",
-        default=os.path.join(
-            os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"
-        ),
+        default=os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt"),
     )
     p.add_argument("--steps", type=int, default=2000)
     args = p.parse_args()

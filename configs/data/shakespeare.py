@@ -9,8 +9,8 @@ tokenizer is trained on the train split (65 characters + 4 specials on the full 
 The file path: ``$LMTRAIN_SHAKESPEARE``, else ``data/tinyshakespeare.txt`` under the repository
 (``get_config(path)`` from Python):
 
-    LMTRAIN_SHAKESPEARE=../shared/data/tinyshakespeare.txt \
-        lmtrain data prepare --config configs/data/shakespeare.py --out data_out/shakespeare
+    lmtrain data fetch tinyshakespeare
+    lmtrain data prepare --config configs/data/shakespeare.py --out data_out/shakespeare
 
 Measured: 498 documents (448 train / 50 validation), 1.01M train / 0.107M validation characters,
 1 char per token, 65 characters + 4 specials.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
+from lmtrain.data.fetch import missing_hint
 from lmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def _read_jsonl(
         raise DataError(f"on_error={on_error!r}: use 'stop' or 'skip'")
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found" + missing_hint(path))
     return _iter_jsonl(path, parse, on_error, stats if stats is not None else ReadStats())
 
 

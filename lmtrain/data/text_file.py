@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmtrain.data.fetch import missing_hint
 from lmtrain.data.shards import sha256_file, write_split
 from lmtrain.data.tokenizer import CharTokenizer, load_tokenizer
 from lmtrain.errors import DataError
@@ -19,7 +20,9 @@ def prepare_text_file(
 ) -> dict:
     src = Path(path)
     if not src.is_file():
-        raise DataError(f"config.data.path={path!r} does not exist or is not a file")
+        raise DataError(
+            f"config.data.path={path!r} does not exist or is not a file" + missing_hint(path)
+        )
     digest = sha256_file(src)
     out = Path(out_dir)
     manifest_path = out / "manifest.json"

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain import config as config_lib
+from lmtrain import host_devices
 from lmtrain.data import finetune_data, pipeline
 from lmtrain.data.text_file import prepare_text_file
 from lmtrain.data.tokenizer import load_tokenizer
@@ -32,7 +33,7 @@ from lmtrain.train.early_stop import EvalHooks
 from lmtrain.train.lora_io import save_adapters
 from lmtrain.train.losses.dpo import DegenerateRunMonitor
 from lmtrain.train.metrics_log import MetricsLogger
-from lmtrain.train.optim import make_optimizer
+from lmtrain.train.optim import make_optimizer, warmup_note
 from lmtrain.train.prefetch import Prefetcher
 from lmtrain.train.preflight import run_preflight
 from lmtrain.train.run_info import write_run_files
@@ -449,7 +450,10 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     print_fn(
         f"model: {n_params:,} params | mesh {dict(mesh.shape)} | {jax.device_count()} devices | "
         f"batch {cfg.train.global_batch_size}x{cfg.data.seq_len} | steps {start}->{cfg.train.steps}"
+        + host_devices.console_note(jax.default_backend())
     )
+    if note := warmup_note(cfg.optim, cfg.train.steps):
+        print_fn(note)
 
     group = _dispatch_group(cfg)
     stacked_sharding = stacked_shardings(setup.batch_sharding)

@@ -10,26 +10,44 @@ import ml_collections
 import optax
 
 
+def effective_warmup(o: ml_collections.ConfigDict, total_steps: int) -> int:
+    """``optim.warmup_steps`` clipped to the run (or to ``decay_steps`` when that is longer), so
+    a smoke test such as ``--config.train.steps=10`` runs any config, as in nanoGPT and MaxText."""
+    return min(o.warmup_steps, max(total_steps, o.decay_steps))
+
+
+def warmup_note(o: ml_collections.ConfigDict, total_steps: int) -> str:
+    """The console line saying the warmup was clipped ('' when it was not)."""
+    w = effective_warmup(o, total_steps)
+    if w == o.warmup_steps:
+        return ""
+    return (
+        f"optim: warmup_steps={o.warmup_steps} is longer than the run (train.steps={total_steps}); "
+        f"warming up over {w} steps"
+    )
+
+
 def lr_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     decay_steps = o.decay_steps or total_steps
+    warmup = effective_warmup(o, total_steps)
     if o.schedule == "constant":
         return optax.join_schedules(
             [
-                optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
+                optax.linear_schedule(0.0, o.lr, max(warmup, 1)),
                 optax.constant_schedule(o.lr),
             ],
-            [o.warmup_steps],
+            [warmup],
         )
     if o.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, o.lr, o.warmup_steps, max(decay_steps, o.warmup_steps + 1), o.min_lr
+            0.0, o.lr, warmup, max(decay_steps, warmup + 1), o.min_lr
         )
     return optax.join_schedules(
         [
-            optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
-            optax.linear_schedule(o.lr, o.min_lr, max(decay_steps - o.warmup_steps, 1)),
+            optax.linear_schedule(0.0, o.lr, max(warmup, 1)),
+            optax.linear_schedule(o.lr, o.min_lr, max(decay_steps - warmup, 1)),
         ],
-        [o.warmup_steps],
+        [warmup],
     )
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 
+from lmtrain.data.fetch import missing_hint
 from lmtrain.errors import LmtrainError
 
 HASH_CACHE_FILE = "preflight_hashes.json"
@@ -269,7 +270,9 @@ def check_data_path(cfg) -> list[Problem]:
     if not os.path.isfile(path):
         return [
             Problem(
-                "data", f"config.data.path={path!r} does not exist or is not a file; fix the path"
+                "data",
+                f"config.data.path={path!r} does not exist or is not a file; fix the path"
+                + missing_hint(path),
             )
         ]
     if os.path.getsize(path) == 0:

@@ -1,6 +1,7 @@
 """Build the tinyshakespeare eval sets from the held-out last 10% of the text (run once).
 
-    python configs/eval/data/build_shakespeare.py /work/shared/data/tinyshakespeare.txt
+    lmtrain data fetch tinyshakespeare
+    python configs/eval/data/build_shakespeare.py [data/tinyshakespeare.txt]
 
 Writes next to this file (fixed seed, so the files are reproducible):
 - shakespeare_speeches.jsonl: one held-out speech per line ({"text", "speaker"}) for perplexity
@@ -31,6 +32,8 @@ def speeches(text: str) -> list[tuple[str, list[str]]]:
 
 
 def main(path: str, val_fraction: float = 0.1) -> None:
+    if not Path(path).is_file():
+        sys.exit(f"{path} not found: run `lmtrain data fetch tinyshakespeare` first")
     text = Path(path).read_text(encoding="utf-8")
     held_out = text[int(len(text) * (1 - val_fraction)) :]
     held_out = held_out[held_out.index("\n\n") + 2 :]  # start at a speech boundary
@@ -87,4 +90,4 @@ def main(path: str, val_fraction: float = 0.1) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/tinyshakespeare.txt")
+    main(sys.argv[1] if len(sys.argv) > 1 else "data/tinyshakespeare.txt")
