@@ -128,7 +128,8 @@ def test_small_config_compiles_and_fits_on_v5e(tmp_path, capsys):
     args = train["arguments_bytes"]
     assert args["optimizer"] == 2 * args["params"] and args["params"] > 0
     assert train["memory_bytes"]["arguments"] >= args["params"] + args["optimizer"]
-    assert train["collectives"]["all-gather"]["count"] > 0
+    coll = train["collectives"]
+    assert coll["all-gather"]["count"] > 0 and coll["reduce-scatter"]["count"] > 0  # FSDP
     assert "FITS" in out.out and "train_step" in out.out and "collectives: all-gather" in out.out
 
 
@@ -208,18 +209,26 @@ def test_topology_names_are_checked():
 
 
 def test_collectives_are_counted_by_kind_with_their_bytes():
-    text = """
-  %all-gather-start.1 = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(bf16[4,8]{1,0} %p)
+    """TPU-style HLO: layouts with tiles, async pairs, combined tuples, a fused reduce-scatter."""
+    text = """HloModule m
+
+%all-reduce-scatter.4 (input_0: f32[512,256]) -> f32[128,256] {
+  %all-reduce.80 = f32[512,256]{0,1:T(8,128)} all-reduce(%input_0), to_apply=%add
+}
+
+ENTRY %main (p: bf16[4,8]) -> f32[] {
+  %all-gather-start.1 = (bf16[4,8]{1,0:T(8,128)(2,1)}, bf16[16,8]{1,0:T(8,128)(2,1)}) all-gather-start(bf16[4,8]{1,0} %p)
   %all-gather-done.1 = bf16[16,8]{1,0} all-gather-done(%all-gather-start.1)
-  %all-reduce.2 = f32[1024]{0} all-reduce(f32[1024]{0} %x), to_apply=%add
-  %all-reduce-scatter-fusion.3 = f32[256]{0} fusion(f32[1024]{0} %y), kind=kOutput
+  %all-reduce.2 = (f32[1024]{0:T(1024)}, f32[]{:T(128)}) all-reduce(%x, %w), to_apply=%add
+  %fusion.176 = f32[128,256]{0,1:T(8,128)S(1)} fusion(%y), kind=kCustom, calls=%all-reduce-scatter.4
   ROOT %collective-permute.4 = s32[2,2]{1,0} collective-permute(s32[2,2]{1,0} %z)
   %add.5 = f32[] add(f32[] %a, f32[] %b)
+}
 """
     c = hlo.collectives(text)
     assert c["all-gather"] == {"count": 1, "bytes": 16 * 8 * 2}
-    assert c["all-reduce"] == {"count": 1, "bytes": 4096}
-    assert c["reduce-scatter"] == {"count": 1, "bytes": 1024}
+    assert c["all-reduce"] == {"count": 1, "bytes": 4096 + 4}
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 128 * 256 * 4}
     assert c["collective-permute"] == {"count": 1, "bytes": 16}
     assert c["all-to-all"] == {"count": 0, "bytes": 0}
 

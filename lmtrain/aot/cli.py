@@ -63,22 +63,25 @@ def format_report(r: dict) -> str:
     for p in r["programs"]:
         if "error" in p:
             continue
+        label = f"{p['program']:<17}"
         split = " | ".join(f"{k} {_gib(v)}" for k, v in p["arguments_bytes"].items() if v)
         if split:
-            lines.append(f"{p['program']:<17}arguments GiB/chip: {split}")
+            lines.append(f"{label}arguments GiB/chip: {split}")
+            label = " " * 17
         flops = p.get("compiler_flops")
         if "formula_flops" in p and flops:
             lines.append(
-                f"{'':<17}FLOPs/chip: compiler {flops:.3e} | lmtrain formula "
+                f"{label}FLOPs/chip: compiler {flops:.3e} | lmtrain formula "
                 f"{p['formula_flops']:.3e} (ratio {flops / p['formula_flops']:.2f}; the compiler "
                 "leaves Pallas kernels out)"
             )
+            label = " " * 17
         coll = " | ".join(
             f"{k} {v['count']} ({_bytes(v['bytes'])})"
             for k, v in p["collectives"].items()
             if v["count"]
         )
-        lines.append(f"{'':<17}collectives: {coll or 'none'}")
+        lines.append(f"{label}collectives: {coll or 'none'}")
     lines.append("verdict     " + ("FITS" if r["fits"] else "DOES NOT FIT"))
     return "\n".join(lines)
 

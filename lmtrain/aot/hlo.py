@@ -1,8 +1,9 @@
 """What a compiled program's HLO text says about communication: collectives by kind.
 
 Async pairs (``all-gather-start`` / ``-done``) count once, at their start; the bytes are those of
-the op's result (the gathered array, the reduced array, the permuted buffer). TPU fuses some
-reductions into ``all-reduce-scatter`` fusions, counted as reduce-scatter.
+the op's result (the gathered array, the reduced array, the permuted buffer). TPU emits FSDP's
+gradient reduce-scatter as a fusion that calls an ``all-reduce-scatter`` computation: it counts
+once, as reduce-scatter, and the all-reduce inside that computation is not counted again.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
           "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
-# "%name = <shape> <op>(" where <shape> is an array or a tuple of arrays
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+# the opcode: the first "word(" after whitespace (shapes never put "(" right after a word
+# that follows a space; layouts like T(8,128) follow a colon)
+_OP = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+_CALLS_RS = re.compile(r"calls=%?(all-reduce-scatter[\w.\-]*)")
 
 
 def _array_bytes(text: str) -> list[int]:
@@ -28,33 +32,47 @@ def _array_bytes(text: str) -> list[int]:
     return out
 
 
-def _kind(op: str, name: str) -> str | None:
-    if op == "fusion":  # TPU's fused reduce-scatter
-        return "reduce-scatter" if "reduce-scatter" in name else None
-    base = op.removesuffix("-start")
-    if base != op or op in KINDS:
-        return base if base in KINDS else None
-    return None
+def _result_bytes(op: str, shape: str) -> int:
+    sizes = _array_bytes(shape)
+    if not op.endswith("-start"):
+        return sum(sizes)  # a combined collective returns a tuple of its results
+    # async starts return (operands, results, contexts): drop the u32[] contexts, keep results
+    sizes = [b for b in sizes if b > 4] or sizes
+    if op == "all-reduce-start" or len(sizes) == 1:
+        return sum(sizes)
+    return sum(sizes[len(sizes) // 2 :])
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """``{kind: {"count": n, "bytes": b}}`` over every computation of the module."""
     out = {k: {"count": 0, "bytes": 0} for k in KINDS}
+    inside_rs = False  # in the body of a fused reduce-scatter: counted at its call
     for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
+        if line and not line[0].isspace():  # a computation's header, or its closing brace
+            name = line.split()[0].lstrip("%") if line.split() else ""
+            if name == "ENTRY":
+                name = line.split()[1].lstrip("%")
+            inside_rs = name.startswith("all-reduce-scatter")
+            continue
+        if inside_rs:
+            continue
+        m = _DEF.match(line)
         if not m:
             continue
-        name, shape, op = m.groups()
-        kind = _kind(op, name)
+        rest = " " + m.group(2)
+        op_match = _OP.search(rest)
+        if not op_match:
+            continue
+        op, shape = op_match.group(1), rest[: op_match.start()]
+        if op == "fusion" and _CALLS_RS.search(rest):
+            kind = "reduce-scatter"
+        else:
+            base = op.removesuffix("-start")
+            kind = base if base in KINDS and not op.endswith("-done") else None
         if kind is None:
             continue
-        sizes = _array_bytes(shape)
-        if not sizes:
-            continue
-        # async starts return (operand(s), result, context...): the result is the largest array
-        # for gathers, equal to the operand for the others
         out[kind]["count"] += 1
-        out[kind]["bytes"] += max(sizes)
+        out[kind]["bytes"] += _result_bytes(op, shape)
     return out
 
 
