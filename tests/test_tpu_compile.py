@@ -126,7 +126,8 @@ def test_small_config_compiles_and_fits_on_v5e(tmp_path, capsys):
     train = report["programs"][0]
     # float32 params and AdamW's two moments, each split 4 ways, are the step's arguments
     args = train["arguments_bytes"]
-    assert args["optimizer"] == 2 * args["params"] and args["params"] > 0
+    # (plus AdamW's step count and the schedule's scalars)
+    assert 0 <= args["optimizer"] - 2 * args["params"] <= 64 and args["params"] > 0
     assert train["memory_bytes"]["arguments"] >= args["params"] + args["optimizer"]
     coll = train["collectives"]
     assert coll["all-gather"]["count"] > 0 and coll["reduce-scatter"]["count"] > 0  # FSDP
