@@ -248,3 +248,41 @@ def test_a_cpu_run_without_tpus_starts_quietly_on_cpu():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["cpu", "cpu"]
     assert "TPU" not in out.stderr, out.stderr
+
+
+def test_kernels_are_checked_against_the_target_platform():
+    """A TPU compile on a CPU host accepts splash; the host's own runs still refuse it."""
+    from lmtrain.model import attention_kernels as ak
+
+    with pytest.raises(ConfigError, match="Pallas TPU kernel"):
+        ak.check_available("splash")  # this host: cpu
+    with ak.target_platform("tpu"):
+        ak.check_available("splash")
+        with pytest.raises(ConfigError, match="NVIDIA GPU"):
+            ak.check_available("cudnn")
+
+
+@needs_libtpu
+def test_a_tpu_mesh_in_context_makes_tpu_the_target():
+    from lmtrain.model import attention_kernels as ak
+    from lmtrain.model.sharding import make_mesh, mesh_rules
+
+    mesh = make_mesh((1, -1, 1), get_topology("v5e:2x2").devices)
+    with mesh_rules(mesh):
+        ak.check_available("splash")
+
+
+def test_sampler_shardings_of_a_splash_model_are_the_xla_models():
+    """The sampler traces params with a 1-token input, which the TPU kernels cannot tile."""
+    import dataclasses
+
+    from lmtrain.infer.sampling import params_shardings
+    from lmtrain.model.config import ModelConfig
+    from lmtrain.model.sharding import make_mesh
+    from lmtrain.model.transformer import Transformer
+
+    cfg = ModelConfig.from_config(small_config().model)
+    mesh = make_mesh((1, -1, 1), jax.devices()[:8])
+    xla = params_shardings(Transformer(cfg), mesh)
+    splash = params_shardings(Transformer(dataclasses.replace(cfg, attention="splash")), mesh)
+    assert jax.tree.map(lambda s: s.spec, splash) == jax.tree.map(lambda s: s.spec, xla)
