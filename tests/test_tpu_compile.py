@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -286,3 +287,17 @@ def test_sampler_shardings_of_a_splash_model_are_the_xla_models():
     xla = params_shardings(Transformer(cfg), mesh)
     splash = params_shardings(Transformer(dataclasses.replace(cfg, attention="splash")), mesh)
     assert jax.tree.map(lambda s: s.spec, splash) == jax.tree.map(lambda s: s.spec, xla)
+
+
+@needs_libtpu
+def test_plan_prints_the_compilers_numbers_beside_its_estimate(tmp_path, capsys):
+    path = tmp_path / "cfg.py"
+    path.write_text(SMALL)
+    cli.main(["plan", "--config", str(path), "--devices", "tpu-v5e:4", "--compile"])
+    out = capsys.readouterr().out
+    assert "compiled    v5e:2x2 (shardy), train step:" in out
+    row = [line for line in out.splitlines() if line.strip().startswith("total")][-1]
+    planner, compiler = (float(x) for x in row.split()[1:3])
+    planned = float(re.search(r"total\s+([\d.]+) GiB of", out).group(1))
+    assert planner == pytest.approx(planned, abs=0.01) and compiler > 0
+    assert "compiler: FITS in 16.0 GiB" in out
