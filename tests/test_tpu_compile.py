@@ -223,12 +223,13 @@ ENTRY %main (p: bf16[4,8]) -> f32[] {
   %all-gather-done.1 = bf16[16,8]{1,0} all-gather-done(%all-gather-start.1)
   %all-reduce.2 = (f32[1024]{0:T(1024)}, f32[]{:T(128)}) all-reduce(%x, %w), to_apply=%add
   %fusion.176 = f32[128,256]{0,1:T(8,128)S(1)} fusion(%y), kind=kCustom, calls=%all-reduce-scatter.4
+  %all-reduce.71 = bf16[64,32]{1,0:T(8,128)(2,1)} all-reduce(%convert_dynamic-update-slice_fusion), channel_id=19, to_apply=%add.23
   ROOT %collective-permute.4 = s32[2,2]{1,0} collective-permute(s32[2,2]{1,0} %z)
   %add.5 = f32[] add(f32[] %a, f32[] %b)
 }
 """
     c = hlo.collectives(text)
-    assert c["all-gather"] == {"count": 1, "bytes": 16 * 8 * 2}
+    assert c["all-gather"] == {"count": 2, "bytes": 16 * 8 * 2 + 64 * 32 * 2}  # one as all-reduce
     assert c["all-reduce"] == {"count": 1, "bytes": 4096 + 4}
     assert c["reduce-scatter"] == {"count": 1, "bytes": 128 * 256 * 4}
     assert c["collective-permute"] == {"count": 1, "bytes": 16}

@@ -3,7 +3,9 @@
 Async pairs (``all-gather-start`` / ``-done``) count once, at their start; the bytes are those of
 the op's result (the gathered array, the reduced array, the permuted buffer). TPU emits FSDP's
 gradient reduce-scatter as a fusion that calls an ``all-reduce-scatter`` computation: it counts
-once, as reduce-scatter, and the all-reduce inside that computation is not counted again.
+once, as reduce-scatter, and the all-reduce inside that computation is not counted again. Over
+large meshes it implements all-gathers as all-reduces of zero-padded shards (operands made by
+dynamic-update-slice): those count as all-gather.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ def _result_bytes(op: str, shape: str) -> int:
     return sum(sizes[len(sizes) // 2 :])
 
 
+def _gathers(args: str) -> bool:
+    """An all-reduce whose operands all come from dynamic-update-slices: each chip writes its
+    shard into zeros and the sum is the gathered array (how TPU's compiler implements some
+    all-gathers over large meshes)."""
+    operands = re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
+    return bool(operands) and all("dynamic-update-slice" in o for o in operands)
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """``{kind: {"count": n, "bytes": b}}`` over every computation of the module."""
     out = {k: {"count": 0, "bytes": 0} for k in KINDS}
@@ -66,6 +76,8 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         op, shape = op_match.group(1), rest[: op_match.start()]
         if op == "fusion" and _CALLS_RS.search(rest):
             kind = "reduce-scatter"
+        elif op in ("all-reduce", "all-reduce-start") and _gathers(rest[op_match.end() :]):
+            kind = "all-gather"
         else:
             base = op.removesuffix("-start")
             kind = base if base in KINDS and not op.endswith("-done") else None
