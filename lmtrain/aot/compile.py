@@ -132,7 +132,7 @@ def _build(cfg, topo: Topology, programs) -> Programs:
     state = with_shardings(abstract, shardings)
     jobs = {}
     if "train_step" in programs:
-        n = loop.dispatch_size(0, loop._dispatch_group(cfg), cfg)
+        n = loop_steps_per_call(cfg)
         batch = batch_spec(cfg, cfg.train.global_batch_size, batch_sharding)
         stacked = (
             batch
@@ -212,16 +212,22 @@ def compiler_flops(compiled) -> float | None:
     return float(flops) if flops is not None else None
 
 
-def formula_flops(cfg, model_cfg, chips: int, program: str) -> float:
+def formula_flops(cfg, model_cfg, chips: int, program: str, steps: int = 1) -> float:
     """lmtrain's MFU formula (6N + attention per token; forward only: 2N) per chip and call."""
     per_token = flops_lib.flops_per_token(model_cfg, cfg.data.seq_len)
     sequences = 2 if cfg.objective in PREFERENCE_OBJECTIVES else 1
     if program == "train_step":
-        rows = cfg.train.global_batch_size
-        steps = 1
-        return per_token * rows * cfg.data.seq_len * sequences * steps / chips
+        rows = cfg.train.global_batch_size * steps  # one call runs ``steps`` steps
+        return per_token * rows * cfg.data.seq_len * sequences / chips
     rows = cfg.train.eval_batch_size or cfg.train.global_batch_size
     return per_token / 3 * rows * cfg.data.seq_len * sequences / chips
+
+
+def loop_steps_per_call(cfg) -> int:
+    """Steps in the train call compiled (the loop's first dispatch)."""
+    from lmtrain.train import loop
+
+    return loop.dispatch_size(0, loop._dispatch_group(cfg), cfg)
 
 
 def _resource_error(e: Exception) -> str | None:
@@ -253,7 +259,8 @@ def _report_one(name, compiled, groups, cfg, model_cfg, topo, compile_s, hlo_dir
         "collectives": hlo.collectives(text),
     }
     if name in ("train_step", "eval_step"):
-        report["formula_flops"] = formula_flops(cfg, model_cfg, topo.chips, name)
+        steps = loop_steps_per_call(cfg) if name == "train_step" else 1
+        report["formula_flops"] = formula_flops(cfg, model_cfg, topo.chips, name, steps)
     return report
 
 
