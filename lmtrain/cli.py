@@ -97,6 +97,7 @@ COMMAND_MODULES = (
     "lmtrain.interop.cli",  # import hf, export hf/stablehlo
     "lmtrain.serve.cli",  # serve
     "lmtrain.plan",  # plan
+    "lmtrain.aot.cli",  # compile (ahead of time, for a TPU topology)
 )
 
 
@@ -138,6 +139,9 @@ def _default_host_devices(rest: list[str], overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lmtrain.aot.host import prefer_cpu_without_tpu
+
+    prefer_cpu_without_tpu()  # libtpu installed for `lmtrain compile` on a host without TPUs
     rest, overrides = _split_overrides(argv)
     _default_host_devices(rest, overrides)
     args = build_parser().parse_args(rest)

@@ -15,3 +15,7 @@ class DataError(LmtrainError, ValueError):
 
 class CheckpointError(LmtrainError, RuntimeError):
     """A checkpoint is missing, incomplete or incompatible with the config."""
+
+
+class DoesNotFit(LmtrainError, RuntimeError):
+    """The planner or the compiler finds that a config does not fit in device memory."""

@@ -22,7 +22,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from lmtrain.errors import ConfigError
+from lmtrain.errors import ConfigError, DoesNotFit
 from lmtrain.model.config import ModelConfig
 from lmtrain.train import flops as flops_lib
 
@@ -263,7 +263,24 @@ def cmd_plan(args, overrides) -> None:
     cfg = load_config(args.config, overrides)
     device, count = parse_devices(args.devices)
     p = plan(cfg, device, count)
+    report = None
+    if getattr(args, "compile", None):  # the compiler's numbers beside the estimate
+        from lmtrain.aot.beside_plan import default_topology, side_by_side
+        from lmtrain.aot.compile import compile_programs
+
+        topology = args.compile if args.compile != "auto" else default_topology(device.name, count)
+        report = compile_programs(cfg, topology, programs=("train_step",))
+        p["compiled"] = report
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    if report is not None and not args.json:
+        print(side_by_side(p, report))
+    if not p["fits"]:
+        m = p["per_device_gib"]
+        raise DoesNotFit(
+            f"{args.config} does not fit on {count} x {device.name}: {m['total']:.2f} GiB per "
+            f"device of {p['budget_gib']:.1f} GiB usable (shard more: more devices, fsdp/tensor "
+            "axes, remat, microbatches)"
+        )
 
 
 def register(subparsers) -> None:
@@ -271,4 +288,11 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--devices", required=True, help="kind:count, e.g. h100:8, tpu-v5p:256")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="auto",
+        help="also compile the train step for a TPU topology (e.g. v5p:8x8x4; default: one of "
+        "--devices' chip count) and print the compiler's numbers beside the estimate",
+    )
     p.set_defaults(fn=cmd_plan)

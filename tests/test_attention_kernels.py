@@ -13,7 +13,7 @@ from lmtrain.config import base_config, validate
 from lmtrain.errors import ConfigError
 from lmtrain.model import attention_kernels as ak
 from lmtrain.model.config import ModelConfig
-from lmtrain.model.sharding import LOGICAL_RULES, make_mesh
+from lmtrain.model.sharding import make_mesh, mesh_rules
 from lmtrain.model.transformer import Transformer
 
 B, T, H, K, D = 2, 128, 4, 2, 16  # the TPU kernels tile by 128
@@ -162,7 +162,7 @@ def test_splash_model_under_8_device_mesh_matches_xla():
     ref = Transformer(cfg).apply(params, tokens, pos, seg)
     mesh = make_mesh((2, 2, 2))
     splash = Transformer(ModelConfig(**{**cfg.__dict__, "attention": "splash"}))
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES), ak.interpret_pallas_kernels():
+    with mesh_rules(mesh), ak.interpret_pallas_kernels():  # the trainer's context
         got = jax.jit(splash.apply)(params, tokens, pos, seg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
 

@@ -266,7 +266,7 @@ def test_past_the_context_rows_end_at_a_stop_sequence_with_their_reason(model_an
 
 @pytest.mark.parametrize("on_mesh", [False, True])
 def test_compile_only_compiles_what_the_real_call_runs(model_and_params, on_mesh):
-    """Abstract params in, None out; the real call then compiles nothing (no 'Compiling' log)."""
+    """Abstract params in, the compiled programs out; the real call then compiles nothing."""
     import logging
 
     model, params = model_and_params
@@ -274,7 +274,9 @@ def test_compile_only_compiles_what_the_real_call_runs(model_and_params, on_mesh
     prompts = [[5, 6, 7, 8, 9, 10, 11]] * 3  # B=3 (4 on the mesh) x P=7: shapes no other test uses
     abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
     kw = dict(max_new_tokens=9, eos_id=NO_EOS, temperature=0.7, top_k=5, seed=3, mesh=mesh)
-    assert generate_batch(model, abstract, prompts, compile_only=True, **kw) is None
+    programs = generate_batch(model, abstract, prompts, compile_only=True, **kw)
+    assert sorted(programs) == ["decode", "prefill"]
+    assert all(p.memory_analysis().temp_size_in_bytes >= 0 for p in programs.values())
     logger = logging.getLogger("jax._src.interpreters.pxla")
     records = []
     handler = logging.Handler()

@@ -115,9 +115,18 @@ def test_flops_formula_matches_xla_cost_analysis():
     assert 3 * (fwd - onehot_embed - masked_half) == pytest.approx(expected, rel=0.03)
 
 
-def _run_cli(capsys, *argv):
-    cli.main(["plan", *argv])
-    return capsys.readouterr().out
+def _run_cli(capsys, *argv, code: int = 0):
+    """The plan command's stdout; a config that does not fit exits with code 2 and says so."""
+    if code:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["plan", *argv])
+        assert exc.value.code == code
+    else:
+        cli.main(["plan", *argv])
+    captured = capsys.readouterr()
+    if code:
+        assert "does not fit on" in captured.err and "GiB per device" in captured.err
+    return captured.out
 
 
 @pytest.mark.parametrize(
@@ -132,7 +141,10 @@ def _run_cli(capsys, *argv):
 def test_large_configs_report_fit_or_no_fit_with_numbers(capsys, name, devices, fits):
     import json
 
-    out = _run_cli(capsys, "--config", f"configs/{name}.py", "--devices", devices, "--json")
+    code = 0 if fits else 2
+    out = _run_cli(
+        capsys, "--config", f"configs/{name}.py", "--devices", devices, "--json", code=code
+    )
     p = json.loads(out)
     m = p["per_device_gib"]
     parts = m["params"] + m["optimizer"] + m["gradients"] + m["activations"]
@@ -141,7 +153,7 @@ def test_large_configs_report_fit_or_no_fit_with_numbers(capsys, name, devices, 
     assert p["fits"] is fits and p["fits"] == (m["total"] <= p["budget_gib"])
     assert p["params"] == PUBLISHED[name]
     assert p["flops_per_step"] > 6 * p["params"] * p["tokens_per_step"] * 0.9
-    text = _run_cli(capsys, "--config", f"configs/{name}.py", "--devices", devices)
+    text = _run_cli(capsys, "--config", f"configs/{name}.py", "--devices", devices, code=code)
     assert ("DOES NOT FIT" in text) == (not fits)
     assert re.search(r"params [\d.]+ GiB \| optimizer [\d.]+ GiB \| gradients [\d.]+ GiB", text)
 

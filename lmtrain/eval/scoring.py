@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.errors import DataError
-from lmtrain.model.sharding import LOGICAL_RULES, data_shards
+from lmtrain.model.sharding import data_shards, mesh_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +86,7 @@ class Scorer:
                 mask[i, first - 1 : n] = 1.0
             self.tokens_scored += int(mask.sum())
             if self.mesh is not None:
-                with self.mesh, nn.logical_axis_rules(LOGICAL_RULES):
+                with mesh_rules(self.mesh):
                     nll = self._jitted(self.params, *map(self._place, (inputs, targets, mask)))
             else:
                 nll = self._jitted(self.params, inputs, targets, mask)

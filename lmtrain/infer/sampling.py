@@ -19,14 +19,20 @@ import functools
 import time
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.errors import LmtrainError
-from lmtrain.model.sharding import LOGICAL_RULES, _fit_spec, data_shards, logical_shardings
+from lmtrain.model.sharding import (
+    LOGICAL_RULES,
+    _fit_spec,
+    data_shards,
+    logical_shardings,
+    mesh_platform,
+    mesh_rules,
+)
 from lmtrain.model.transformer import init_cache
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
@@ -170,8 +176,10 @@ _decode_donating = jax.jit(_decode_impl, static_argnums=_DECODE_STATIC, donate_a
 
 def params_shardings(model, mesh: Mesh):
     """The training shardings of ``model``'s params on ``mesh`` (from their logical axis names)."""
+    # Traced with the xla core: same params, and the TPU kernels cannot tile a 1-token sequence.
+    plain = type(model)(dataclasses.replace(model.cfg, attention="xla"))
     boxed = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+        lambda: plain.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
     )
     return logical_shardings(boxed, mesh, LOGICAL_RULES)
 
@@ -228,7 +236,7 @@ def generate_batch(
     ``batch_multiple`` / ``prompt_len_multiple`` round the padded batch shape up so that many
     calls with varied prompts reuse a few compiled shapes (padding never changes results).
     ``compile_only``: compile the prefill and decode programs this call would run and return
-    None; ``params`` may then be abstract (``jax.ShapeDtypeStruct``), and a later call with the
+    them (``{"prefill": Compiled, "decode": Compiled}``) instead of a Generation; ``params`` may then be abstract (``jax.ShapeDtypeStruct``), and a later call with the
     real params finds the programs in JAX's cache (the training loop compiles its sample ahead).
     """
     _check_args(prompts, max_new_tokens, temperature, top_k, top_p, stop_sequences)
@@ -252,10 +260,14 @@ def generate_batch(
     cache_sharding = None
     ctx = _NullContext()
     if mesh is not None:
+
+        def place(x, sharding):
+            if compile_only:  # shapes only: the mesh may hold a topology's abstract devices
+                return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding)
+            return jax.device_put(x, sharding)
+
         tokens, seg, lengths = (
-            jax.device_put(
-                x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *[None] * (x.ndim - 1)))
-            )
+            place(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *[None] * (x.ndim - 1))))
             for x in (tokens, seg, lengths)
         )
         if compile_only:  # abstract params carry the shardings shard_params would give
@@ -267,20 +279,19 @@ def generate_batch(
         elif not _is_on_mesh(params, mesh):
             params = shard_params(model, params, mesh)
         cache_sharding = _cache_sharding(model, mesh, B, cache_len)
-        rng = jax.device_put(rng, NamedSharding(mesh, PartitionSpec()))
+        rng = place(rng, NamedSharding(mesh, PartitionSpec()))
         ctx = _MeshContext(mesh)
     with ctx:
         if compile_only:
-            _compile_generation(model, params, tokens, seg, lengths, rng, cache_len,
-                                cache_sharding, P, int(max_new_tokens), float(temperature),
-                                int(top_k), float(top_p), int(eos_id), stops,
-                                bool(return_logits))  # fmt: skip
-            return None
+            return _compile_generation(model, params, tokens, seg, lengths, rng, cache_len,
+                                       cache_sharding, P, int(max_new_tokens), float(temperature),
+                                       int(top_k), float(top_p), int(eos_id), stops,
+                                       bool(return_logits))  # fmt: skip
         t0 = time.perf_counter()
         last, cache = _prefill(model, params, tokens, seg, cache_len, cache_sharding)
         last = jax.block_until_ready(last)
         t1 = time.perf_counter()
-        decode = _decode if jax.default_backend() == "cpu" else _decode_donating
+        decode = _decode_for(mesh)
         out, logits, steps, keep, reason = decode(
             model,
             params,
@@ -321,8 +332,17 @@ def _compile_generation(model, params, tokens, seg, lengths, rng, cache_len, cac
         lowered.out_info,
         compiled.output_shardings,
     )
-    decode = _decode if jax.default_backend() == "cpu" else _decode_donating
-    decode.lower(model, params, last, cache, lengths, rng, P, *decode_args).compile()
+    decode = _decode_for(cache_sharding.mesh if cache_sharding is not None else None)
+    return {
+        "prefill": compiled,
+        "decode": decode.lower(model, params, last, cache, lengths, rng, P, *decode_args).compile(),
+    }
+
+
+def _decode_for(mesh: Mesh | None):
+    """The decode program: donating its cache except on CPU (which cannot use donations)."""
+    platform = mesh_platform(mesh) if mesh is not None else jax.default_backend()
+    return _decode if platform == "cpu" else _decode_donating
 
 
 def _is_on_mesh(params, mesh: Mesh) -> bool:
@@ -344,20 +364,17 @@ class _NullContext:
 
 
 class _MeshContext:
-    """``with mesh, nn.logical_axis_rules(...)`` so the model's sharding constraints apply."""
+    """:func:`lmtrain.model.sharding.mesh_rules`, so the model's sharding constraints apply."""
 
     def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-        self.rules = nn.logical_axis_rules(LOGICAL_RULES)
+        self.ctx = mesh_rules(mesh)
 
     def __enter__(self):
-        self.mesh.__enter__()
-        self.rules.__enter__()
+        self.ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.rules.__exit__(*exc)
-        return self.mesh.__exit__(*exc)
+        return self.ctx.__exit__(*exc)
 
 
 def generate_batch_past_context(
@@ -430,7 +447,7 @@ def generate_past_context(model, params, prompts, *, max_new_tokens: int, eos_id
     g = generate_batch_past_context(
         model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **kwargs
     )
-    return None if g is None else g.tokens
+    return g.tokens if isinstance(g, Generation) else None  # compile_only: compiled programs
 
 
 def generate(

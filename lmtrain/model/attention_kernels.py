@@ -37,6 +37,29 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _PALLAS_BLOCK = 512  # largest block (query and key) tried for the TPU kernels
 
 _interpret = contextvars.ContextVar("lmtrain_pallas_interpret", default=False)
+_target = contextvars.ContextVar("lmtrain_target_platform", default="")
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Checks kernels against ``platform`` (e.g. "tpu" while compiling for a TPU topology on a
+    CPU host) where no mesh of that platform is in context yet, e.g. in config validation."""
+    token = _target.set(platform)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def _default_platform() -> str:
+    """The compile target: an explicit :func:`target_platform`, else the platform of the mesh in
+    context, else this host's default backend."""
+    if _target.get():
+        return _target.get()
+    mesh = _current_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
 
 
 @contextlib.contextmanager
@@ -264,7 +287,8 @@ def _sharded(local_fn, q_BTHD, k_BTKD, v_BTKD, seg_BT, interpret: bool):
 
 
 def check_available(implementation: str, platform: str | None = None, dtype: str = "") -> None:
-    """Raises ConfigError when ``implementation`` cannot run on ``platform`` (default backend)."""
+    """Raises ConfigError when ``implementation`` cannot run on ``platform`` (default: the
+    compile target, see :func:`_default_platform`)."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(
             f"config.model.attention={implementation!r}: choose one of {IMPLEMENTATIONS}"
@@ -273,7 +297,7 @@ def check_available(implementation: str, platform: str | None = None, dtype: str
         return
     if implementation in ("splash", "flash") and _interpret.get():
         return
-    platform = platform or jax.default_backend()
+    platform = platform or _default_platform()
     if implementation == "cudnn":
         if platform not in ("gpu", "cuda"):
             raise ConfigError(

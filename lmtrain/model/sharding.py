@@ -8,8 +8,9 @@ so the model code never places arrays by hand.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -76,6 +77,20 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         return Mesh(arr, MESH_AXES, **kwargs)
 
 
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
+    """The context every jitted model call is traced in: the mesh and the logical rules.
+
+    Flax's ``with_logical_constraint`` applies a constraint only when ``jax.set_mesh`` has set
+    the (abstract) mesh; under the legacy ``with mesh:`` alone every activation constraint in
+    the model is silently dropped, and the partitioner is free to split activations over the
+    model width instead of the batch (FSDP then computes every dot over the global batch).
+    ``with mesh`` stays for code that reads the legacy thread-local mesh.
+    """
+    with mesh, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh
+
+
 def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes that do not divide a dimension (e.g. 4 kv heads on 8-way tensor)."""
     out = []
@@ -104,6 +119,12 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
         return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh))
 
     return jax.tree.map(one, specs, unboxed, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform the mesh's devices belong to (the compile target, not necessarily the host:
+    an ahead-of-time compile for a TPU topology runs on a CPU host)."""
+    return mesh.devices.flat[0].platform
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

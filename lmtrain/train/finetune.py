@@ -27,7 +27,7 @@ from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.reward_head import HEAD_KEY, init_reward_head
-from lmtrain.model.sharding import LOGICAL_RULES, logical_shardings
+from lmtrain.model.sharding import LOGICAL_RULES, logical_shardings, mesh_rules
 from lmtrain.model.transformer import Transformer
 from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.losses.rl import VALUE_KEY, init_value_head
@@ -238,17 +238,22 @@ def start_state(setup, state, initial: dict | None):
     return state.replace(params=params)
 
 
-def teacher(setup, tokenizer: Tokenizer):
-    """(teacher model, params, shardings) of the ``config.distill.teacher`` run."""
-    cfg = setup.config
+def teacher_model(cfg) -> Transformer:
+    """The ``config.distill.teacher`` run's architecture, in this run's compute dtype."""
     run_cfg, _ = read_run(cfg.distill.teacher)
-    check_same_vocabulary(
-        cfg.distill.teacher, tokenizer, cfg.model.vocab_size, "config.distill.teacher"
-    )
     model_cfg = ModelConfig.from_config(
         {**run_cfg["model"], "dtype": cfg.model.dtype, "remat": "none"}
     )
-    model = Transformer(model_cfg)
+    return Transformer(model_cfg)
+
+
+def teacher(setup, tokenizer: Tokenizer):
+    """(teacher model, params, shardings) of the ``config.distill.teacher`` run."""
+    cfg = setup.config
+    check_same_vocabulary(
+        cfg.distill.teacher, tokenizer, cfg.model.vocab_size, "config.distill.teacher"
+    )
+    model = teacher_model(cfg)
     abstract, shardings = abstract_params(model, cfg.data.seq_len, setup.mesh)
     with setup.mesh:
         params = restore_run_params(
@@ -302,7 +307,7 @@ def add_reference_logps(setup, rows: dict, reference_params, batch_size: int) ->
     fn = jax.jit(lambda p, b: pair_logps(setup.model, p, b))
     chosen, rejected = [], []
     n = finetune_data.num_rows(rows)
-    with setup.mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with mesh_rules(setup.mesh):
         for batch in finetune_data.eval_batches(rows, batch_size=batch_size):
             c, r = fn(reference_params, batch)
             chosen.append(np.asarray(c))

@@ -108,15 +108,10 @@ def build(config, workdir: str) -> Setup:
             f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} ({data_dir}/tokenizer); set it to 0 to follow the tokenizer"
         )
-    mesh = make_mesh(config.mesh.shape, jax.devices()[: config.mesh.num_devices or None])
-    model_cfg = ModelConfig.from_config(config.model)
-    model = Transformer(model_cfg)
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
-    transform = finetune.params_transform(config, model_cfg)
-    abstract, shardings = state_shardings(
-        model, tx, config.data.seq_len, config.seed, mesh, transform
+    devices = jax.devices()[: config.mesh.num_devices or None]
+    mesh, model_cfg, model, tx, schedule, transform, abstract, shardings, batch_sharding = (
+        build_layout(config, devices)
     )
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     eval_rows = eval_fit = None
     if finetune.uses_records(config) and config.data.eval_file and not rollout.is_rl(config):
         eval_rows, eval_fit = finetune_data.rows_and_fit(config, tokenizer, config.data.eval_file)
@@ -136,6 +131,22 @@ def build(config, workdir: str) -> Setup:
         eval_rows,
         eval_fit,
     )
+
+
+def build_layout(config, devices) -> tuple:
+    """Mesh, model, optimizer and the state's abstract shapes and shardings over ``devices``
+    (real ones, or a TPU topology's abstract devices for ``lmtrain compile``): (mesh, model_cfg,
+    model, tx, schedule, params_transform, abstract_state, state_shardings, batch_sharding)."""
+    mesh = make_mesh(config.mesh.shape, devices)
+    model_cfg = ModelConfig.from_config(config.model)
+    model = Transformer(model_cfg)
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    transform = finetune.params_transform(config, model_cfg)
+    abstract, shardings = state_shardings(
+        model, tx, config.data.seq_len, config.seed, mesh, transform
+    )
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return mesh, model_cfg, model, tx, schedule, transform, abstract, shardings, batch_sharding
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:

@@ -16,7 +16,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmtrain.model.sharding import LOGICAL_RULES, shard_map
+from lmtrain.model.sharding import mesh_platform, mesh_rules, shard_map
 from lmtrain.train.objectives import OBJECTIVES, LossContext
 from lmtrain.train.optim import apply_adamw
 from lmtrain.train.state import TrainState
@@ -84,7 +84,7 @@ def uses_flat_grad_sync(config, mesh: Mesh) -> bool:
     data_only = mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1 and mesh.shape["data"] > 1
     if mode == "spmd" or not data_only or config.model.attention != "xla":
         return False
-    return mode == "flat" or jax.default_backend() == "cpu"
+    return mode == "flat" or mesh_platform(mesh) == "cpu"
 
 
 def compute_grads_flat(
@@ -184,7 +184,7 @@ def make_train_step(
         return new_state, out
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    options = cpu_compiler_options(config)
+    options = cpu_compiler_options(config, mesh)
     jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
@@ -194,7 +194,7 @@ def make_train_step(
     )
 
     def run(state, batch, frozen=None):
-        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        with mesh_rules(mesh):
             return jitted(state, batch, frozen)
 
     def steps(state: TrainState, batches: dict, frozen=None):
@@ -210,13 +210,13 @@ def make_train_step(
 
     def multi(state, batches, frozen=None):
         """k steps on batches stacked as (k, B, ...); metrics come back as (k,) arrays."""
-        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        with mesh_rules(mesh):
             return jitted_multi(state, batches, frozen)
 
     def compile_for(state, batch, frozen=None, steps: int = 1):
         """Compiles, without running, the call ``run`` (or ``multi`` over a stack of ``steps``
         batches) makes with arguments of these shapes; that call then finds it in JAX's cache."""
-        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        with mesh_rules(mesh):
             if steps == 1:
                 return jitted.lower(state, batch, frozen).compile()
             sharding = stacked_shardings(batch_shardings)  # one NamedSharding for every field
@@ -232,10 +232,11 @@ def make_train_step(
     return run
 
 
-def cpu_compiler_options(config) -> dict | None:
+def cpu_compiler_options(config, mesh: Mesh | None = None) -> dict | None:
     """XLA compile options of the train and eval steps: ``train.cpu_opt_level`` on CPU."""
     level = int(config.train.get("cpu_opt_level", -1))
-    if level < 0 or jax.default_backend() != "cpu":
+    platform = mesh_platform(mesh) if mesh is not None else jax.default_backend()
+    if level < 0 or platform != "cpu":
         return None
     return {"xla_backend_optimization_level": level}
 
@@ -267,16 +268,16 @@ def make_eval_step(
         evaluate,
         in_shardings=(params_shardings, batch_shardings, frozen_shardings),
         out_shardings=replicated,
-        compiler_options=cpu_compiler_options(config),
+        compiler_options=cpu_compiler_options(config, mesh),
     )
 
     def run(params, batch, frozen=None):
-        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        with mesh_rules(mesh):
             return jitted(params, batch, frozen)
 
     def compile_for(params, batch, frozen=None):
         """Compiles, without running, ``run`` for arguments of these shapes."""
-        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        with mesh_rules(mesh):
             return jitted.lower(params, batch, frozen).compile()
 
     run.compile_for = compile_for
