@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from lmtrain.errors import ConfigError
+from lmtrain.model.config import ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,28 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective = "lm"  # lm | sft | dpo | reward | distill | grpo | ppo
     c.init_from = ""  # checkpoint dir (lmtrain workdir) to start from: params only
 
-    c.model = ml_collections.ConfigDict()
+    # The model section's keys and defaults are ModelConfig's fields (lmtrain/model/config.py).
+    c.model = ml_collections.ConfigDict(ModelConfig.section_defaults())
     c.model.vocab_size = 0  # 0 = take it from the tokenizer
-    c.model.d_model = 128
-    c.model.n_layers = 4
-    c.model.n_heads = 4
-    c.model.n_kv_heads = 4
-    c.model.head_dim = 0
-    c.model.d_ff = 352
-    c.model.max_seq_len = 256
-    c.model.rope_theta = 10000.0
-    c.model.norm_eps = 1e-5
-    c.model.tie_embeddings = False
-    c.model.qkv_bias = False
-    c.model.embed_scale = False
-    c.model.mlp_activation = "silu"
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    # Matmul operands ("" = model.dtype), float32 accumulation. float32 activations with bfloat16
-    # matmuls is the fast mix on CPUs with AMX / AVX512-BF16 (tools/bench_shakespeare.py).
-    c.model.matmul_dtype = ""
-    c.model.remat = "none"
-    c.model.attention = "xla"
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # output of `lmtrain data prepare` (train/, validation/, tokenizer/)
@@ -86,8 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     # background threads while the state initialises (lmtrain/train/compile_ahead.py).
     c.train.compile_ahead = True
     # LLVM optimisation level of the train and eval steps on CPU (-1 = XLA's default, -O2).
-    # -O1 skips the loop/SLP vectorisers: for small models' many small fusions it compiled 25%
-    # faster and ran 7-9% faster (shakespeare config); for wider models -O2's vector loops win (~5%).
+    # -O1 skips the loop/SLP vectorisers: small models' many small fusions compile and run faster
+    # without them; wider models run faster with -O2's vector loops (docs/performance.md).
     c.train.cpu_opt_level = -1
     c.train.log_every = 50
     # Metric writers (lmtrain/train/metric_writers.py): any of "jsonl", "tensorboard", "wandb".
@@ -550,7 +532,7 @@ def _validate_finetune(cfg: ml_collections.ConfigDict, need) -> None:
     )
     need(t.temperature > 0, f"config.distill.temperature={t.temperature} must be positive")
     need(0.0 <= t.alpha <= 1.0, f"config.distill.alpha={t.alpha} must be in [0, 1]")
-    from lmtrain.train.rl_checks import validate_rl
+    from lmtrain.rl_config import validate_rl
 
     validate_rl(cfg, need)
     lo = cfg.lora

@@ -17,8 +17,8 @@ import uuid
 import pytest
 
 from lmtrain.errors import ConfigError
-from lmtrain.eval import code_exec as C
-from lmtrain.eval.sandbox import available_isolation, process_level_drops_uid
+from lmtrain.sandbox import code_exec as C
+from lmtrain.sandbox.isolation import available_isolation, process_level_drops_uid
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
 NAMESPACES = available_isolation() == "namespace"
@@ -139,7 +139,7 @@ def _evaluator_in_subprocess(program: str, tmp_path, extra_env=None) -> dict:
     """Run the evaluator in its own process, so a probe that kills it cannot kill pytest."""
     script = (
         "import json, sys\n"
-        "from lmtrain.eval import code_exec as C\n"
+        "from lmtrain.sandbox import code_exec as C\n"
         "r = C.run(sys.argv[1], 'assert f() == 1\\n', C.ExecLimits(timeout_s=6.0),"
         " isolation=sys.argv[2])\n"
         "print(json.dumps({'status': r.status, 'message': r.message, 'output': r.output}))\n"
@@ -403,7 +403,7 @@ def test_eval_code_tasks_refuse_before_generating(monkeypatch):
 def test_without_util_linux_prlimit_the_limits_still_apply(level, monkeypatch):
     import shutil as _shutil
 
-    from lmtrain.eval import sandbox
+    from lmtrain.sandbox import isolation as sandbox
 
     real = _shutil.which
     monkeypatch.setattr(sandbox.shutil, "which", lambda n: None if n == "prlimit" else real(n))

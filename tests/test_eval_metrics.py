@@ -10,6 +10,7 @@ from rouge_score import rouge_scorer
 
 from lmtrain.errors import DataError
 from lmtrain.eval import metrics as M
+from lmtrain.sandbox.code_exec import pass_at_k
 
 
 @pytest.mark.parametrize(
@@ -123,7 +124,7 @@ def test_pass_at_k_matches_closed_form_grid():
     for n in range(1, 26):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert M.pass_at_k(n, c, k) == pytest.approx(
+                assert pass_at_k(n, c, k) == pytest.approx(
                     float(closed_form_pass_at_k(n, c, k)), abs=1e-12
                 )
 
@@ -136,18 +137,18 @@ def test_pass_at_k_matches_closed_form_grid():
 )
 def test_pass_at_k_large_n(nck):
     n, c, k = nck
-    assert M.pass_at_k(n, c, k) == pytest.approx(
+    assert pass_at_k(n, c, k) == pytest.approx(
         float(closed_form_pass_at_k(n, c, k)), rel=1e-9, abs=1e-12
     )
 
 
 def test_pass_at_k_edges():
-    assert M.pass_at_k(10, 0, 1) == 0.0
-    assert M.pass_at_k(10, 10, 10) == 1.0
-    assert M.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(10, 10, 10) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     for bad in [(5, 6, 1), (5, 1, 0), (5, 1, 6), (5, -1, 1)]:
         with pytest.raises(DataError):
-            M.pass_at_k(*bad)
+            pass_at_k(*bad)
 
 
 def test_perplexity_and_bits_per_byte():

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from lmtrain.errors import DataError
-from lmtrain.eval import code_exec as C
 from lmtrain.eval import safety as S
+from lmtrain.sandbox import code_exec as C
 
 # ------------------------------------------------------------------------------------ refusals
 

@@ -4,13 +4,6 @@ Heavy dependencies (sacrebleu, matplotlib) are imported only when a function nee
 importing this package stays cheap.
 """
 
-from lmtrain.eval.code_exec import (
-    CodeProblem,
-    ExecLimits,
-    ExecResult,
-    evaluate_pass_at_k,
-    run_tests,
-)
 from lmtrain.eval.metrics import (
     accuracy,
     bits_per_byte,
@@ -20,7 +13,6 @@ from lmtrain.eval.metrics import (
     mean_of,
     metric_by_slice,
     normalize_answer,
-    pass_at_k,
     perplexity,
     rouge_l,
     token_f1,
@@ -40,6 +32,14 @@ from lmtrain.eval.safety import (
     expand_bias_templates,
     is_refusal,
     refusal_precision_recall,
+)
+from lmtrain.sandbox.code_exec import (
+    CodeProblem,
+    ExecLimits,
+    ExecResult,
+    evaluate_pass_at_k,
+    pass_at_k,
+    run_tests,
 )
 
 __all__ = [

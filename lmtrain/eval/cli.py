@@ -152,7 +152,7 @@ def cmd_eval(args, overrides) -> None:
             "<dir> (or --harness --tasks a,b instead of / besides --config; or --compare A B)"
         )
     if args.allow_code_execution:
-        from lmtrain.eval.code_exec import ALLOW_ENV
+        from lmtrain.sandbox.code_exec import ALLOW_ENV
 
         os.environ[ALLOW_ENV] = "1"
     run_eval(
@@ -175,7 +175,7 @@ def register(subparsers) -> None:
     e.add_argument(
         "--allow-code-execution",
         action="store_true",
-        help="let code tasks run model-generated programs (sandboxed; see lmtrain/eval/sandbox.py)",
+        help="let code tasks run model-generated programs (sandboxed; see lmtrain/sandbox/isolation.py)",
     )
     e.add_argument("--harness", action="store_true", help="run lm-evaluation-harness tasks")
     e.add_argument("--tasks", default="", help="--harness: comma-separated lm-eval task names")

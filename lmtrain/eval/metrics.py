@@ -26,7 +26,6 @@ __all__ = [
     "mean_of",
     "metric_by_slice",
     "normalize_answer",
-    "pass_at_k",
     "perplexity",
     "rouge_l",
     "token_f1",
@@ -158,22 +157,6 @@ def bleu_with_signature(
     metric = BLEU(tokenize=tokenize)
     score = metric.corpus_score(list(preds), streams).score
     return float(score), str(metric.get_signature())
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021).
-
-    Computes ``1 - C(n-c, k) / C(n, k)`` as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``, which never
-    forms the huge binomials and so stays exact enough for n in the thousands.
-    """
-    if not (0 <= c <= n) or not (1 <= k <= n):
-        raise DataError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    prob_all_fail = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_fail *= 1.0 - k / i
-    return 1.0 - prob_all_fail
 
 
 def _check_count(name: str, value: float) -> None:

@@ -393,7 +393,13 @@ def run_choice(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_code(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
-    from lmtrain.eval.code_exec import CodeProblem, ExecLimits, evaluate_pass_at_k, require_opt_in
+    from lmtrain.sandbox.code_exec import (
+        CodeProblem,
+        ExecLimits,
+        evaluate_pass_at_k,
+        pass_at_k,
+        require_opt_in,
+    )
 
     require_opt_in()  # before generating: refuse early, not after minutes of sampling
     rows = read_jsonl(t["path"], t["max_examples"])
@@ -408,7 +414,7 @@ def run_code(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
     for r, p in zip(rows, problems):
         pp = res["per_problem"][p.task_id]
         for k in ks:
-            r[f"_pass@{k}"] = M.pass_at_k(pp["n"], pp["c"], k)
+            r[f"_pass@{k}"] = pass_at_k(pp["n"], pp["c"], k)
     out = M.metric_by_slice(rows, {f"pass@{k}": M.mean_of(f"_pass@{k}") for k in ks}, t["slices"])
     out["per_problem"] = {
         k: {"n": v["n"], "c": v["c"], "statuses": v["statuses"]}

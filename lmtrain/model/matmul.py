@@ -1,8 +1,8 @@
 """Matmuls in the compute dtype, accumulated in float32, with gradients that stay in that dtype.
 
-Why a helper: XLA:CPU runs a bf16 x bf16 dot fast (AMX / AVX512-BF16, ~470 GF/s at nanoGPT sizes
-on our 2-core machine) only when its output is float32; a dot whose output is bf16 is rewritten to
-a float32 dot (~210 GF/s) plus converts. Autodiff of ``einsum(..., preferred_element_type=f32)``
+Why a helper: XLA:CPU runs a bf16 x bf16 dot fast (AMX / AVX512-BF16) only when its output is
+float32; a dot whose output is bf16 is rewritten to a slower float32 dot plus converts
+(docs/performance.md). Autodiff of ``einsum(..., preferred_element_type=f32)``
 feeds the float32 cotangent to the backward dots, so they run in float32 too. :func:`einsum`
 therefore casts the cotangent to the compute dtype itself (a custom VJP), which is the usual mixed
 precision on GPUs and TPUs as well: bf16 operands and float32 accumulation in all three GEMMs.

@@ -153,8 +153,8 @@ def _state_save_handler() -> ocp.PyTreeCheckpointHandler | None:
 
     Replica-parallel (Orbax's default everywhere but GPU) splits each replicated array across the
     devices holding it so they write in parallel, slicing with one jitted ``slice`` per shape and
-    device: on CPU, where one host writes anyway, that is only compile time (0.45 s on the
-    shakespeare run's first save, 2.9 s for a 40-shape tree; 0.08 s per save without it).
+    device: on CPU, where one host writes anyway, that only adds compile time to each new tree's
+    first save (docs/performance.md).
 
     The handler gets a private type-handler registry (Orbax's defaults with this one ``jax.Array``
     handler swapped in). Registering it in Orbax's global registry instead, as before, replaced

@@ -14,7 +14,7 @@ import warnings
 import jax
 from jax.experimental.compilation_cache import compilation_cache as cc
 
-MIN_COMPILE_SECONDS = 0.2  # cache anything slower to compile than this (JAX's default is 1 s)
+MIN_COMPILE_SECONDS = 0.2  # cache every program whose compile takes longer (JAX defaults to 1 s)
 MAX_BYTES = 2 << 30  # least recently used entries go beyond this; writes then take a file lock
 
 

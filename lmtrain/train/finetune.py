@@ -29,9 +29,9 @@ from lmtrain.model.config import ModelConfig
 from lmtrain.model.reward_head import HEAD_KEY, init_reward_head
 from lmtrain.model.sharding import LOGICAL_RULES, logical_shardings, mesh_rules
 from lmtrain.model.transformer import Transformer
+from lmtrain.rl_config import RL_OBJECTIVES
 from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.losses.rl import VALUE_KEY, init_value_head
-from lmtrain.train.rl_checks import RL_OBJECTIVES
 
 # Model keys that fix the param tree or its meaning; taken from the init_from run.
 ARCH_KEYS = (

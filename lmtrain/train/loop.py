@@ -11,7 +11,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -845,8 +844,4 @@ def sample_texts(
     return [] if compile_only else [tok.decode(ids + o) for o in outs]
 
 
-def params_from_state(state) -> dict:
-    return state.params
-
-
-__all__ = ["train", "build", "evaluate", "sample_texts", "jnp"]
+__all__ = ["train", "build", "evaluate", "sample_texts"]

@@ -12,7 +12,7 @@ Built in:
   the ends ignored), else 0;
 * ``format`` — 1 when the completion matches ``config.rl.format_regex`` (``re.fullmatch``, DOTALL);
 * ``code`` — 1 when ``code_prompt + completion`` passes the record's ``test`` in the sandbox of
-  lmtrain/eval/code_exec.py (HumanEval layout: ``entry_point`` adds ``check(entry_point)``); the
+  lmtrain/sandbox/code_exec.py (HumanEval layout: ``entry_point`` adds ``check(entry_point)``); the
   rollout also logs pass@k over each prompt's group;
 * ``reward_model`` — the score of a trained ``reward`` run (``config.rl.reward_model``, a workdir),
   batched over the training mesh; its tokenizer must be the policy's.
@@ -73,7 +73,7 @@ class CodeReward:
         self.last_pass_at_k: dict[str, float] = {}
 
     def __call__(self, prompts, completions) -> np.ndarray:
-        from lmtrain.eval.code_exec import ExecLimits, evaluate_pass_at_k
+        from lmtrain.sandbox.code_exec import ExecLimits, evaluate_pass_at_k
 
         problems, samples, order = [], {}, []
         for i, (p, c) in enumerate(zip(prompts, completions)):

@@ -43,11 +43,11 @@ from lmtrain.data.formats import parse_preference_record, parse_sft_record
 from lmtrain.errors import ConfigError, DataError
 from lmtrain.infer.sampling import generate_batch
 from lmtrain.model.sharding import LOGICAL_RULES, data_shards
+from lmtrain.rl_config import RL_OBJECTIVES
 from lmtrain.train import advantages as adv_lib
 from lmtrain.train import rewards as rewards_lib
 from lmtrain.train.objectives import LossContext, token_cross_entropy
 from lmtrain.train.rewards import PromptRecord
-from lmtrain.train.rl_checks import RL_OBJECTIVES
 
 LM_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 

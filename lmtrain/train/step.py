@@ -76,8 +76,8 @@ BATCH_AXES = ("data", "fsdp")
 def uses_flat_grad_sync(config, mesh: Mesh) -> bool:
     """Whether gradients are summed over data shards as one flat buffer (``train.grad_sync``).
 
-    ``auto`` picks it on CPU under pure data parallelism: XLA:CPU's all-reduce costs ~55 µs per
-    operand, so one buffer instead of one per parameter saved ~1.5 ms of a 20 ms step. On GPU
+    ``auto`` picks it on CPU under pure data parallelism: XLA:CPU's all-reduce has a fixed cost per
+    operand, so one flat buffer beats one per parameter (docs/performance.md). On GPU
     and TPU the SPMD reduction stays: XLA overlaps its per-layer all-reduces with the backward.
     """
     mode = config.train.get("grad_sync", "auto")

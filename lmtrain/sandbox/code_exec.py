@@ -2,7 +2,7 @@
 
 Two processes per program (see ``run``):
 
-- the *program* runs in a sandbox (``lmtrain.eval.sandbox``: namespaces, a throw-away uid,
+- the *program* runs in a sandbox (``lmtrain.sandbox.isolation``: namespaces, a throw-away uid,
   no network, a private tmpfs, rlimits, whole-tree kill), and only answers calls to its
   top-level functions with plain data over a pipe;
 - the *tests* run in a separate judge process that calls those functions through proxies and
@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lmtrain.errors import ConfigError, DataError
-from lmtrain.eval.metrics import pass_at_k
-from lmtrain.eval.sandbox import ProcLimits, launcher, resolve_isolation, spawn
+from lmtrain.sandbox.isolation import ProcLimits, launcher, resolve_isolation, spawn
 
 __all__ = [
     "CodeProblem",
@@ -46,6 +45,22 @@ __all__ = [
 ]
 
 Status = Literal["passed", "failed", "timed_out", "error"]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021).
+
+    Computes ``1 - C(n-c, k) / C(n, k)`` as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``, which never
+    forms the huge binomials and so stays exact enough for n in the thousands.
+    """
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise DataError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prob_all_fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_fail *= 1.0 - k / i
+    return 1.0 - prob_all_fail
 
 
 @dataclass(frozen=True)
@@ -308,7 +323,7 @@ def require_opt_in(allow: bool | None = None) -> None:
         raise ConfigError(
             "refusing to run model-generated code without an explicit opt-in: pass "
             f"--allow-code-execution (lmtrain eval) or set {ALLOW_ENV}=1 after reading "
-            "lmtrain/eval/sandbox.py on what the sandbox does and does not isolate"
+            "lmtrain/sandbox/isolation.py on what the sandbox does and does not isolate"
         )
 
 
