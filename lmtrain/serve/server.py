@@ -595,7 +595,7 @@ def is_loopback(host: str) -> bool:
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
-    """The warning to print when ``host`` reaches beyond this machine and no key guards it."""
+    """The warning to print when ``host`` is not a loopback address and no key guards it."""
     if api_key or is_loopback(host):
         return None
     bar = "!" * 78
