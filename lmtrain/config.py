@@ -137,6 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.group_size = 4  # completions per prompt (global_batch_size = prompts x group_size)
     c.rl.num_iterations = 1  # optimizer steps on each rollout batch (> 1: clipped ratios matter)
     c.rl.max_new_tokens = 32
+    c.rl.max_prompt_len = 0  # TRL max_prompt_length; 0 = seq_len + 1 - max_new_tokens
     c.rl.temperature = 1.0
     c.rl.top_k = 0
     c.rl.top_p = 1.0

@@ -41,6 +41,12 @@ def validate_rl(cfg, need) -> None:
         f"config.rl.max_new_tokens={r.max_new_tokens} must be below config.data.seq_len="
         f"{cfg.data.seq_len} (prompt + completion share a row)",
     )
+    room = cfg.data.seq_len + 1 - r.max_new_tokens
+    need(
+        0 <= r.get("max_prompt_len", 0) <= room,
+        f"config.rl.max_prompt_len={r.get('max_prompt_len', 0)} must be in [0, {room}] (0 = all "
+        "of config.data.seq_len + 1 - config.rl.max_new_tokens)",
+    )
     need(
         t.get("steps_per_dispatch", 1) == 1,
         "config.train.steps_per_dispatch must be 1 for online RL (each step may need a rollout)",

@@ -101,6 +101,11 @@ def test_stop_and_resume_mid_rl_equals_uninterrupted_bitwise(files, tmp_path):
         np.testing.assert_array_equal(a, b)
     assert resumed["train/loss"] == full["train/loss"]
     assert resumed["train/rollout/reward"] == full["train/rollout/reward"]
+    # the prompt file's fitting is logged at the start like SFT/DPO records (all 24 fit whole)
+    with open(tmp_path / "full" / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    assert first["step"] == 0 and first["data/train/examples"] == 24
+    assert first["data/train/kept"] == 24 and first["data/train/prompt_cut"] == 0
 
 
 def _abstract(cfg, workdir):

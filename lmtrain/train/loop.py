@@ -407,6 +407,7 @@ def _train(config, workdir: str, *, print_fn, guard: PreemptionGuard) -> dict:
     rl = None  # online RL: batches come from rollouts (lmtrain/train/rollout.py)
     if rollout.is_rl(cfg):
         rl = rollout.make_source(setup, frozen, iter_state, workdir, print_fn)
+        fit_metrics = rl.fit_metrics  # prompts cut/dropped by config.data.truncation
     elif finetune.uses_records(cfg):
         rows, fit = finetune_data.rows_and_fit(cfg, setup.tokenizer, cfg.data.train_file)
         fit_metrics = fit.metrics("data/train/")

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmtrain.data import finetune_data, pipeline
+from lmtrain.data import finetune_data, fit, pipeline
 from lmtrain.data.formats import parse_preference_record, parse_sft_record
 from lmtrain.errors import ConfigError, DataError
 from lmtrain.infer.sampling import generate_batch
@@ -111,17 +111,29 @@ def read_prompts(path: str, layout: str = "auto") -> list[PromptRecord]:
     return out
 
 
-def encode_prompts(records, tokenizer, template, max_len: int):
-    """(token ids, kept records, number dropped): prompts longer than ``max_len`` are dropped."""
-    ids, kept, dropped = [], [], 0
+def encode_prompts(
+    records, tokenizer, template, max_len: int, truncation: str = "keep_end", stats=None
+):
+    """(token ids, kept records): each prompt fitted to ``max_len`` tokens by the fine-tuning
+    data policy (lmtrain/data/fit.py ``fit_prompt``: ``keep_end`` drops its oldest tokens,
+    ``drop`` drops the prompt); every cut and drop is counted in ``stats`` (a ``FitStats``)."""
+    ids, kept = [], []
     for r in records:
         x = template.encode_generation_prompt(list(r.turns), tokenizer)
-        if len(x) > max_len:
-            dropped += 1
-            continue
-        ids.append(x)
-        kept.append(r)
-    return ids, kept, dropped
+        x, reason = fit.fit_prompt(x, max_len, truncation)
+        if stats is not None:
+            stats.add(reason)
+        if x is not None:
+            ids.append(x)
+            kept.append(r)
+    return ids, kept
+
+
+def prompt_budget(config) -> int:
+    """Prompt tokens a rollout row leaves room for: ``config.rl.max_prompt_len``, or when 0 all
+    that the completion's ``max_new_tokens`` leave of ``seq_len + 1`` ids."""
+    room = config.data.seq_len + 1 - config.rl.max_new_tokens
+    return int(config.rl.get("max_prompt_len", 0)) or room
 
 
 # ---- rows ------------------------------------------------------------------------------------
@@ -294,29 +306,23 @@ class RolloutSource:
         self.template = finetune_data.chat_template_for(self.tok, cfg.data.chat_markers)
         r = cfg.rl
         self.G, self.iters = r.group_size, r.num_iterations
-        self.max_prompt = cfg.data.seq_len + 1 - r.max_new_tokens
+        self.max_prompt = prompt_budget(cfg)
         self.stop_ids = self.tok.encode(r.stop) if r.stop else []
+        self.fit_stats: dict[str, fit.FitStats] = {}
         records = read_prompts(cfg.data.train_file, cfg.data.format)
-        self.ids, self.records, dropped = encode_prompts(
-            records, self.tok, self.template, self.max_prompt
-        )
-        if dropped:
-            print_fn(
-                f"RL prompts: dropped {dropped}/{len(records)} longer than {self.max_prompt} "
-                "tokens (config.data.seq_len + 1 - config.rl.max_new_tokens)"
-            )
+        self.ids, self.records = self._fit("train", cfg.data.train_file, records)
         if not self.records:
             raise DataError(
-                f"{cfg.data.train_file}: every prompt is longer than {self.max_prompt} tokens"
+                f"{cfg.data.train_file}: every prompt is longer than {self.max_prompt} tokens "
+                "(config.rl.max_prompt_len); raise config.data.seq_len or use "
+                "config.data.truncation='keep_end'"
             )
         self.eval_ids, self.eval_records = [], []
         if cfg.data.eval_file:
             ev = read_prompts(cfg.data.eval_file, cfg.data.format)
             if r.eval_max_prompts:
                 ev = ev[: r.eval_max_prompts]
-            self.eval_ids, self.eval_records, _ = encode_prompts(
-                ev, self.tok, self.template, self.max_prompt
-            )
+            self.eval_ids, self.eval_records = self._fit("eval", cfg.data.eval_file, ev)
         self.rewards, self.weights = rewards_lib.make_rewards(
             cfg, lambda: RewardModelJudge(r.reward_model, setup, self.template)
         )
@@ -353,6 +359,31 @@ class RolloutSource:
 
         self._policy = jax.jit(policy)
         self._ref = jax.jit(lambda p, b: token_logps(setup.model, p, b))
+
+    def _fit(self, split: str, path: str, records) -> tuple[list, list]:
+        """Prompts fitted to the budget like SFT/DPO rows (config.data.truncation), counted by
+        reason, printed, and refused above config.data.max_lost_fraction."""
+        d = self.cfg.data
+        stats = fit.FitStats(
+            "RL prompts",
+            self.max_prompt,
+            fit.policy(d.truncation),
+            path,
+            limit_key="config.rl.max_prompt_len",
+        )
+        out = encode_prompts(records, self.tok, self.template, self.max_prompt, d.truncation, stats)
+        self.print_fn(stats.summary())
+        stats.check(d.max_lost_fraction)
+        self.fit_stats[split] = stats
+        return out
+
+    @property
+    def fit_metrics(self) -> dict[str, float]:
+        """``data/train/*`` and ``data/eval/*`` prompt counts (the records runs' keys)."""
+        out: dict[str, float] = {}
+        for split, stats in self.fit_stats.items():
+            out.update(stats.metrics(f"data/{split}/"))
+        return out
 
     # -- iterator protocol ----------------------------------------------------------------------
 
