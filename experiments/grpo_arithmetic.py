@@ -144,7 +144,10 @@ def main(argv=None) -> dict:
     kinds = tuple(args.train_tasks.split(","))
     grpo_tasks = [t for t in train_tasks[4000:] if t[0].split()[0] in kinds]
     tok = CharTokenizer.train([base.LETTERS + "0123456789 =\n"], extra_specials=CHAT_SPECIALS)
-    files = {name: os.path.join(wd, f"grpo_{name}.jsonl") for name in ("train", "val", "test")}
+    # the run's own files: GRPO runs with other --train_tasks may share the workdir at once
+    files = {
+        name: os.path.join(wd, f"{args.name}_{name}.jsonl") for name in ("train", "val", "test")
+    }
     for name, tasks in (("train", grpo_tasks), ("val", val_tasks), ("test", test_tasks)):
         finetune_data.write_jsonl(files[name], ({"prompt": q, "answer": a} for q, a in tasks))
     cfg = grpo_config(args, wd, files)
@@ -159,8 +162,9 @@ def main(argv=None) -> dict:
     cache_path = os.path.join(wd, "stage_scores.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
     val = {f"after_{s}": stage_scores(wd, s, cfg, tok, val_tasks, cache) for s in ("sft", "dpo")}
-    with open(cache_path, "w") as f:
+    with open(f"{cache_path}.{os.getpid()}", "w") as f:
         json.dump(cache, f, indent=2)
+    os.replace(f"{cache_path}.{os.getpid()}", cache_path)  # atomic: concurrent runs read it
     val["after_grpo"] = scores(cfg, params, tok, val_tasks)
     after = scores(cfg, params, tok, test_tasks)
     table = {
