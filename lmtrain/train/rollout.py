@@ -5,7 +5,9 @@ The loop reads batches from a :class:`RolloutSource` the way it reads any datase
 ``config.rl.num_iterations`` steps the source
 
 1. takes the next ``global_batch_size / group_size`` prompts (a shuffled, checkpointable Grain
-   iterator over ``data.train_file``) and repeats each ``group_size`` times;
+   iterator over ``data.train_file``) and repeats each ``group_size`` times; prompts over the
+   budget (``rl.max_prompt_len``) were cut or dropped at start by ``data.truncation`` like SFT/DPO
+   rows (lmtrain/data/fit.py), counted in the console and ``data/{train,eval}/*`` metrics;
 2. samples completions with the KV-cache sampler sharded over the training mesh (temperature,
    top-k/top-p, one stop string, ``max_new_tokens``), the seed derived from ``(seed, rollout
    index)`` so a resumed run samples the same;
