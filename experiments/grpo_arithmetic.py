@@ -4,10 +4,15 @@
 
 Runs experiments/sft_dpo_arithmetic.py first (pre-train, SFT, DPO; skipped when its
 ``report.json`` is already in the workdir), then GRPO (objective ``grpo``) from the same SFT run on
-the DPO stage's training prompts: groups of ``--group`` sampled answers per prompt, reward 1 for
-the exact answer, group-normalised advantages, k3 KL to the SFT model. Every stage is scored on
-the same held-out prompts (greedy exact match, per task); the table goes to
-``<workdir>/<name>_report.json`` and the console.
+the DPO stage's training prompts: groups of ``--group`` sampled answers per prompt (temperature
+1), reward 1 for the exact answer, group-normalised advantages, per-token loss, optionally a k3
+KL to the SFT model (``--beta``). Every stage is scored on the same held-out prompts (greedy exact
+match, per task); the table goes to ``<workdir>/<name>_report.json`` and the console.
+
+The defaults train on the addition prompts only (``--train_tasks add``): SFT is weakest there,
+and on ``rev``/``sort`` nearly every group is all-correct, so their advantages are zero and they
+only cost rollouts. ``--beta 0`` (no reference pass) came out best on the validation set, next
+to 0.04; the held-out KL is then not measured.
 
 GRPO hyper-parameters are chosen on a separate validation set (``--n_val`` prompts drawn after
 every training prompt, so disjoint from all stages' training data and from the held-out set):
@@ -114,11 +119,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--scale", type=float, default=1.0, help="the SFT/DPO recipe's --scale")
     ap.add_argument("--n_test", type=int, default=300)
     ap.add_argument("--n_val", type=int, default=300, help="validation prompts (GRPO tuning)")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
     ap.add_argument("--group", type=int, default=16, help="sampled answers per prompt")
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--beta", type=float, default=0.0, help="k3 KL weight")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
     ap.add_argument("--loss_norm", default="token", choices=("sequence", "token", "constant"))
     ap.add_argument("--no_std_scaling", action="store_true", help="Dr.GRPO advantages")
@@ -126,7 +131,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--iterations", type=int, default=1, help="optimizer steps per rollout")
     ap.add_argument(
         "--train_tasks",
-        default="add,rev,sort",
+        default="add",
         help="task kinds among the GRPO training prompts (the DPO stage's prompts)",
     )
     ap.add_argument("--name", default="grpo", help="the GRPO run's directory in the workdir")
