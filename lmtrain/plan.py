@@ -86,16 +86,16 @@ def sharded_param_elements(boxed_params, mesh_shape: dict[str, int]) -> tuple[in
     import flax.linen as nn
     from jax.sharding import PartitionSpec
 
-    from lmtrain.model.sharding import LOGICAL_RULES, _fit_spec
+    from lmtrain.model.sharding import LOGICAL_RULES, fit_spec
 
-    mesh = types.SimpleNamespace(shape=mesh_shape)  # _fit_spec only reads sizes
+    mesh = types.SimpleNamespace(shape=mesh_shape)  # fit_spec only reads sizes
     specs = nn.get_partition_spec(boxed_params)
     leaves = nn.meta.unbox(boxed_params)
     total = per_device = 0
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for spec, leaf in zip(spec_leaves, jax.tree.leaves(leaves)):
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES) if spec else PartitionSpec()
-        fitted = _fit_spec(mesh_spec, leaf.shape, mesh)
+        fitted = fit_spec(mesh_spec, leaf.shape, mesh)
         shard = list(leaf.shape)
         for i, entry in enumerate(fitted):
             for name in entry if isinstance(entry, tuple) else ((entry,) if entry else ()):

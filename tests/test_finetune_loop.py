@@ -17,7 +17,7 @@ from lmtrain.data import finetune_data
 from lmtrain.data.tokenizer import CharTokenizer
 from lmtrain.errors import ConfigError
 from lmtrain.infer.loader import load_run
-from lmtrain.infer.sampling import generate
+from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
@@ -246,15 +246,8 @@ PROMPTS = [TOK.encode("12+30=?"), TOK.encode("7+8=?"), TOK.encode("40+1=?")]
 
 
 def greedy(model, params) -> list[list[int]]:
-    return generate(
-        model,
-        params,
-        PROMPTS,
-        max_new_tokens=6,
-        eos_id=TOK.eos_id,
-        pad_id=TOK.pad_id,
-        temperature=0.0,
-    )
+    sp = SamplingParams(max_new_tokens=6, eos_id=TOK.eos_id, temperature=0.0)
+    return generate(model, params, PROMPTS, sp, pad_id=TOK.pad_id).tokens
 
 
 def test_load_run_of_a_lora_run_gives_merged_params_that_generate(files, tmp_path):

@@ -31,6 +31,7 @@ from lmtrain.data.finetune_data import PREFERENCE_OBJECTIVES
 from lmtrain.data.pipeline import EXAMPLE_KEYS
 from lmtrain.data.sft import FIELDS
 from lmtrain.errors import ConfigError
+from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.model.attention_kernels import target_platform
 from lmtrain.train import finetune
 from lmtrain.train import flops as flops_lib
@@ -163,14 +164,13 @@ def _build(cfg, topo: Topology, programs) -> Programs:
 
 def _compile_sampler(cfg, setup) -> dict:
     """Prefill + decode of ``train.samples`` rows on the mesh (as ``lmtrain generate`` runs)."""
-    from lmtrain.infer.sampling import generate_batch_past_context
-
     params, _ = finetune.abstract_params(setup.model, cfg.data.seq_len, setup.mesh)
     prompts = [[1] * _SAMPLE_PROMPT_LEN] * max(int(cfg.train.samples), 1)
-    return generate_batch_past_context(
-        setup.model, params, prompts, max_new_tokens=max(int(cfg.train.sample_tokens), 1),
-        eos_id=0, temperature=0.8, top_k=40, mesh=setup.mesh, compile_only=True,
+    sp = SamplingParams(
+        max(int(cfg.train.sample_tokens), 1), eos_id=0, temperature=0.8, top_k=40,
+        past_context=True,
     )  # fmt: skip
+    return generate(setup.model, params, prompts, sp, mesh=setup.mesh, compile_only=True)
 
 
 def per_chip_bytes(tree) -> int:

@@ -32,6 +32,7 @@ from lmtrain.errors import ConfigError, DataError
 from lmtrain.eval import metrics as M
 from lmtrain.eval import safety
 from lmtrain.eval.scoring import Scorer, continuation_request, document_nll
+from lmtrain.infer.sampling import SamplingParams, decode_completions, generate, stop_token_ids
 
 GENERATION_DEFAULTS = dict(
     max_new_tokens=64,
@@ -222,34 +223,30 @@ class EvalContext:
         bos: bool = False,
     ) -> list[str]:
         """Completions in batches; prompts keep their last ``max_seq_len - max_new`` tokens."""
-        from lmtrain.infer.sampling import generate_batch, truncate_at_stop
 
         tok = self.tokenizer
         room = self.model.cfg.max_seq_len - max_new_tokens
         ids = [tok.encode(p, bos=bos) for p in prompts]
         ids = [(i[-room:] if room > 0 else i) or [tok.bos_id] for i in ids]
-        stop_ids = [s for s in (tok.encode(x) for x in stop if x) if s]
+        sp = SamplingParams(
+            max_new_tokens, tok.eos_id, temperature, top_k, top_p, stop_token_ids(tok, stop)
+        )
         texts: list[str] = []
         t0 = time.perf_counter()
         for b in range(0, len(ids), self.batch_size):
-            g = generate_batch(
+            g = generate(
                 self.model,
                 self.params,
                 ids[b : b + self.batch_size],
-                max_new_tokens=max_new_tokens,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
+                sp,
                 seed=seed + b,
-                stop_sequences=stop_ids,
+                pad_id=tok.pad_id,
                 mesh=self.mesh,
                 batch_multiple=self.batch_size,
                 prompt_len_multiple=self.prompt_len_multiple,
             )
             self.generated_tokens += sum(len(t) for t in g.tokens)
-            texts += [truncate_at_stop(tok.decode(t), stop)[0] for t in g.tokens]
+            texts += decode_completions(tok, g, stop)[0]
         self.generation_s += time.perf_counter() - t0
         return texts
 

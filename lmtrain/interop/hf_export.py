@@ -16,11 +16,10 @@ import shutil
 
 import numpy as np
 
-from lmtrain.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer
+from lmtrain.data.tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.interop import hf_arch, sp_to_hf
 from lmtrain.interop.hf_import import HF_SOURCE
-from lmtrain.interop.hf_tokenizer import HFTokenizer
 from lmtrain.interop.model_card import write_model_card
 from lmtrain.interop.safetensors_io import TensorSpec, write_safetensors
 from lmtrain.interop.workdir import LoadedModel, load_workdir, restore_params

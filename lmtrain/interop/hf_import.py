@@ -25,10 +25,9 @@ import shutil
 import numpy as np
 
 from lmtrain.config import base_config, to_json
-from lmtrain.data.tokenizer import SentencePieceTokenizer, Tokenizer
+from lmtrain.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from lmtrain.errors import CheckpointError, ConfigError, DataError
 from lmtrain.interop import hf_arch
-from lmtrain.interop.hf_tokenizer import HFTokenizer
 from lmtrain.interop.safetensors_io import SafetensorsReader
 from lmtrain.interop.workdir import save_params
 from lmtrain.model.config import ModelConfig

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lmtrain.data import finetune_data, pipeline
 from lmtrain.data.formats import parse_preference_record, parse_sft_record
 from lmtrain.errors import ConfigError, DataError
-from lmtrain.infer.sampling import generate_batch
+from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.model.sharding import LOGICAL_RULES, data_shards
 from lmtrain.rl_config import RL_OBJECTIVES
 from lmtrain.train import advantages as adv_lib
@@ -399,18 +399,21 @@ class RolloutSource:
         from lmtrain.train.finetune import full_params
 
         cfg, r = self.cfg, self.cfg.rl
-        gen = generate_batch(
+        sp = SamplingParams(
+            r.max_new_tokens,
+            self.tok.eos_id,
+            temperature,
+            r.top_k,
+            r.top_p,
+            stop_sequences=[self.stop_ids] if self.stop_ids else (),
+        )
+        gen = generate(
             self.setup.model,
             full_params(cfg, params, self.frozen),
             prompt_ids,
-            max_new_tokens=r.max_new_tokens,
-            eos_id=self.tok.eos_id,
-            pad_id=self.tok.pad_id,
-            temperature=temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
+            sp,
             seed=seed,
-            stop_sequences=[self.stop_ids] if self.stop_ids else (),
+            pad_id=self.tok.pad_id,
             mesh=self.setup.mesh,
             prompt_len_multiple=self.max_prompt,  # one prompt width: one compile for all rollouts
         )
