@@ -106,13 +106,13 @@ def checkpoint_bytes(cfg, vocab_size: int) -> int:
     from lmtrain.model.config import ModelConfig
     from lmtrain.model.transformer import Transformer
     from lmtrain.train.optim import make_optimizer
-    from lmtrain.train.state import _init_fn
+    from lmtrain.train.state import init_fn
 
     model_cfg = ModelConfig.from_config(cfg.model)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=cfg.model.vocab_size or vocab_size)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     abstract = jax.eval_shape(
-        _init_fn(Transformer(model_cfg), tx, cfg.data.seq_len, cfg.seed, False)
+        init_fn(Transformer(model_cfg), tx, cfg.data.seq_len, cfg.seed, False)
     )
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 
