@@ -10,7 +10,7 @@ import pytest
 
 from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.interop.stablehlo_export import ExportedModel
-from lmtrain.interop.workdir import load_workdir
+from lmtrain.train.run_loader import load_workdir
 from tests.test_serve import workdir  # noqa: F401 - the random-weight char model fixture
 
 

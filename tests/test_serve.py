@@ -17,10 +17,11 @@ from lmtrain.config import base_config, to_json
 from lmtrain.data.shards import write_split
 from lmtrain.data.tokenizer import CHAT_SPECIALS, DEFAULT_SPECIALS, CharTokenizer
 from lmtrain.infer.sampling import SamplingParams, generate
-from lmtrain.interop.workdir import load_workdir, save_params
+from lmtrain.interop.workdir import save_params
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.transformer import Transformer
 from lmtrain.serve.server import ServeLimits, Server, load_service
+from lmtrain.train.run_loader import load_workdir
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'\n"))
 VALIDATION_TEXT = (

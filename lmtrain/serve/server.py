@@ -676,20 +676,12 @@ def load_service(
     reference of ``/metrics`` is measured on the run's validation split when it is on disk."""
     import os
 
-    import jax
-    import numpy as np
-
-    from lmtrain.interop.workdir import load_workdir
-    from lmtrain.model import lora
     from lmtrain.serve.drift import reference_log_perplexity
     from lmtrain.serve.hf_chat import HFChatTemplate
+    from lmtrain.train.run_loader import load_workdir
 
     loaded = load_workdir(workdir, step)
-    params = loaded.params
-    if lora.has_lora(params) or "embedding" not in params:
-        from lmtrain.interop.hf_export import combined_params
-
-        params = jax.tree.map(np.asarray, lora.merge(combined_params(loaded)))
+    params = loaded.plain_params()
     if int8:
         from lmtrain.quant.int8 import quantize_params
 

@@ -75,7 +75,7 @@ def load_lora_run(workdir: str) -> dict:
     from lmtrain.model.config import ModelConfig
     from lmtrain.model.sharding import make_mesh
     from lmtrain.model.transformer import Transformer
-    from lmtrain.train import finetune
+    from lmtrain.train import finetune, run_loader
 
     adapters, meta = load_adapters(os.path.join(workdir, "adapters"))
     model = Transformer(ModelConfig.from_config(meta["model"]))
@@ -86,5 +86,5 @@ def load_lora_run(workdir: str) -> dict:
         if meta["init_from"]:
             base = finetune.restore_run_params(meta["init_from"], abstract, shardings)
         else:
-            base = finetune.seed_params(model, seq_len, meta["seed"], shardings)
+            base = run_loader.seed_params(model, seq_len, meta["seed"], shardings)
     return lora.combine(jax.device_get(base), adapters, meta["alpha"])
