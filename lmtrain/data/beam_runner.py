@@ -55,11 +55,13 @@ from lmtrain.data.datasheet import write_datasheet
 from lmtrain.data.dedup import _band_keys, lsh_params
 from lmtrain.data.encode import encode_batch, sample_mask, train_tokenizer
 from lmtrain.data.manifest import build_manifest
+from lmtrain.data.prepare import commit_output, runner_note
 from lmtrain.data.prepare_config import resolve
 from lmtrain.data.shards import INDEX_FILE, token_dtype
 from lmtrain.data.sources import ErrorPolicy, FileSource, list_files, open_source
 from lmtrain.data.split import SPLITS, assign_splits
 from lmtrain.data.stages import STAGES, Stages
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.errors import ConfigError, DataError
 
 REMOVED_SHARDS = 4
@@ -294,8 +296,6 @@ def _load_tok(payload: dict):
     with tempfile.TemporaryDirectory() as d:
         for name, data in payload["files"].items():
             Path(d, name).write_bytes(base64.b64decode(data))
-        from lmtrain.data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(d)
     if payload["separable"]:
         tok.word_separable = True
@@ -574,9 +574,7 @@ def prepare_beam(config, out_dir: str, overwrite: bool = False, beam_options: st
         fs.write_text(f"{stage}/manifest.json",
                       json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")  # fmt: skip
         if not remote:
-            from lmtrain.data.prepare import _commit
-
-            _commit(Path(stage), out)
+            commit_output(Path(stage), out)
         print(f"[data] beam pipeline finished in {time.monotonic() - t0:.1f} s")
     except BaseException:
         if not remote:
@@ -587,8 +585,6 @@ def prepare_beam(config, out_dir: str, overwrite: bool = False, beam_options: st
 
 def _finish(cfg: dict, stage: str, summary: dict) -> dict:
     """Tokenizer, split indexes, datasheet and manifest from the pipeline's summary."""
-    from lmtrain.data.prepare import runner_note
-
     stats: Counter = Counter()
     for k, v in summary["stats"]:
         stats[tuple(tuple(x) if isinstance(x, list) else x for x in k)] += v

@@ -101,14 +101,14 @@ def prepare(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         manifest = _build(cfg, tmp, stats if stats is not None else {})
-        _commit(tmp, out)
+        commit_output(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _commit(tmp: Path, out: Path) -> None:
+def commit_output(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "x")

@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtrain.data.tokenizer import CHAT_SPECIALS, train_sentencepiece
+from lmtrain.data.hashing import hash64
+from lmtrain.data.markup import html_to_text, markdown_to_text, sniff_format
+from lmtrain.data.normalize import decode_utf8, normalize_text
+from lmtrain.data.prepare_config import source
+from lmtrain.data.shards import TokenStream
+from lmtrain.data.sources import ErrorPolicy, FileSource
+from lmtrain.data.split import assign_splits
+from lmtrain.data.tokenizer import CHAT_SPECIALS, load_tokenizer, train_sentencepiece
 from lmtrain.errors import DataError
 
 REPORT_FILE = "tokenizer_report.json"
@@ -35,11 +42,6 @@ def _raw_documents(
     inputs: list[str], text_field: str, on_error: str, segment: str = "file"
 ) -> Iterator[str]:
     """Cleaned texts of raw input files (decode, markup → text, normalise), in file order."""
-    from lmtrain.data.markup import html_to_text, markdown_to_text, sniff_format
-    from lmtrain.data.normalize import decode_utf8, normalize_text
-    from lmtrain.data.prepare_config import source
-    from lmtrain.data.sources import ErrorPolicy, FileSource
-
     spec = source(
         name="input", paths=tuple(inputs), text_field=text_field, segment=segment
     ).to_dict()
@@ -66,9 +68,6 @@ def _is_prepared(path: str) -> bool:
 
 def prepared_split_texts(data_dir: str, split: str) -> Iterator[str]:
     """Documents of a prepared split, decoded from its token stream with the dataset's tokenizer."""
-    from lmtrain.data.shards import TokenStream
-    from lmtrain.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(Path(data_dir) / "tokenizer")
     stream = TokenStream(Path(data_dir) / split)
     eos, pos, block = stream.eos_id, 0, 1 << 20
@@ -89,9 +88,6 @@ def prepared_split_texts(data_dir: str, split: str) -> Iterator[str]:
 
 def _spill_split(texts: Iterator[str], work: Path, validation: float, seed: int) -> dict:
     """Writes train/validation texts (JSONL) by the content-hash split of ``data prepare``."""
-    from lmtrain.data.hashing import hash64
-    from lmtrain.data.split import assign_splits
-
     counts = {"train": [0, 0], "validation": [0, 0]}
     fr = (1.0 - validation, validation, 0.0)
     with open(work / "train.jsonl", "w") as tr, open(work / "validation.jsonl", "w") as va:

@@ -35,7 +35,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -47,8 +46,9 @@ from lm_eval.models.utils import (
 )
 
 from lmtrain.errors import ConfigError, DataError
+from lmtrain.infer.loader import load_run
 from lmtrain.infer.sampling import SamplingParams, generate, stop_token_ids
-from lmtrain.model.sharding import LOGICAL_RULES, data_shards
+from lmtrain.model.sharding import LOGICAL_RULES, batch_sharding, data_shards
 
 MODEL_NAME = "lmtrain"
 RESULTS_FILE = "harness_results.json"
@@ -102,8 +102,6 @@ class LmtrainLM(TemplateLM):
                 raise ConfigError(
                     "the lmtrain lm-eval backend needs model_args workdir=<lmtrain run directory>"
                 )
-            from lmtrain.infer.loader import load_run
-
             run = load_run(workdir, step)
         self.run = run
         setup = run.setup
@@ -181,8 +179,7 @@ class LmtrainLM(TemplateLM):
     def _place(self, x: np.ndarray):
         if self.mesh is None:
             return jnp.asarray(x)
-        spec = PartitionSpec(("data", "fsdp"), *[None] * (x.ndim - 1))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
 
     def _forward(self, inputs: np.ndarray, targets: np.ndarray):
         if self.mesh is None:

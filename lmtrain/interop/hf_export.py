@@ -19,7 +19,7 @@ import numpy as np
 from lmtrain.data.tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.interop import hf_arch, sp_to_hf
-from lmtrain.interop.hf_import import HF_SOURCE
+from lmtrain.interop.hf_import import HF_SOURCE, SOURCE_INFO
 from lmtrain.interop.model_card import write_model_card
 from lmtrain.interop.safetensors_io import TensorSpec, write_safetensors
 from lmtrain.model import lora
@@ -200,8 +200,6 @@ def export_hf(
 def _base_model_id(workdir: str, cfg) -> str:
     """The Hugging Face id the run's base model was imported from (following ``init_from``),
     which is what PEFT's ``base_model_name_or_path`` must name."""
-    from lmtrain.interop.hf_import import SOURCE_INFO
-
     seen, current = set(), workdir
     while current and current not in seen:
         seen.add(current)

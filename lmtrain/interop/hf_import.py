@@ -25,7 +25,13 @@ import shutil
 import numpy as np
 
 from lmtrain.config import base_config, to_json
-from lmtrain.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from lmtrain.data.tokenizer import (
+    CONFIG_FILE,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 from lmtrain.errors import CheckpointError, ConfigError, DataError
 from lmtrain.interop import hf_arch
 from lmtrain.interop.safetensors_io import SafetensorsReader
@@ -81,8 +87,6 @@ def load_hf_tokenizer(model_dir: str, hf: dict, tokenizer: str | None = None) ->
 
 
 def _load_tokenizer_path(path: str, hf: dict) -> Tokenizer:
-    from lmtrain.data.tokenizer import CONFIG_FILE, load_tokenizer
-
     if not os.path.exists(path):
         raise DataError(f"--tokenizer {path!r} does not exist")
     if os.path.isfile(path) and path.endswith(".model"):

@@ -32,6 +32,7 @@ from lmtrain.model.transformer import Transformer
 from lmtrain.rl_config import RL_OBJECTIVES
 from lmtrain.train import run_loader
 from lmtrain.train.checkpoint import Checkpointer
+from lmtrain.train.losses.dpo import pair_logps
 from lmtrain.train.losses.rl import VALUE_KEY, init_value_head
 
 # Model keys that fix the param tree or its meaning; taken from the init_from run.
@@ -286,8 +287,6 @@ def full_params(config, params, frozen):
 
 def add_reference_logps(setup, rows: dict, reference_params, batch_size: int) -> dict:
     """One pass of the reference model over preference rows (``config.dpo.reference='precomputed'``)."""
-    from lmtrain.train.losses.dpo import pair_logps
-
     fn = jax.jit(lambda p, b: pair_logps(setup.model, p, b))
     chosen, rejected = [], []
     n = finetune_data.num_rows(rows)
