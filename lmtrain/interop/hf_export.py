@@ -19,7 +19,7 @@ import numpy as np
 from lmtrain.data.tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.interop import hf_arch, sp_to_hf
-from lmtrain.interop.hf_import import HF_SOURCE, SOURCE_INFO
+from lmtrain.interop.hf_import import HF_SOURCE, SOURCE_INFO, TOKENIZER_FILES
 from lmtrain.interop.model_card import write_model_card
 from lmtrain.interop.safetensors_io import TensorSpec, write_safetensors
 from lmtrain.model import lora
@@ -27,14 +27,6 @@ from lmtrain.train import run_loader
 from lmtrain.train.run_loader import LoadedModel, load_workdir
 
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "added_tokens.json",
-)
 PEFT_MODULES = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",

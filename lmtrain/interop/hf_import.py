@@ -40,9 +40,8 @@ from lmtrain.model.config import ModelConfig
 
 HF_SOURCE = "hf_source"
 SOURCE_INFO = "source.json"
-SOURCE_FILES = (
-    "config.json",
-    "generation_config.json",
+# A model's own tokenizer files: kept beside an imported model, copied back out by the export.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
@@ -50,6 +49,7 @@ SOURCE_FILES = (
     "chat_template.jinja",
     "added_tokens.json",
 )
+SOURCE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def read_hf_config(model_dir: str) -> dict:
