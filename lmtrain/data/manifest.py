@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 
+import lmtrain
 from lmtrain.data.split import SPLITS
 
 FORMAT = "lmtrain-data-v1"
@@ -26,8 +27,6 @@ PACKAGES = (
 
 
 def package_versions() -> dict:
-    import lmtrain
-
     out = {"python": platform.python_version(), "lmtrain": lmtrain.__version__}
     for name in PACKAGES:
         try:

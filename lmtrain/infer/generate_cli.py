@@ -28,6 +28,7 @@ def add_generate_args(g) -> None:
 def run_generate(args, overrides, *, input_fn=None, print_fn=print) -> None:
     import builtins
 
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.infer.loader import load_run
     from lmtrain.infer.sampling import SamplingParams, decode_completions, generate, stop_token_ids
 
