@@ -17,6 +17,7 @@ from lmtrain.data import finetune_data
 from lmtrain.data.tokenizer import CharTokenizer
 from lmtrain.errors import ConfigError
 from lmtrain.infer.loader import load_run
+from lmtrain.train.run_loader import load_workdir
 from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
@@ -268,6 +269,14 @@ def test_load_run_of_a_lora_run_gives_merged_params_that_generate(files, tmp_pat
         got["layers_0"]["attn"]["q_kernel"], base["layers_0"]["attn"]["q_kernel"]
     )
     assert greedy(run.setup.model, run.params) == greedy(run.setup.model, merged)
+    # serve and the exports read the same run through the same loader and merge
+    served = load_workdir(str(tmp_path))
+    assert served.has_adapters and "embedding" not in served.params
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+        served.plain_params(),
+        merged,
+    )
 
 
 def test_init_from_a_lora_run_starts_from_its_merged_params(files, tmp_path):
