@@ -17,7 +17,6 @@ from lmtrain.data import finetune_data
 from lmtrain.data.tokenizer import CharTokenizer
 from lmtrain.errors import ConfigError
 from lmtrain.infer.loader import load_run
-from lmtrain.train.run_loader import load_workdir
 from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
@@ -27,6 +26,7 @@ from lmtrain.train import lora_io
 from lmtrain.train.divergence import REPORT_FILE, TrainingDiverged
 from lmtrain.train.finetune import abstract_params, restore_run_params
 from lmtrain.train.loop import build, train
+from lmtrain.train.run_loader import load_workdir
 from tests.finetune_fixtures import TOK
 
 pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
