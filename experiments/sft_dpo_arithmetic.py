@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from lmtrain.config import base_config  # noqa: E402
 from lmtrain.data import finetune_data  # noqa: E402
 from lmtrain.data.tokenizer import CHAT_SPECIALS, CharTokenizer  # noqa: E402
-from lmtrain.infer.sampling import generate  # noqa: E402
+from lmtrain.infer.sampling import SamplingParams, generate  # noqa: E402
 from lmtrain.model.config import ModelConfig  # noqa: E402
 from lmtrain.model.transformer import Transformer  # noqa: E402
 from lmtrain.train.loop import train  # noqa: E402
@@ -108,16 +108,8 @@ def greedy_answers(
     end = tok.token_id("<|end|>")
     answers, stopped = [], 0
     for i in range(0, len(ids), 256):
-        outs = generate(
-            model,
-            params,
-            ids[i : i + 256],
-            max_new_tokens=MAX_NEW,
-            eos_id=tok.eos_id,
-            pad_id=tok.pad_id,
-            temperature=temperature,
-            seed=seed,
-        )
+        sp = SamplingParams(MAX_NEW, tok.eos_id, temperature)
+        outs = generate(model, params, ids[i : i + 256], sp, seed=seed, pad_id=tok.pad_id).tokens
         for o in outs:
             stopped += len(o) < MAX_NEW  # EOS came before the cap (EOS itself is not returned)
             answers.append(tok.decode(o[: o.index(end)] if end in o else o))

@@ -20,6 +20,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_train(args, overrides):
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.config import load_config
     from lmtrain.train.loop import train
 
@@ -28,12 +29,14 @@ def cmd_train(args, overrides):
 
 
 def cmd_data_prepare(args, overrides):
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.config import apply_overrides, load_config_file
     from lmtrain.data.prepare import prepare
 
     cfg = load_config_file(args.config)
     apply_overrides(cfg, overrides)
     if args.runner == "beam":
+        # lazily: apache-beam is an optional extra
         from lmtrain.data.beam_runner import prepare_beam
 
         manifest = prepare_beam(cfg, args.out, args.overwrite, args.beam_options)
@@ -51,6 +54,7 @@ def cmd_data_prepare(args, overrides):
 
 
 def cmd_generate(args, overrides):
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.infer.generate_cli import run_generate
 
     run_generate(args, overrides)
@@ -76,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--beam-options", default="",
                     help='Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..."')  # fmt: skip
     dp.set_defaults(fn=cmd_data_prepare)
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.data.fetch import add_fetch_parser
 
     add_fetch_parser(dsub)  # lmtrain data fetch NAME
 
     g = sub.add_parser("generate", help="sample from a trained run")
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.infer.generate_cli import add_generate_args
 
     add_generate_args(g)
@@ -127,6 +133,7 @@ def _default_host_devices(rest: list[str], overrides: list[str]) -> None:
     known, _ = p.parse_known_args(rest[1:])
     if not known.config:
         return
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain import host_devices
     from lmtrain.config import load_config
 
@@ -139,6 +146,7 @@ def _default_host_devices(rest: list[str], overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.aot.host import prefer_cpu_without_tpu
 
     prefer_cpu_without_tpu()  # libtpu installed for `lmtrain compile` on a host without TPUs

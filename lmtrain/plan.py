@@ -22,8 +22,13 @@ import types
 import jax
 import jax.numpy as jnp
 
+from lmtrain import config as config_lib
+from lmtrain.config import load_config
 from lmtrain.errors import ConfigError, DoesNotFit
+from lmtrain.model.attention_kernels import check_available
 from lmtrain.model.config import ModelConfig
+from lmtrain.model.sharding import LOGICAL_RULES, MESH_AXES, fit_spec, resolve_mesh_shape
+from lmtrain.model.transformer import Transformer
 from lmtrain.train import flops as flops_lib
 
 GiB = 1024**3
@@ -75,8 +80,6 @@ def abstract_params(cfg: ModelConfig):
     """The model's params as logically boxed ShapeDtypeStructs (an init traced, nothing allocated)."""
     import flax.linen as nn  # noqa: F401 (boxing)
 
-    from lmtrain.model.transformer import Transformer
-
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     return jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), tokens)["params"]
 
@@ -86,16 +89,14 @@ def sharded_param_elements(boxed_params, mesh_shape: dict[str, int]) -> tuple[in
     import flax.linen as nn
     from jax.sharding import PartitionSpec
 
-    from lmtrain.model.sharding import LOGICAL_RULES, _fit_spec
-
-    mesh = types.SimpleNamespace(shape=mesh_shape)  # _fit_spec only reads sizes
+    mesh = types.SimpleNamespace(shape=mesh_shape)  # fit_spec only reads sizes
     specs = nn.get_partition_spec(boxed_params)
     leaves = nn.meta.unbox(boxed_params)
     total = per_device = 0
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for spec, leaf in zip(spec_leaves, jax.tree.leaves(leaves)):
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES) if spec else PartitionSpec()
-        fitted = _fit_spec(mesh_spec, leaf.shape, mesh)
+        fitted = fit_spec(mesh_spec, leaf.shape, mesh)
         shard = list(leaf.shape)
         for i, entry in enumerate(fitted):
             for name in entry if isinstance(entry, tuple) else ((entry,) if entry else ()):
@@ -156,10 +157,6 @@ def activation_bytes(
 
 def plan(config, device: DeviceKind, count: int) -> dict:
     """The numbers for one config on ``count`` devices of one kind (a JSON-ready dict)."""
-    from lmtrain import config as config_lib
-    from lmtrain.model.attention_kernels import check_available
-    from lmtrain.model.sharding import MESH_AXES, resolve_mesh_shape
-
     cfg = copy.deepcopy(config)
     if cfg.model.vocab_size == 0:
         raise ConfigError(
@@ -258,13 +255,12 @@ def format_plan(p: dict) -> str:
 
 
 def cmd_plan(args, overrides) -> None:
-    from lmtrain.config import load_config
-
     cfg = load_config(args.config, overrides)
     device, count = parse_devices(args.devices)
     p = plan(cfg, device, count)
     report = None
     if getattr(args, "compile", None):  # the compiler's numbers beside the estimate
+        # lazily: --compile loads libtpu (optional, heavy), and lmtrain.aot imports this module
         from lmtrain.aot.beside_plan import default_topology, side_by_side
         from lmtrain.aot.compile import compile_programs
 

@@ -16,7 +16,7 @@ from lmtrain.errors import ConfigError, DataError
 from lmtrain.eval.cli import run_eval
 from lmtrain.eval.suite import normalize_eval_config
 from lmtrain.infer.loader import load_run
-from lmtrain.infer.sampling import generate
+from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.train.loop import train
 from tests.tiny import tiny_config
 
@@ -62,8 +62,8 @@ def test_eval_report_matches_independent_computation(trained, tmp_path, monkeypa
     greedy = [
         tok.decode(g)
         for g in generate(
-            model, params, [tok.encode(p) for p in prompts], max_new_tokens=6, eos_id=tok.eos_id
-        )
+            model, params, [tok.encode(p) for p in prompts], SamplingParams(6, tok.eos_id)
+        ).tokens
     ]
     gen_rows = [
         {
@@ -86,7 +86,7 @@ def test_eval_report_matches_independent_computation(trained, tmp_path, monkeypa
     code_path = _write_jsonl(tmp_path / "code.jsonl", code_rows)
     leak_prefix = "Return the "
     leaked = leak_prefix + tok.decode(
-        generate(model, params, [tok.encode(leak_prefix)], max_new_tokens=12, eos_id=tok.eos_id)[0]
+        generate(model, params, [tok.encode(leak_prefix)], SamplingParams(12, tok.eos_id)).tokens[0]
     )
     from lmtrain.data.shards import TokenStream
 

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from lmtrain.infer.sampling import generate
+from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.interop.stablehlo_export import ExportedModel
-from lmtrain.interop.workdir import load_workdir
+from lmtrain.train.run_loader import load_workdir
 from tests.test_serve import workdir  # noqa: F401 - the random-weight char model fixture
 
 
@@ -35,7 +35,7 @@ def test_forward_and_decode_round_trip(workdir, tmp_path):  # noqa: F811
             exported.forward(ids), np.asarray(apply({"params": lm.params}, ids)), atol=1e-5, rtol=0
         )
     prompt = [7, 8, 9, 10]
-    want = generate(lm.model, lm.params, [prompt], max_new_tokens=8, eos_id=lm.tokenizer.eos_id)[0]
+    want = generate(lm.model, lm.params, [prompt], SamplingParams(8, lm.tokenizer.eos_id)).tokens[0]
     got = exported.greedy(prompt, 8)
     assert got[: len(want)] == want
 

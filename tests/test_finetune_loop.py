@@ -17,7 +17,7 @@ from lmtrain.data import finetune_data
 from lmtrain.data.tokenizer import CharTokenizer
 from lmtrain.errors import ConfigError
 from lmtrain.infer.loader import load_run
-from lmtrain.infer.sampling import generate
+from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh
@@ -26,6 +26,7 @@ from lmtrain.train import lora_io
 from lmtrain.train.divergence import REPORT_FILE, TrainingDiverged
 from lmtrain.train.finetune import abstract_params, restore_run_params
 from lmtrain.train.loop import build, train
+from lmtrain.train.run_loader import load_workdir
 from tests.finetune_fixtures import TOK
 
 pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes
@@ -246,15 +247,8 @@ PROMPTS = [TOK.encode("12+30=?"), TOK.encode("7+8=?"), TOK.encode("40+1=?")]
 
 
 def greedy(model, params) -> list[list[int]]:
-    return generate(
-        model,
-        params,
-        PROMPTS,
-        max_new_tokens=6,
-        eos_id=TOK.eos_id,
-        pad_id=TOK.pad_id,
-        temperature=0.0,
-    )
+    sp = SamplingParams(max_new_tokens=6, eos_id=TOK.eos_id, temperature=0.0)
+    return generate(model, params, PROMPTS, sp, pad_id=TOK.pad_id).tokens
 
 
 def test_load_run_of_a_lora_run_gives_merged_params_that_generate(files, tmp_path):
@@ -275,6 +269,14 @@ def test_load_run_of_a_lora_run_gives_merged_params_that_generate(files, tmp_pat
         got["layers_0"]["attn"]["q_kernel"], base["layers_0"]["attn"]["q_kernel"]
     )
     assert greedy(run.setup.model, run.params) == greedy(run.setup.model, merged)
+    # serve and the exports read the same run through the same loader and merge
+    served = load_workdir(str(tmp_path))
+    assert served.has_adapters and "embedding" not in served.params
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+        served.plain_params(),
+        merged,
+    )
 
 
 def test_init_from_a_lora_run_starts_from_its_merged_params(files, tmp_path):

@@ -17,8 +17,8 @@ import transformers  # noqa: E402
 from lmtrain.errors import CheckpointError, ConfigError  # noqa: E402
 from lmtrain.interop.hf_export import export_hf  # noqa: E402
 from lmtrain.interop.hf_import import import_hf  # noqa: E402
-from lmtrain.interop.workdir import load_workdir  # noqa: E402
 from lmtrain.model.transformer import Transformer  # noqa: E402
+from lmtrain.train.run_loader import load_workdir  # noqa: E402
 from tests.hf_tiny import VOCAB, hf_logits, save_model, trained_char_workdir  # noqa: E402
 
 IDS = np.random.RandomState(0).randint(3, VOCAB, (2, 12))

@@ -18,7 +18,7 @@ from lmtrain.data.tokenizer import train_sentencepiece  # noqa: E402
 from lmtrain.errors import ConfigError, DataError  # noqa: E402
 from lmtrain.interop.hf_export import write_tokenizer  # noqa: E402
 from lmtrain.interop.hf_import import hub_id, import_hf  # noqa: E402
-from lmtrain.interop.workdir import load_workdir  # noqa: E402
+from lmtrain.train.run_loader import load_workdir  # noqa: E402
 from tests.hf_tiny import save_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

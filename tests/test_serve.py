@@ -16,11 +16,12 @@ import pytest
 from lmtrain.config import base_config, to_json
 from lmtrain.data.shards import write_split
 from lmtrain.data.tokenizer import CHAT_SPECIALS, DEFAULT_SPECIALS, CharTokenizer
-from lmtrain.infer.sampling import generate
-from lmtrain.interop.workdir import load_workdir, save_params
+from lmtrain.infer.sampling import SamplingParams, generate
+from lmtrain.interop.workdir import save_params
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.transformer import Transformer
 from lmtrain.serve.server import ServeLimits, Server, load_service
+from lmtrain.train.run_loader import load_workdir
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'\n"))
 VALIDATION_TEXT = (
@@ -91,7 +92,7 @@ N = 8  # max_tokens everywhere, so compiled shapes are shared between tests
 def greedy_reference(workdir, prompts: list[list[int]]) -> list[list[int]]:
     """lmtrain's own batched greedy generate (one compile for all prompts)."""
     lm = load_workdir(workdir)
-    return generate(lm.model, lm.params, prompts, max_new_tokens=N, eos_id=lm.tokenizer.eos_id)
+    return generate(lm.model, lm.params, prompts, SamplingParams(N, lm.tokenizer.eos_id)).tokens
 
 
 def test_health(server):
@@ -263,7 +264,7 @@ def test_int8_service_decodes_with_dequantized_weights(workdir):
 
     lm = load_workdir(workdir)
     deq = jax.tree.map(np.asarray, dequantize_params(quantize_params(lm.params)))
-    want = generate(lm.model, deq, [[5, 6, 7]], max_new_tokens=N, eos_id=lm.tokenizer.eos_id)[0]
+    want = generate(lm.model, deq, [[5, 6, 7]], SamplingParams(N, lm.tokenizer.eos_id)).tokens[0]
     srv = Server(load_service(workdir, int8=True), port=0).start()
     try:
         status, _, data = post(

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmtrain.data.pipeline import TokenStream
-from lmtrain.interop.workdir import load_workdir, tokenizer_dir
 from lmtrain.model.transformer import Transformer
 from lmtrain.quant.int8 import dequantize_params, quantize_params, tree_nbytes
+from lmtrain.train.run_loader import load_workdir, tokenizer_dir
 
 
 def held_out_tokens(workdir: str, cfg, batch: int, seq_len: int) -> np.ndarray:

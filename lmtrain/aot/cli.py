@@ -87,6 +87,7 @@ def format_report(r: dict) -> str:
 
 
 def cmd_compile(args, overrides) -> None:
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.aot.compile import compile_programs
     from lmtrain.config import load_config
 

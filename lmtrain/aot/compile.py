@@ -31,9 +31,15 @@ from lmtrain.data.finetune_data import PREFERENCE_OBJECTIVES
 from lmtrain.data.pipeline import EXAMPLE_KEYS
 from lmtrain.data.sft import FIELDS
 from lmtrain.errors import ConfigError
+from lmtrain.infer.sampling import SamplingParams, generate
 from lmtrain.model.attention_kernels import target_platform
-from lmtrain.train import finetune
+from lmtrain.train import (
+    finetune,
+    loop,  # the trainer's own setup and step functions
+)
 from lmtrain.train import flops as flops_lib
+from lmtrain.train.compile_ahead import with_shardings
+from lmtrain.train.step import stacked_shardings
 
 GiB = 1024**3
 _SAMPLE_PROMPT_LEN = 16  # the loop samples after a 16-token prompt when none is configured
@@ -117,10 +123,6 @@ def build_programs(config, topology: str | Topology, programs=PROGRAMS) -> Progr
 
 
 def _build(cfg, topo: Topology, programs) -> Programs:
-    from lmtrain.train import loop  # the trainer's own setup and step functions
-    from lmtrain.train.compile_ahead import with_shardings
-    from lmtrain.train.step import stacked_shardings
-
     jax.config.update("jax_threefry_partitionable", True)  # as loop.train sets it
     devices = list(topo.devices)[: cfg.mesh.num_devices or None]
     layout = loop.build_layout(cfg, devices)
@@ -163,14 +165,13 @@ def _build(cfg, topo: Topology, programs) -> Programs:
 
 def _compile_sampler(cfg, setup) -> dict:
     """Prefill + decode of ``train.samples`` rows on the mesh (as ``lmtrain generate`` runs)."""
-    from lmtrain.infer.sampling import generate_batch_past_context
-
     params, _ = finetune.abstract_params(setup.model, cfg.data.seq_len, setup.mesh)
     prompts = [[1] * _SAMPLE_PROMPT_LEN] * max(int(cfg.train.samples), 1)
-    return generate_batch_past_context(
-        setup.model, params, prompts, max_new_tokens=max(int(cfg.train.sample_tokens), 1),
-        eos_id=0, temperature=0.8, top_k=40, mesh=setup.mesh, compile_only=True,
+    sp = SamplingParams(
+        max(int(cfg.train.sample_tokens), 1), eos_id=0, temperature=0.8, top_k=40,
+        past_context=True,
     )  # fmt: skip
+    return generate(setup.model, params, prompts, sp, mesh=setup.mesh, compile_only=True)
 
 
 def per_chip_bytes(tree) -> int:
@@ -225,8 +226,6 @@ def formula_flops(cfg, model_cfg, chips: int, program: str, steps: int = 1) -> f
 
 def loop_steps_per_call(cfg) -> int:
     """Steps in the train call compiled (the loop's first dispatch)."""
-    from lmtrain.train import loop
-
     return loop.dispatch_size(0, loop._dispatch_group(cfg), cfg)
 
 

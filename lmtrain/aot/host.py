@@ -48,6 +48,7 @@ def prefer_cpu_without_tpu() -> str | None:
         return None
     if tpu_chips() > 0:
         return None
+    # lazily: this runs at every CLI start, before jax's backends; only a libtpu host needs it
     from lmtrain.aot.topology import quiet_libtpu
 
     quiet_libtpu()

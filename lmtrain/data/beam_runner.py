@@ -55,11 +55,13 @@ from lmtrain.data.datasheet import write_datasheet
 from lmtrain.data.dedup import _band_keys, lsh_params
 from lmtrain.data.encode import encode_batch, sample_mask, train_tokenizer
 from lmtrain.data.manifest import build_manifest
+from lmtrain.data.prepare import commit_output, runner_note
 from lmtrain.data.prepare_config import resolve
 from lmtrain.data.shards import INDEX_FILE, token_dtype
 from lmtrain.data.sources import ErrorPolicy, FileSource, list_files, open_source
 from lmtrain.data.split import SPLITS, assign_splits
 from lmtrain.data.stages import STAGES, Stages
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.errors import ConfigError, DataError
 
 REMOVED_SHARDS = 4
@@ -294,8 +296,6 @@ def _load_tok(payload: dict):
     with tempfile.TemporaryDirectory() as d:
         for name, data in payload["files"].items():
             Path(d, name).write_bytes(base64.b64decode(data))
-        from lmtrain.data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(d)
     if payload["separable"]:
         tok.word_separable = True
@@ -437,6 +437,47 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
         removed_parts.append(ex.removed)
     bands, rows = (d["bands"], d["rows"]) if d["bands"] and d["rows"] else lsh_params(
         d["threshold"], d["num_perm"])  # fmt: skip
+    docs, near, candidates = _near_dedup(p, docs, d, bands, rows, stat_parts, removed_parts)
+    split = docs | "Split" >> beam.FlatMap(_split_doc, cfg).with_outputs(
+        "train_match", "removed", "stat", main="docs")  # fmt: skip
+    stat_parts.append(split.stat)
+    removed_parts.append(split.removed)
+    drop = cfg["contamination"]["drop"]
+    contamination = (
+        split.train_match
+        | "Matches" >> beam.combiners.ToList()
+        | "Report" >> beam.Map(lambda ms: evals.report(dict(ms), set(dict(ms)) if drop else set())
+                               if evals else [])
+    )  # fmt: skip
+    kept = split.docs
+    train = kept | "Train" >> beam.Filter(lambda x: x[0] == 0)
+    train_chars = train | "TrainChars" >> beam.Map(lambda x: x[1].chars) | "SumChars" >> beam.CombineGlobally(sum)  # fmt: skip
+    tok, enc, shards = _encode_and_shard(kept, train, train_chars, cfg, out)
+    stat_parts.append(enc | "SplitStats" >> beam.FlatMap(lambda e: [
+        (("split_documents", e[0]), 1), (("split_chars", e[0]), e[6]),
+        (("split_tokens", e[0]), int(e[2].size) - 1), (("per_source", e[4], e[5], e[0]), 1)]))  # fmt: skip
+    if cfg["output"]["document_lists"]:
+        (enc | "ListLines" >> beam.Map(lambda e: (e[0], e[1], e[3]))
+         | "AllLines" >> beam.combiners.ToList() | "WriteLists" >> beam.FlatMap(_write_lists, out))  # fmt: skip
+    (tuple(removed_parts) | "AllRemoved" >> beam.Flatten()
+     | "RemovedShard" >> beam.Map(lambda line: (zlib.crc32(line.encode()) % REMOVED_SHARDS, line))
+     | "GroupRemoved" >> beam.GroupByKey()
+     | "WriteRemoved" >> beam.FlatMap(_write_removed, out))  # fmt: skip
+    stats = tuple(stat_parts) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
+    examples = tuple(example_parts) | "AllExamples" >> beam.Flatten() | beam.combiners.Top.Smallest(20)  # fmt: skip
+    files = read.files
+    (p | "One" >> beam.Create([None]) | "Summary" >> beam.FlatMap(
+        _summary, out, AsList(stats), AsSingleton(examples), AsList(files), AsSingleton(near),
+        AsSingleton(candidates), AsSingleton(contamination), AsSingleton(tok), AsList(shards)))  # fmt: skip
+
+
+def _near_dedup(p, docs, d: dict, bands: int, rows: int, stat_parts: list, removed_parts: list):
+    """Near-duplicate removal (MinHash LSH buckets, confirmed pairs, clusters): (docs kept,
+    the clusters as one value, the count of candidate pairs); stats and removed records are
+    appended to the lists."""
+    beam = _beam()
+    from apache_beam.pvalue import AsSingleton
+
     empty_near = {"dup_of": {}, "confirmed_pairs": 0, "clusters": 0}
     if d["near"]:
         buckets = (
@@ -459,20 +500,15 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
     else:
         near = p | "NoNear" >> beam.Create([empty_near])
         candidates = p | "NoCandidates" >> beam.Create([0])
-    split = docs | "Split" >> beam.FlatMap(_split_doc, cfg).with_outputs(
-        "train_match", "removed", "stat", main="docs")  # fmt: skip
-    stat_parts.append(split.stat)
-    removed_parts.append(split.removed)
-    drop = cfg["contamination"]["drop"]
-    contamination = (
-        split.train_match
-        | "Matches" >> beam.combiners.ToList()
-        | "Report" >> beam.Map(lambda ms: evals.report(dict(ms), set(dict(ms)) if drop else set())
-                               if evals else [])
-    )  # fmt: skip
-    kept = split.docs
-    train = kept | "Train" >> beam.Filter(lambda x: x[0] == 0)
-    train_chars = train | "TrainChars" >> beam.Map(lambda x: x[1].chars) | "SumChars" >> beam.CombineGlobally(sum)  # fmt: skip
+    return docs, near, candidates
+
+
+def _encode_and_shard(kept, train, train_chars, cfg: dict, out: str):
+    """The tokenizer trained on a sample of the train split, every kept document encoded, and
+    the token shards written: (tokenizer, encoded documents, shards)."""
+    beam = _beam()
+    from apache_beam.pvalue import AsSingleton
+
     samples = (
         kept
         | "Sample" >> beam.FlatMap(_sampled, cfg, AsSingleton(train_chars))
@@ -499,22 +535,7 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
         | "GroupShard" >> beam.GroupByKey()
         | "WriteShard" >> beam.FlatMap(_write_shard, out, cfg["output"]["chunk_tokens"])
     )
-    stat_parts.append(enc | "SplitStats" >> beam.FlatMap(lambda e: [
-        (("split_documents", e[0]), 1), (("split_chars", e[0]), e[6]),
-        (("split_tokens", e[0]), int(e[2].size) - 1), (("per_source", e[4], e[5], e[0]), 1)]))  # fmt: skip
-    if cfg["output"]["document_lists"]:
-        (enc | "ListLines" >> beam.Map(lambda e: (e[0], e[1], e[3]))
-         | "AllLines" >> beam.combiners.ToList() | "WriteLists" >> beam.FlatMap(_write_lists, out))  # fmt: skip
-    (tuple(removed_parts) | "AllRemoved" >> beam.Flatten()
-     | "RemovedShard" >> beam.Map(lambda line: (zlib.crc32(line.encode()) % REMOVED_SHARDS, line))
-     | "GroupRemoved" >> beam.GroupByKey()
-     | "WriteRemoved" >> beam.FlatMap(_write_removed, out))  # fmt: skip
-    stats = tuple(stat_parts) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
-    examples = tuple(example_parts) | "AllExamples" >> beam.Flatten() | beam.combiners.Top.Smallest(20)  # fmt: skip
-    files = read.files
-    (p | "One" >> beam.Create([None]) | "Summary" >> beam.FlatMap(
-        _summary, out, AsList(stats), AsSingleton(examples), AsList(files), AsSingleton(near),
-        AsSingleton(candidates), AsSingleton(contamination), AsSingleton(tok), AsList(shards)))  # fmt: skip
+    return tok, enc, shards
 
 
 def _union(xs):
@@ -574,9 +595,7 @@ def prepare_beam(config, out_dir: str, overwrite: bool = False, beam_options: st
         fs.write_text(f"{stage}/manifest.json",
                       json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")  # fmt: skip
         if not remote:
-            from lmtrain.data.prepare import _commit
-
-            _commit(Path(stage), out)
+            commit_output(Path(stage), out)
         print(f"[data] beam pipeline finished in {time.monotonic() - t0:.1f} s")
     except BaseException:
         if not remote:
@@ -585,10 +604,26 @@ def prepare_beam(config, out_dir: str, overwrite: bool = False, beam_options: st
     return manifest
 
 
+def _sources_read(cfg: dict, summary: dict, stats: Counter):
+    """The sources as the manifest describes them (their files and decode counts), and the
+    documents and bytes read per source, from the pipeline's summary."""
+    files: dict = {}
+    for (si, _fi), entries in summary["files"]:
+        files.setdefault(si, []).extend(entries)
+    sources, docs_read, bytes_read = [], Counter(), Counter()
+    for si, spec in enumerate(cfg["sources"]):
+        src = open_source(spec, ErrorPolicy("skip"), cfg["normalize"]["invalid_utf8"], "")
+        src.files = files.get(si, [])
+        src.decode_counts = Counter({k[2]: n for k, n in stats.items()
+                                     if k[0] == "source_decode" and k[1] == spec["name"]})  # fmt: skip
+        sources.append(src)
+        docs_read[spec["name"]] = stats[("read_documents", spec["name"])]
+        bytes_read[spec["name"]] = stats[("read_bytes", spec["name"])]
+    return sources, docs_read, bytes_read
+
+
 def _finish(cfg: dict, stage: str, summary: dict) -> dict:
     """Tokenizer, split indexes, datasheet and manifest from the pipeline's summary."""
-    from lmtrain.data.prepare import runner_note
-
     stats: Counter = Counter()
     for k, v in summary["stats"]:
         stats[tuple(tuple(x) if isinstance(x, list) else x for x in k)] += v
@@ -620,18 +655,7 @@ def _finish(cfg: dict, stage: str, summary: dict) -> dict:
             fs.write_text(name, "")
     v = per_split["validation"]
     tok_info["chars_per_token_validation"] = round(v["chars"] / v["tokens"], 4) if v["tokens"] else None  # fmt: skip
-    files: dict = {}
-    for (si, _fi), entries in summary["files"]:
-        files.setdefault(si, []).extend(entries)
-    sources, docs_read, bytes_read = [], Counter(), Counter()
-    for si, spec in enumerate(cfg["sources"]):
-        src = open_source(spec, ErrorPolicy("skip"), cfg["normalize"]["invalid_utf8"], "")
-        src.files = files.get(si, [])
-        src.decode_counts = Counter({k[2]: n for k, n in stats.items()
-                                     if k[0] == "source_decode" and k[1] == spec["name"]})  # fmt: skip
-        sources.append(src)
-        docs_read[spec["name"]] = stats[("read_documents", spec["name"])]
-        bytes_read[spec["name"]] = stats[("read_bytes", spec["name"])]
+    sources, docs_read, bytes_read = _sources_read(cfg, summary, stats)
     counts = {s: Counter() for s in STAGES}
     errors = Counter()
     per_source = Counter()

@@ -28,6 +28,17 @@ def render(m: dict) -> str:
     out = ["# Datasheet", ""]
     out += ["Prepared by `lmtrain data prepare` (format `{}`, seed {}). Machine-readable details, "
             "hashes and the resolved config are in `manifest.json`.".format(m["format"], m["seed"]), ""]  # fmt: skip
+    out += _composition(m)
+    out += _preprocessing(m, st, cfg)
+    out += _contamination(st["contamination"])
+    out += _tokenizer(tok)
+    out += _uses()
+    return "\n".join(out)
+
+
+def _composition(m: dict) -> list[str]:
+    """Sources, splits and licences."""
+    out: list[str] = []
     out += ["## Composition", ""]
     rows = []
     for s in m["sources"]:
@@ -56,6 +67,12 @@ def render(m: dict) -> str:
         "",
     ]
     out += ["Documents written per licence: " + _counts(m["licences"]) + ".", ""]
+    return out
+
+
+def _preprocessing(m: dict, st: dict, cfg: dict) -> list[str]:
+    """What each stage of the pipeline did."""
+    out: list[str] = []
     out += [
         "## Preprocessing",
         "",
@@ -87,7 +104,12 @@ def render(m: dict) -> str:
     sp = st["split"]
     out += [f"- **Split** by `{sp['method']}` (train {cfg['split']['train']}, validation {cfg['split']['validation']}, "
             f"test {cfg['split']['test']}); no document is in two splits."]  # fmt: skip
-    c = st["contamination"]
+    return out
+
+
+def _contamination(c: dict) -> list[str]:
+    """Overlap of the train split with the evaluation sets."""
+    out: list[str] = []
     if c["eval_sets"]:
         out += [
             "",
@@ -111,6 +133,12 @@ def render(m: dict) -> str:
         ]
     else:
         out += ["- **Contamination**: no evaluation sets were given (`contamination.eval_sets`)."]
+    return out
+
+
+def _tokenizer(tok: dict) -> list[str]:
+    """The tokenizer: kind, vocabulary, where it came from."""
+    out: list[str] = []
     out += ["", "## Tokenizer", ""]
     how = (
         f"loaded from `{tok['loaded_from']}`"
@@ -122,13 +150,19 @@ def render(m: dict) -> str:
     out += [f"`{tok['kind']}`{' ' + tok['model_type'] if 'model_type' in tok else ''}, vocabulary {tok['vocab_size']:,}, "
             f"{how}; fingerprint `{tok['fingerprint'][:16]}…`. Characters per token on validation: "
             f"{tok['chars_per_token_validation']}.", ""]  # fmt: skip
+    return out
+
+
+def _uses() -> list[str]:
+    """What the data cannot promise."""
+    out: list[str] = []
     out += ["## Uses and limitations", "",
             "- PII scrubbing is pattern-based: names, postal addresses and free-form personal details are not detected.",
             "- Quality filters are heuristics tuned for prose (or relaxed for code); they remove some good text and keep some bad.",
             "- Near-duplicate removal keeps the earliest document of each cluster in corpus order.",
             "- Licences are as declared in the config per source; check them before redistribution.",
             "- Intended uses, collection process and maintenance: _to be filled in by the dataset owner._", ""]  # fmt: skip
-    return "\n".join(out)
+    return out
 
 
 def write_datasheet(path: str | Path, manifest: dict) -> None:

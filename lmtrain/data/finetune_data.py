@@ -23,6 +23,7 @@ import numpy as np
 from lmtrain.data.chat_template import ChatTemplate
 from lmtrain.data.fit import FitStats, policy
 from lmtrain.data.formats import ReadStats, read_preferences, read_sft
+from lmtrain.data.pipeline import shuffled_batches
 from lmtrain.data.sft import (
     PackStats,
     fit_example,
@@ -181,17 +182,17 @@ def train_dataset(
     process_count: int = 1,
 ):
     """Infinite shuffled per-process batches (a Grain ``MapDataset``; ``iter()`` it)."""
-    import grain
-
-    ds = grain.MapDataset.source(RowSource(rows))
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    if len(ds) < batch_size:
-        raise DataError(
-            f"fine-tuning data has {len(ds)} rows per process, fewer than the per-process batch of "
+    return shuffled_batches(
+        RowSource(rows),
+        batch_size=batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        too_few=lambda n: (
+            f"fine-tuning data has {n} rows per process, fewer than the per-process batch of "
             f"{batch_size}; lower config.train.global_batch_size or add records"
-        )
-    return ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+        ),
+    )
 
 
 def eval_batches(

@@ -247,13 +247,15 @@ def _decode(raw: bytes, where: str) -> Any:
         raise DataError(f"{where}: unreadable JSON ({type(e).__name__}: {str(e)[:80]})") from None
 
 
-def _read_jsonl(
+def read_jsonl(
     path: str | os.PathLike,
     parse: Callable[[Any, str], list[R]],
-    on_error: OnError,
-    stats: ReadStats | None,
+    on_error: OnError = "stop",
+    stats: ReadStats | None = None,
 ) -> Iterator[R]:
-    """Checks the arguments now (not at first ``next``), then returns the record iterator."""
+    """The records ``parse(object, where)`` makes of each line of a JSONL file (``.gz`` too),
+    the one JSONL reader of lmtrain's inputs. Checks the arguments now (not at first ``next``),
+    then returns the record iterator."""
     if on_error not in ("stop", "skip"):
         raise DataError(f"on_error={on_error!r}: use 'stop' or 'skip'")
     path = Path(path)
@@ -301,7 +303,7 @@ def read_sft(
     stats: ReadStats | None = None,
 ) -> Iterator[Conversation]:
     """Yields one ``Conversation`` per SFT record (per instance for seed tasks)."""
-    return _read_jsonl(path, lambda o, w: parse_sft_record(o, w, layout), on_error, stats)
+    return read_jsonl(path, lambda o, w: parse_sft_record(o, w, layout), on_error, stats)
 
 
 def read_alpaca_seed_tasks(
@@ -319,6 +321,6 @@ def read_preferences(
     allow_empty_response: bool = True,
 ) -> Iterator[PreferencePair]:
     """Yields preference pairs; ``allow_empty_response=False`` refuses empty chosen/rejected."""
-    return _read_jsonl(
+    return read_jsonl(
         path, lambda o, w: [parse_preference_record(o, w, allow_empty_response)], on_error, stats
     )

@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 
+import lmtrain
 from lmtrain.data.split import SPLITS
 
 FORMAT = "lmtrain-data-v1"
@@ -26,8 +27,6 @@ PACKAGES = (
 
 
 def package_versions() -> dict:
-    import lmtrain
-
     out = {"python": platform.python_version(), "lmtrain": lmtrain.__version__}
     for name in PACKAGES:
         try:
@@ -62,23 +61,15 @@ def _count(x) -> int:
     return int(x) if isinstance(x, (int, np.integer)) else int((np.asarray(x) >= 0).sum())
 
 
-def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
-                   contamination, dropped, tok, tok_info, indexes, per_split, per_source) -> dict:  # fmt: skip
+def _cleaning_stages(cfg, sources, scan) -> dict:
+    """The manifest's entries for the per-document stages: errors, decode .. pii."""
     counts = {k: dict(sorted(v.items())) for k, v in scan.counts.items()}
     decode = Counter(counts["decode"])
     for src in sources:
         decode.update(src.decode_counts)
     pii = dict(counts["pii"])
     changed = pii.pop("documents_changed", 0)
-    d = cfg["dedup"]
-    n_exact, n_near = _count(exact), _count(near)
-    licences: Counter = Counter()
-    by_source: dict = {}
-    for (src, lic, split), n in sorted(per_source.items()):
-        licences[lic] += n
-        by_source.setdefault(src, {s: 0 for s in SPLITS})[split] = n
-    stages = {
-        "read": {"documents": int(sum(docs_read.values())), "bytes": int(sum(bytes_read.values()))},
+    return {
         "errors": {
             "on_error": cfg["on_error"],
             "skipped": dict(sorted(scan.errors.items())),
@@ -98,6 +89,21 @@ def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_s
             "replacements_total": int(sum(pii.values())),
             "documents_changed": int(changed),
         },  # fmt: skip
+    }
+
+
+def build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
+                   contamination, dropped, tok, tok_info, indexes, per_split, per_source) -> dict:  # fmt: skip
+    d = cfg["dedup"]
+    n_exact, n_near = _count(exact), _count(near)
+    licences: Counter = Counter()
+    by_source: dict = {}
+    for (src, lic, split), n in sorted(per_source.items()):
+        licences[lic] += n
+        by_source.setdefault(src, {s: 0 for s in SPLITS})[split] = n
+    stages = {
+        "read": {"documents": int(sum(docs_read.values())), "bytes": int(sum(bytes_read.values()))},
+        **_cleaning_stages(cfg, sources, scan),
         "cleaned": {"documents": int(scan.n), "chars": int(np.sum(scan.chars))},
         "dedup": {
             "exact": d["exact"],

@@ -9,10 +9,12 @@ permutation (Grain's lazy index shuffle), so the iterator state is one integer a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from lmtrain.data.shards import TokenStream
-from lmtrain.errors import DataError
+from lmtrain.errors import ConfigError, DataError
 
 EXAMPLE_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -71,23 +73,36 @@ def train_dataset(
     process_count: int = 1,
 ):
     """An infinite Grain ``MapDataset`` of per-process batches; ``iter()`` it for a stateful iterator."""
-    import grain
-
     stream = TokenStream(split_dir)
     eos = stream.eos_id
-    ds = grain.MapDataset.source(WindowSource(stream, seq_len))
+    ds = shuffled_batches(
+        WindowSource(stream, seq_len),
+        batch_size=batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        too_few=lambda n: (
+            f"split {split_dir} yields {n} windows per process, fewer than the per-process "
+            f"batch of {batch_size}; lower config.train.global_batch_size or data.seq_len"
+        ),
+    )
+    # Batch the raw windows first, then derive the example fields for the whole batch at once:
+    # one vectorised call per batch keeps the host pipeline well under a millisecond per step.
+    return ds.map(lambda w: windows_to_examples(w, eos))
+
+
+def shuffled_batches(source, *, batch_size: int, seed: int, process_index: int,
+                     process_count: int, too_few: Callable[[int], str]):  # fmt: skip
+    """This process's share of ``source`` (a random-access source), shuffled, repeated forever
+    and batched (a Grain ``MapDataset``); ``too_few(rows)``: the error when a batch cannot fill."""
+    import grain
+
+    ds = grain.MapDataset.source(source)
     if process_count > 1:
         ds = ds[process_index::process_count]
     if len(ds) < batch_size:
-        raise DataError(
-            f"split {split_dir} yields {len(ds)} windows per process, fewer than the per-process "
-            f"batch of {batch_size}; lower config.train.global_batch_size or data.seq_len"
-        )
-    ds = ds.shuffle(seed=seed).repeat(None)
-    # Batch the raw windows first, then derive the example fields for the whole batch at once:
-    # one vectorised call per batch keeps the host pipeline well under a millisecond per step.
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.map(lambda w: windows_to_examples(w, eos))
+        raise DataError(too_few(len(ds)))
+    return ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
 
 
 def iterate(ds):
@@ -131,8 +146,6 @@ def eval_batches(
 
 def check_curriculum(start_len: int, steps: int, seq_len: int) -> None:
     """Sequence-length warmup settings: off (0) or a power-of-two fraction of seq_len."""
-    from lmtrain.errors import ConfigError
-
     if start_len == 0:
         return
     ratio = seq_len // start_len if 0 < start_len <= seq_len else 0

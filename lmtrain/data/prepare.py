@@ -101,14 +101,14 @@ def prepare(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         manifest = _build(cfg, tmp, stats if stats is not None else {})
-        _commit(tmp, out)
+        commit_output(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _commit(tmp: Path, out: Path) -> None:
+def commit_output(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "x")
@@ -220,80 +220,13 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
         open_source(s, policy, cfg["normalize"]["invalid_utf8"], cfg["split"]["time_field"])
         for s in cfg["sources"]
     ]
-    scan = Scan(cfg["dedup"]["num_perm"], work)
-    docs_read = Counter()
-    bytes_read = Counter()
-
-    def counted(batches):
-        for index, batch in batches:
-            for d in batch:
-                docs_read[d.source] += 1
-                bytes_read[d.source] += (
-                    len(d.data)
-                    if isinstance(d.data, bytes)
-                    else len(d.data.encode("utf-8", "replace"))
-                )
-            yield index, batch
-
-    init = (cfg, str(work / "spill"), *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
-    progress = Progress(estimate_bytes(cfg))
-    worker_cpu = 0.0
-    clean_cpu = stats.setdefault("clean_cpu_s", {})  # the part of clean_workers per stage
     with open(tmp / "removed.jsonl", "w") as removed:
-        for res in _ordered(counted(_batches(sources, cfg)), clean.work, workers, init):
-            scan.add(res, removed)
-            progress.update(res["docs_in"], res["bytes_in"])
-            worker_cpu += res["cpu_s"]
-            for k, v in res["stage_cpu_s"].items():
-                clean_cpu[k] = clean_cpu.get(k, 0.0) + v
-        scan.finish()
-        progress.finish()
-        lap("read_and_clean")
-        # Worker CPU is reported by the workers; with workers=0 it is already in this process's.
-        cpu["clean_workers"] = worker_cpu
-        if workers == 0:
-            cpu["read_and_clean"] -= worker_cpu
-        scan.errors.update(policy.counts)
-        scan.error_examples = (policy.examples + scan.error_examples)[:20]
-        if sum(docs_read.values()) == 0:
-            raise DataError(
-                f"empty corpus: the sources {[s['name'] for s in cfg['sources']]} gave no documents; check config.sources paths"
-            )
-        if scan.n == 0:
-            raise DataError(
-                f"every one of the {sum(docs_read.values())} documents was removed by cleaning/filters "
-                f"(see counts: {dict((k, dict(v)) for k, v in scan.counts.items() if v)}); relax config.quality"
-            )
-
-        # Pass 2: dedup, split, contamination.
-        d = cfg["dedup"]
-        exact = exact_duplicates(scan.keys) if d["exact"] else np.full(scan.n, -1, np.int64)
-        bands, rows = (
-            (d["bands"], d["rows"])
-            if d["bands"] and d["rows"]
-            else lsh_params(d["threshold"], d["num_perm"])
+        scan, docs_read, bytes_read = _read_and_clean(
+            cfg, work, sources, policy, evals, removed, stats, lap
         )
-        lsh_stats = {"bands": bands, "rows": rows}
-        near = np.full(scan.n, -1, np.int64)
-        if d["near"]:
-            near, lsh_stats = near_duplicates(
-                scan.sigfile, exact < 0, threshold=d["threshold"], bands=bands, rows=rows
-            )
-        kept = (exact < 0) & (near < 0)
-        sp = cfg["split"]
-        split_ids = assign_splits(sp["method"], (sp["train"], sp["validation"], sp["test"]), content_hashes=scan.keys,
-                                  kept=kept, seed=cfg["seed"], times=scan.times, cutoffs=tuple(sp["time_cutoffs"]))  # fmt: skip
-        train_matches = {
-            g: m
-            for g, m in sorted(scan.matches.items())
-            if split_ids[g] == 0 and m.size >= con["min_matches"]
-        }
-        dropped = set(train_matches) if con["drop"] else set()
-        for g in sorted(dropped):
-            kept[g] = False
-            split_ids[g] = -1
-        contamination = evals.report(train_matches, dropped) if evals else []
-        _write_dup_records(work, scan, exact, near, dropped, removed)
+        exact, near, lsh_stats, split_ids, contamination, dropped = _dedup_split_contamination(
+            cfg, scan, evals, work, removed
+        )
     lap("dedup_split_contamination")
 
     # Pass 3: tokenizer on the train split only.
@@ -374,6 +307,92 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
         f.write("\n")
     lap("manifest")
     return manifest
+
+
+def _read_and_clean(cfg: dict, work: Path, sources, policy, evals, removed, stats: dict, lap):
+    """Pass 1: read, clean and spill every document (removals to ``removed``); (scan,
+    documents read and bytes read per source)."""
+    cpu, workers = stats["cpu_s"], num_workers(cfg)
+    scan = Scan(cfg["dedup"]["num_perm"], work)
+    docs_read = Counter()
+    bytes_read = Counter()
+
+    def counted(batches):
+        for index, batch in batches:
+            for d in batch:
+                docs_read[d.source] += 1
+                bytes_read[d.source] += (
+                    len(d.data)
+                    if isinstance(d.data, bytes)
+                    else len(d.data.encode("utf-8", "replace"))
+                )
+            yield index, batch
+
+    init = (cfg, str(work / "spill"), *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
+    progress = Progress(estimate_bytes(cfg))
+    worker_cpu = 0.0
+    clean_cpu = stats.setdefault("clean_cpu_s", {})  # the part of clean_workers per stage
+    for res in _ordered(counted(_batches(sources, cfg)), clean.work, workers, init):
+        scan.add(res, removed)
+        progress.update(res["docs_in"], res["bytes_in"])
+        worker_cpu += res["cpu_s"]
+        for k, v in res["stage_cpu_s"].items():
+            clean_cpu[k] = clean_cpu.get(k, 0.0) + v
+    scan.finish()
+    progress.finish()
+    lap("read_and_clean")
+    # Worker CPU is reported by the workers; with workers=0 it is already in this process's.
+    cpu["clean_workers"] = worker_cpu
+    if workers == 0:
+        cpu["read_and_clean"] -= worker_cpu
+    scan.errors.update(policy.counts)
+    scan.error_examples = (policy.examples + scan.error_examples)[:20]
+    if sum(docs_read.values()) == 0:
+        raise DataError(
+            f"empty corpus: the sources {[s['name'] for s in cfg['sources']]} gave no documents; check config.sources paths"
+        )
+    if scan.n == 0:
+        raise DataError(
+            f"every one of the {sum(docs_read.values())} documents was removed by cleaning/filters "
+            f"(see counts: {dict((k, dict(v)) for k, v in scan.counts.items() if v)}); relax config.quality"
+        )
+    return scan, docs_read, bytes_read
+
+
+def _dedup_split_contamination(cfg: dict, scan, evals, work: Path, removed):
+    """Pass 2: exact and near duplicates, the split of each kept document and the train
+    documents that overlap evaluation sets; (exact, near, LSH stats, split ids,
+    contamination report, dropped documents)."""
+    con = cfg["contamination"]
+    d = cfg["dedup"]
+    exact = exact_duplicates(scan.keys) if d["exact"] else np.full(scan.n, -1, np.int64)
+    bands, rows = (
+        (d["bands"], d["rows"])
+        if d["bands"] and d["rows"]
+        else lsh_params(d["threshold"], d["num_perm"])
+    )
+    lsh_stats = {"bands": bands, "rows": rows}
+    near = np.full(scan.n, -1, np.int64)
+    if d["near"]:
+        near, lsh_stats = near_duplicates(
+            scan.sigfile, exact < 0, threshold=d["threshold"], bands=bands, rows=rows
+        )
+    kept = (exact < 0) & (near < 0)
+    sp = cfg["split"]
+    split_ids = assign_splits(sp["method"], (sp["train"], sp["validation"], sp["test"]), content_hashes=scan.keys,
+                              kept=kept, seed=cfg["seed"], times=scan.times, cutoffs=tuple(sp["time_cutoffs"]))  # fmt: skip
+    train_matches = {
+        g: m
+        for g, m in sorted(scan.matches.items())
+        if split_ids[g] == 0 and m.size >= con["min_matches"]
+    }
+    dropped = set(train_matches) if con["drop"] else set()
+    for g in sorted(dropped):
+        kept[g] = False
+        split_ids[g] = -1
+    contamination = evals.report(train_matches, dropped) if evals else []
+    _write_dup_records(work, scan, exact, near, dropped, removed)
+    return exact, near, lsh_stats, split_ids, contamination, dropped
 
 
 def _write_dup_records(work: Path, scan: Scan, exact, near, dropped, removed) -> None:

@@ -56,25 +56,9 @@ def source(**kwargs) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(spec)
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.num_workers = -1  # -1: one per CPU core; 0: no worker processes
-    c.batch_docs = 256  # documents per work item sent to a worker
-    c.batch_bytes = 4 << 20
-    c.on_error = "stop"  # stop | skip (bad input counted by reason in the manifest)
-    c.sources = ()
-
-    c.normalize = ml_collections.ConfigDict()
-    c.normalize.enabled = True
-    c.normalize.invalid_utf8 = "replace"  # replace | drop | error
-    c.normalize.nfc = True
-    c.normalize.max_blank_lines = 1
-
-    c.markup = ml_collections.ConfigDict()
-    c.markup.enabled = True  # HTML / Markdown → text
-
-    q = c.quality = ml_collections.ConfigDict()
+def _quality_defaults() -> ml_collections.ConfigDict:
+    """The quality filters' thresholds (config section ``quality``)."""
+    q = ml_collections.ConfigDict()
     q.enabled = True  # Gopher (Rae et al. 2021) and C4 (Raffel et al. 2020) values; -1 = off
     q.min_words = 50
     q.max_words = 100_000
@@ -94,6 +78,28 @@ def default_config() -> ml_collections.ConfigDict:
     q.blocklist = ()
     q.blocklist_path = ""
     q.max_blocklist_hits = 0
+    return q
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_workers = -1  # -1: one per CPU core; 0: no worker processes
+    c.batch_docs = 256  # documents per work item sent to a worker
+    c.batch_bytes = 4 << 20
+    c.on_error = "stop"  # stop | skip (bad input counted by reason in the manifest)
+    c.sources = ()
+
+    c.normalize = ml_collections.ConfigDict()
+    c.normalize.enabled = True
+    c.normalize.invalid_utf8 = "replace"  # replace | drop | error
+    c.normalize.nfc = True
+    c.normalize.max_blank_lines = 1
+
+    c.markup = ml_collections.ConfigDict()
+    c.markup.enabled = True  # HTML / Markdown → text
+
+    c.quality = _quality_defaults()
 
     c.pii = ml_collections.ConfigDict()
     c.pii.enabled = True

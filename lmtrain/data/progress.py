@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from lmtrain.data.default_corpus import stdlib_files, stdlib_root
 from lmtrain.data.sources import ErrorPolicy, list_files
 
 
@@ -24,8 +25,6 @@ def estimate_bytes(cfg: dict) -> int | None:
                 except OSError:
                     pass
         elif spec["kind"] == "default_corpus":
-            from lmtrain.data.default_corpus import stdlib_files, stdlib_root
-
             root = spec["data_dir"] or stdlib_root()
             files = stdlib_files(root, spec["include_tests"])
             if spec["max_files"]:

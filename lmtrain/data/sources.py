@@ -393,6 +393,7 @@ def open_source(
     if kind == "tfds":
         return TfdsSource(spec, policy, invalid_utf8, time_field)
     if kind == "default_corpus":
+        # here, not at the top: default_corpus builds its source on this module's classes
         from lmtrain.data.default_corpus import StdlibSource
 
         return StdlibSource(spec, policy)

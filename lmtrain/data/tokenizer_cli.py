@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtrain.data.tokenizer import CHAT_SPECIALS, train_sentencepiece
+from lmtrain.data.hashing import hash64
+from lmtrain.data.markup import html_to_text, markdown_to_text, sniff_format
+from lmtrain.data.normalize import decode_utf8, normalize_text
+from lmtrain.data.prepare_config import source
+from lmtrain.data.shards import TokenStream
+from lmtrain.data.sources import ErrorPolicy, FileSource
+from lmtrain.data.split import assign_splits
+from lmtrain.data.tokenizer import CHAT_SPECIALS, load_tokenizer, train_sentencepiece
 from lmtrain.errors import DataError
 
 REPORT_FILE = "tokenizer_report.json"
@@ -35,11 +42,6 @@ def _raw_documents(
     inputs: list[str], text_field: str, on_error: str, segment: str = "file"
 ) -> Iterator[str]:
     """Cleaned texts of raw input files (decode, markup → text, normalise), in file order."""
-    from lmtrain.data.markup import html_to_text, markdown_to_text, sniff_format
-    from lmtrain.data.normalize import decode_utf8, normalize_text
-    from lmtrain.data.prepare_config import source
-    from lmtrain.data.sources import ErrorPolicy, FileSource
-
     spec = source(
         name="input", paths=tuple(inputs), text_field=text_field, segment=segment
     ).to_dict()
@@ -66,9 +68,6 @@ def _is_prepared(path: str) -> bool:
 
 def prepared_split_texts(data_dir: str, split: str) -> Iterator[str]:
     """Documents of a prepared split, decoded from its token stream with the dataset's tokenizer."""
-    from lmtrain.data.shards import TokenStream
-    from lmtrain.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(Path(data_dir) / "tokenizer")
     stream = TokenStream(Path(data_dir) / split)
     eos, pos, block = stream.eos_id, 0, 1 << 20
@@ -89,9 +88,6 @@ def prepared_split_texts(data_dir: str, split: str) -> Iterator[str]:
 
 def _spill_split(texts: Iterator[str], work: Path, validation: float, seed: int) -> dict:
     """Writes train/validation texts (JSONL) by the content-hash split of ``data prepare``."""
-    from lmtrain.data.hashing import hash64
-    from lmtrain.data.split import assign_splits
-
     counts = {"train": [0, 0], "validation": [0, 0]}
     fr = (1.0 - validation, validation, 0.0)
     with open(work / "train.jsonl", "w") as tr, open(work / "validation.jsonl", "w") as va:
@@ -116,6 +112,57 @@ def _read_spill(path: Path, max_chars: int = 0) -> Iterator[str]:
             total += len(text)
             if max_chars and total >= max_chars:
                 return
+
+
+def _spill_prepared(data_dir: str, work: Path) -> dict:
+    """Writes a prepared dataset's train/validation documents (JSONL) as the spill files;
+    ``{split: [documents, chars]}``."""
+    counts = {"train": [0, 0], "validation": [0, 0]}
+    for split in counts:
+        if not (Path(data_dir) / split / "index.json").is_file():
+            continue
+        with open(work / f"{split}.jsonl", "w") as f:
+            for text in prepared_split_texts(data_dir, split):
+                f.write(json.dumps(text, ensure_ascii=False) + "\n")
+                counts[split][0] += 1
+                counts[split][1] += len(text)
+    if not (work / "validation.jsonl").exists():
+        (work / "validation.jsonl").write_text("")
+    return counts
+
+
+def _validation_counts(tok, path: Path) -> tuple[int, int]:
+    """(characters, tokens) of the validation spill under ``tok``."""
+    chars = tokens = 0
+    for text in _read_spill(path):
+        chars += len(text)
+        tokens += len(tok.encode(text))
+    return chars, tokens
+
+
+def _report(tok, settings: dict, specials, source_desc: dict, counts: dict, chars: int,
+            tokens: int) -> dict:  # fmt: skip
+    """``tokenizer_report.json``: the trained tokenizer, its inputs and its validation ratio."""
+    return {
+        "kind": tok.kind,
+        "model_type": settings["model_type"],
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": settings["requested_vocab_size"],
+        "byte_fallback": settings["byte_fallback"],
+        "pad_id": tok.pad_id,
+        "unk_id": tok.unk_id,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "specials": {s: tok.token_id(s) for s in specials if s != "\n"},
+        "fingerprint": tok.fingerprint(),
+        "source": source_desc,
+        "train_documents": counts["train"][0],
+        "train_chars": counts["train"][1],
+        "validation_documents": counts["validation"][0],
+        "validation_chars": chars,
+        "validation_tokens": tokens,
+        "chars_per_token_validation": round(chars / tokens, 4) if tokens else None,
+    }
 
 
 def train_tokenizer(
@@ -150,20 +197,9 @@ def train_tokenizer(
     try:
         work = tmp / "_work"
         work.mkdir()
-        prepared = len(inputs) == 1 and _is_prepared(inputs[0])
-        if prepared:
+        if len(inputs) == 1 and _is_prepared(inputs[0]):
             source_desc = {"prepared_dataset": str(Path(inputs[0]).absolute())}
-            counts = {"train": [0, 0], "validation": [0, 0]}
-            for split in counts:
-                if not (Path(inputs[0]) / split / "index.json").is_file():
-                    continue
-                with open(work / f"{split}.jsonl", "w") as f:
-                    for text in prepared_split_texts(inputs[0], split):
-                        f.write(json.dumps(text, ensure_ascii=False) + "\n")
-                        counts[split][0] += 1
-                        counts[split][1] += len(text)
-            if not (work / "validation.jsonl").exists():
-                (work / "validation.jsonl").write_text("")
+            counts = _spill_prepared(inputs[0], work)
         else:
             source_desc = {
                 "files": [str(p) for p in inputs],
@@ -184,30 +220,10 @@ def train_tokenizer(
             seed=seed,
             num_threads=num_threads,
         )
-        chars = tokens = 0
-        for text in _read_spill(work / "validation.jsonl"):
-            chars += len(text)
-            tokens += len(tok.encode(text))
-        report = {
-            "kind": tok.kind,
-            "model_type": model_type,
-            "vocab_size": tok.vocab_size,
-            "requested_vocab_size": vocab_size,
-            "byte_fallback": byte_fallback,
-            "pad_id": tok.pad_id,
-            "unk_id": tok.unk_id,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-            "specials": {s: tok.token_id(s) for s in specials if s != "\n"},
-            "fingerprint": tok.fingerprint(),
-            "source": source_desc,
-            "train_documents": counts["train"][0],
-            "train_chars": counts["train"][1],
-            "validation_documents": counts["validation"][0],
-            "validation_chars": chars,
-            "validation_tokens": tokens,
-            "chars_per_token_validation": round(chars / tokens, 4) if tokens else None,
-        }
+        chars, tokens = _validation_counts(tok, work / "validation.jsonl")
+        settings = dict(model_type=model_type, requested_vocab_size=vocab_size,
+                        byte_fallback=byte_fallback)  # fmt: skip
+        report = _report(tok, settings, specials, source_desc, counts, chars, tokens)
         shutil.rmtree(work)
         tok.save(tmp)
         (tmp / REPORT_FILE).write_text(

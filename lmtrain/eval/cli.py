@@ -35,6 +35,7 @@ def run_eval(
     (``harness``: keyword arguments of ``lmtrain.eval.harness.run_harness``); write the report."""
     import jax
 
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.eval.report import write_report
     from lmtrain.eval.suite import load_eval_config
     from lmtrain.infer.loader import load_run
@@ -70,6 +71,7 @@ def run_eval(
 
 def _run_harness(run, spec: dict, out_dir: str, print_fn) -> dict:
     try:
+        # lazily: lm-eval is an optional extra
         from lmtrain.eval import harness
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "lm_eval":
@@ -88,6 +90,7 @@ def _run_harness(run, spec: dict, out_dir: str, print_fn) -> dict:
 
 
 def _run_suite(run, suite: dict, checkpoint: str, config_path: str, print_fn) -> dict:
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.eval.suite import EvalContext, run_suite
 
     setup = run.setup
@@ -109,6 +112,7 @@ def _run_suite(run, suite: dict, checkpoint: str, config_path: str, print_fn) ->
 
 
 def cmd_eval(args, overrides) -> None:
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.eval.report import compare_reports
 
     if args.compare:
@@ -152,6 +156,7 @@ def cmd_eval(args, overrides) -> None:
             "<dir> (or --harness --tasks a,b instead of / besides --config; or --compare A B)"
         )
     if args.allow_code_execution:
+        # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
         from lmtrain.sandbox.code_exec import ALLOW_ENV
 
         os.environ[ALLOW_ENV] = "1"

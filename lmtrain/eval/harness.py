@@ -35,7 +35,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -47,7 +46,9 @@ from lm_eval.models.utils import (
 )
 
 from lmtrain.errors import ConfigError, DataError
-from lmtrain.model.sharding import LOGICAL_RULES, data_shards
+from lmtrain.infer.loader import load_run
+from lmtrain.infer.sampling import SamplingParams, generate, stop_token_ids
+from lmtrain.model.sharding import LOGICAL_RULES, batch_sharding, data_shards
 
 MODEL_NAME = "lmtrain"
 RESULTS_FILE = "harness_results.json"
@@ -101,8 +102,6 @@ class LmtrainLM(TemplateLM):
                 raise ConfigError(
                     "the lmtrain lm-eval backend needs model_args workdir=<lmtrain run directory>"
                 )
-            from lmtrain.infer.loader import load_run
-
             run = load_run(workdir, step)
         self.run = run
         setup = run.setup
@@ -180,8 +179,7 @@ class LmtrainLM(TemplateLM):
     def _place(self, x: np.ndarray):
         if self.mesh is None:
             return jnp.asarray(x)
-        spec = PartitionSpec(("data", "fsdp"), *[None] * (x.ndim - 1))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
 
     def _forward(self, inputs: np.ndarray, targets: np.ndarray):
         if self.mesh is None:
@@ -261,7 +259,6 @@ class LmtrainLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from lmtrain.infer.sampling import generate_batch
 
         def longest_first(req):
             return -len(self.tok_encode(req[0])), req[0]
@@ -289,20 +286,23 @@ class LmtrainLM(TemplateLM):
                    for c in contexts]  # fmt: skip
             longest = max(len(i) for i in ids)
             multiple = self.length_multiple if self._padded_len(longest) <= room else 1
-            g = generate_batch(
-                self.lm_model,
-                self.params,
-                ids,
+            sp = SamplingParams(
                 max_new_tokens=max_gen,
                 eos_id=self.eot_token_id,
-                pad_id=self.tok.pad_id,
                 temperature=float(kwargs.get("temperature", 0.0))
                 if kwargs.get("do_sample")
                 else 0.0,
                 top_k=int(kwargs.get("top_k") or 0),
                 top_p=float(kwargs.get("top_p") or 1.0),
+                stop_sequences=stop_token_ids(self.tok, until),
+            )
+            g = generate(
+                self.lm_model,
+                self.params,
+                ids,
+                sp,
                 seed=int(kwargs.get("seed") or 0),
-                stop_sequences=[s for s in (self.tok.encode(x) for x in until if x) if s],
+                pad_id=self.tok.pad_id,
                 mesh=self.mesh,
                 batch_multiple=self.batch_size,
                 prompt_len_multiple=multiple,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 
 from lmtrain.errors import ConfigError
-from lmtrain.infer.sampling import generate_batch
+from lmtrain.infer.sampling import SamplingParams, generate
 
 
 def peak_memory() -> dict[str, float | str]:
@@ -57,9 +57,10 @@ def measure_latency(
     out: dict[str, dict[str, float | str]] = {}
     for b in batch_sizes:
         prompts = [list(prompt)] * int(b)
-        kwargs = dict(max_new_tokens=new_tokens, eos_id=-1, pad_id=pad_id, mesh=mesh)
-        generate_batch(model, params, prompts, **kwargs)  # compile
-        runs = [generate_batch(model, params, prompts, **kwargs).timing for _ in range(repeats)]
+        sp = SamplingParams(max_new_tokens=new_tokens, eos_id=-1)
+        generate(model, params, prompts, sp, pad_id=pad_id, mesh=mesh)  # compile
+        runs = [generate(model, params, prompts, sp, pad_id=pad_id, mesh=mesh).timing
+                for _ in range(repeats)]  # fmt: skip
         prefill = statistics.median(r["prefill_s"] for r in runs)
         decode = statistics.median(r["decode_s"] for r in runs)
         steps = runs[0]["steps"]

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from lmtrain.errors import DataError
-from lmtrain.model.sharding import data_shards, mesh_rules
+from lmtrain.model.sharding import batch_sharding, data_shards, mesh_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,7 @@ class Scorer:
     def _place(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        spec = PartitionSpec(("data", "fsdp"), *[None] * (x.ndim - 1))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
 
     def nll(self, requests: Sequence[Request]) -> np.ndarray:
         """Summed NLL per request; sequences longer than ``seq_len + 1`` keep their tail."""

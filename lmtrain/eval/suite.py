@@ -19,7 +19,7 @@ Every task may list ``slices``: fields of its rows; metrics are reported per val
 from __future__ import annotations
 
 import difflib
-import json
+import itertools
 import math
 import os
 import time
@@ -28,10 +28,22 @@ from typing import Any
 
 import numpy as np
 
+from lmtrain.config import apply_overrides, load_config_file
+from lmtrain.data import formats
+from lmtrain.data.shards import TokenStream
 from lmtrain.errors import ConfigError, DataError
 from lmtrain.eval import metrics as M
 from lmtrain.eval import safety
+from lmtrain.eval.latency import measure_latency
 from lmtrain.eval.scoring import Scorer, continuation_request, document_nll
+from lmtrain.infer.sampling import SamplingParams, decode_completions, generate, stop_token_ids
+from lmtrain.sandbox.code_exec import (
+    CodeProblem,
+    ExecLimits,
+    evaluate_pass_at_k,
+    pass_at_k,
+    require_opt_in,
+)
 
 GENERATION_DEFAULTS = dict(
     max_new_tokens=64,
@@ -152,33 +164,26 @@ def normalize_eval_config(cfg: Any) -> dict[str, Any]:
 
 
 def load_eval_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from lmtrain.config import apply_overrides, load_config_file
-
     cfg = load_config_file(path)
     apply_overrides(cfg, list(overrides))
     return normalize_eval_config(cfg)
 
 
 def read_jsonl(path: str, max_rows: int = 0) -> list[dict[str, Any]]:
+    """The rows (JSON objects) of an eval data file; ``max_rows`` > 0 keeps the first ones."""
     if not os.path.isfile(path):
         raise DataError(f"eval data file {path!r} not found; fix the task's path")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: each line must be a JSON object")
-            rows.append(row)
-            if max_rows and len(rows) >= max_rows:
-                break
+    rows = formats.read_jsonl(path, _object_row)
+    rows = list(itertools.islice(rows, max_rows) if max_rows else rows)
     if not rows:
         raise DataError(f"{path} has no rows")
     return rows
+
+
+def _object_row(row: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each line must be a JSON object")
+    return [row]
 
 
 def _field(row: Mapping[str, Any], key: str, where: str) -> Any:
@@ -222,34 +227,30 @@ class EvalContext:
         bos: bool = False,
     ) -> list[str]:
         """Completions in batches; prompts keep their last ``max_seq_len - max_new`` tokens."""
-        from lmtrain.infer.sampling import generate_batch, truncate_at_stop
 
         tok = self.tokenizer
         room = self.model.cfg.max_seq_len - max_new_tokens
         ids = [tok.encode(p, bos=bos) for p in prompts]
         ids = [(i[-room:] if room > 0 else i) or [tok.bos_id] for i in ids]
-        stop_ids = [s for s in (tok.encode(x) for x in stop if x) if s]
+        sp = SamplingParams(
+            max_new_tokens, tok.eos_id, temperature, top_k, top_p, stop_token_ids(tok, stop)
+        )
         texts: list[str] = []
         t0 = time.perf_counter()
         for b in range(0, len(ids), self.batch_size):
-            g = generate_batch(
+            g = generate(
                 self.model,
                 self.params,
                 ids[b : b + self.batch_size],
-                max_new_tokens=max_new_tokens,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
+                sp,
                 seed=seed + b,
-                stop_sequences=stop_ids,
+                pad_id=tok.pad_id,
                 mesh=self.mesh,
                 batch_multiple=self.batch_size,
                 prompt_len_multiple=self.prompt_len_multiple,
             )
             self.generated_tokens += sum(len(t) for t in g.tokens)
-            texts += [truncate_at_stop(tok.decode(t), stop)[0] for t in g.tokens]
+            texts += decode_completions(tok, g, stop)[0]
         self.generation_s += time.perf_counter() - t0
         return texts
 
@@ -278,8 +279,6 @@ def _ppl_group_metrics() -> dict[str, Any]:
 def run_perplexity(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
     tok = ctx.tokenizer
     if t["split"]:
-        from lmtrain.data.shards import TokenStream
-
         stream = TokenStream(os.path.join(ctx.data_dir, t["split"]))
         n = min(len(stream), t["max_tokens"] or len(stream))
         rows = [{"_ids": stream.read(0, n).tolist()}]
@@ -393,14 +392,6 @@ def run_choice(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_code(ctx: EvalContext, t: Mapping[str, Any]) -> dict[str, Any]:
-    from lmtrain.sandbox.code_exec import (
-        CodeProblem,
-        ExecLimits,
-        evaluate_pass_at_k,
-        pass_at_k,
-        require_opt_in,
-    )
-
     require_opt_in()  # before generating: refuse early, not after minutes of sampling
     rows = read_jsonl(t["path"], t["max_examples"])
     problems = [CodeProblem.from_mapping(r) for r in rows]
@@ -517,8 +508,6 @@ SAFETY_RUNNERS = {"refusal": run_refusal, "canaries": run_canaries, "bias": run_
 
 def run_suite(ctx: EvalContext, suite: Mapping[str, Any], print_fn=print) -> dict[str, Any]:
     """Run every task, safety probe and the latency benchmark; the dict ``write_report`` takes."""
-    from lmtrain.eval.latency import measure_latency
-
     results: dict[str, Any] = {"tasks": {}, "safety": {}, "cost": {}}
     timings: dict[str, float] = {}
     for t in suite["tasks"]:

@@ -28,14 +28,23 @@ def add_generate_args(g) -> None:
 def run_generate(args, overrides, *, input_fn=None, print_fn=print) -> None:
     import builtins
 
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.infer.loader import load_run
-    from lmtrain.infer.sampling import generate_batch_past_context, truncate_at_stop
+    from lmtrain.infer.sampling import SamplingParams, decode_completions, generate, stop_token_ids
 
     input_fn = input_fn or builtins.input  # looked up per call (tests patch it)
     run = load_run(args.workdir, args.step, overrides)
     setup, tok = run.setup, run.setup.tokenizer
     stops = [s.encode().decode("unicode_escape") for s in args.stop]
-    stop_ids = [ids for ids in (tok.encode(s) for s in stops) if ids]
+    sp = SamplingParams(
+        args.max_new_tokens,
+        tok.eos_id,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        stop_token_ids(tok, stops),
+        past_context=True,  # past the context the window slides
+    )
     interactive = args.interactive or args.prompt is None
     seed = args.seed
     while True:
@@ -49,26 +58,14 @@ def run_generate(args, overrides, *, input_fn=None, print_fn=print) -> None:
             prompt = args.prompt
         ids = tok.encode(prompt) or [tok.bos_id]
         t0 = time.perf_counter()
-        g = generate_batch_past_context(  # past the context the window slides
-            setup.model,
-            run.params,
-            [ids] * args.num_samples,
-            max_new_tokens=args.max_new_tokens,
-            eos_id=tok.eos_id,
-            pad_id=tok.pad_id,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=seed,
-            stop_sequences=stop_ids,
-            mesh=setup.mesh,
-        )
+        prompts = [ids] * args.num_samples
+        g = generate(setup.model, run.params, prompts, sp, seed=seed, pad_id=tok.pad_id,
+                     mesh=setup.mesh)  # fmt: skip
         wall = time.perf_counter() - t0
         seed += 1  # a new sample each prompt in interactive mode
-        for toks, reason in zip(g.tokens, g.finish_reasons):
-            text, hit = truncate_at_stop(tok.decode(toks), stops)
+        for text, reason in zip(*decode_completions(tok, g, stops)):
             print_fn(prompt + text)
-            print_fn(f"--- [{'stop' if hit else reason}]")
+            print_fn(f"--- [{reason}]")
         if args.timing:
             n = sum(len(t) for t in g.tokens)
             print_fn(

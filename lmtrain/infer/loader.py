@@ -1,14 +1,16 @@
-"""Load a trained run (its config, tokenizer, model and sharded params) for generation and eval."""
+"""A trained run ready to generate and evaluate: its setup (config, mesh, model, tokenizer) and
+its plain params on that mesh. The config and params come from ``lmtrain.train.run_loader``."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
-from lmtrain.errors import CheckpointError
+import jax
 
-BEST_DIR = "checkpoints_best"  # written by lmtrain.train.early_stop.BestCheckpointKeeper
+from lmtrain.config import apply_overrides
+from lmtrain.train import finetune, run_loader
+from lmtrain.train.loop import build
 
 
 @dataclasses.dataclass
@@ -19,22 +21,10 @@ class LoadedRun:
     checkpoint_dir: str
 
 
-def _merge(base, saved: dict) -> None:
-    for key, value in saved.items():
-        if isinstance(value, dict) and hasattr(base.get(key), "items"):
-            _merge(base[key], value)
-        else:
-            if isinstance(base.get(key), tuple) and isinstance(value, list):
-                value = tuple(value)
-            base[key] = value
-
-
 def _detach_from_init_from(cfg, workdir: str) -> None:
     """A full fine-tuning run's checkpoint holds all its params and its config.json the adopted
     architecture, so loading it must not need the ``init_from`` run (moved, deleted, retrained):
     drop that link and read the tokenizer the run saved in its own workdir."""
-    from lmtrain.train import finetune
-
     if not cfg.init_from or finetune.lora_enabled(cfg):
         return  # a LoRA checkpoint holds adapters only: the base comes from init_from
     own_tokenizer = os.path.join(workdir, "tokenizer")
@@ -47,69 +37,18 @@ def _detach_from_init_from(cfg, workdir: str) -> None:
         cfg.data.eval_file = ""  # not needed for inference; may have moved
 
 
-def inference_params(setup, params: dict) -> dict:
-    """Plain model params of a restored train state: LoRA adapters folded into their base
-    (``config.init_from``'s latest checkpoint, else the seed's init, as training used), the
-    reward head dropped."""
-    from lmtrain.train import finetune
-
-    frozen = None
-    if finetune.lora_enabled(setup.config):
-        base, _ = finetune.initial_params(setup)
-        frozen = {"base": base}
-    with setup.mesh:
-        return finetune.full_params(setup.config, params, frozen)
-
-
 def load_run(workdir: str, step: str | int | None = None, overrides=()) -> LoadedRun:
     """Restore the params of ``workdir`` at ``step``: None/"latest", "best" or a step number.
 
-    The run's own ``config.json`` rebuilds the model and mesh, so params come back with the
-    shardings training used; ``overrides`` (``"mesh.shape=(1,1,8)"``) can change the mesh.
+    The run's own ``config.json`` rebuilds the model and mesh, and the params are placed with
+    the shardings training used; ``overrides`` (``"mesh.shape=(1,1,8)"``) can change the mesh.
     Fine-tuning runs give plain model params too: LoRA adapters are merged into their base and
-    a reward model's head is dropped (``inference_params``).
+    a reward model's head is dropped (``run_loader.plain_params``).
     """
-    import ml_collections
-
-    from lmtrain.config import apply_overrides, base_config, check_against_schema
-    from lmtrain.train.checkpoint import Checkpointer
-    from lmtrain.train.loop import build
-
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(
-            f"{cfg_path} not found: --checkpoint must be a training workdir (lmtrain train "
-            "--workdir ...)"
-        )
-    with open(cfg_path) as f:
-        saved = json.load(f)
-    check_against_schema(ml_collections.ConfigDict(saved), base_config())
-    # Start from today's schema so keys added since the run was trained get their defaults.
-    cfg = base_config()
-    _merge(cfg, saved)
+    cfg = run_loader.read_config(workdir)
     apply_overrides(cfg, list(overrides))
     _detach_from_init_from(cfg, workdir)
     setup = build(cfg, workdir)
-    sub = BEST_DIR if step == "best" else "checkpoints"
-    ckpt_dir = os.path.join(workdir, sub)
-    if not os.path.isdir(ckpt_dir):
-        hint = " (set train.keep_best_metric when training)" if step == "best" else "; train first"
-        raise CheckpointError(f"no checkpoint directory {ckpt_dir}{hint}")
-    accept = bool(cfg.fault.get("accept_unlisted_checkpoints", False))
-    ckpt = Checkpointer(ckpt_dir, async_save=False, accept_unlisted=accept)
-    try:
-        if step in (None, "latest", "best"):
-            chosen = ckpt.latest_step()
-        else:
-            chosen = int(step)
-            if chosen not in ckpt.all_steps():
-                raise CheckpointError(
-                    f"step {chosen} is not in {ckpt_dir}; available: {sorted(ckpt.all_steps())}"
-                )
-        if chosen is None:
-            raise CheckpointError(f"no complete checkpoint in {ckpt_dir}; train first")
-        params = ckpt.restore_params(chosen, setup.abstract_state.params, setup.shardings.params)
-    finally:
-        ckpt.close()
-    params = inference_params(setup, params)
-    return LoadedRun(setup, params, int(chosen), ckpt_dir)
+    params, chosen, ckpt_dir = run_loader.load_params(workdir, step, cfg)
+    _, shardings = finetune.abstract_params(setup.model, cfg.data.seq_len, setup.mesh)
+    return LoadedRun(setup, jax.device_put(params, shardings), chosen, ckpt_dir)

@@ -14,6 +14,7 @@ that needed sharding to train can also generate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -27,8 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lmtrain.errors import LmtrainError
 from lmtrain.model.sharding import (
     LOGICAL_RULES,
-    _fit_spec,
+    batch_sharding,
     data_shards,
+    fit_spec,
     logical_shardings,
     mesh_platform,
     mesh_rules,
@@ -39,9 +41,54 @@ FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
 FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_EOS: "eos", FINISH_STOP: "stop"}
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What to sample: the static argument of the jitted decode (hashable, compared by value).
+
+    ``eos_id=-1`` disables EOS (fixed-length decoding, for benchmarks); ``temperature`` 0 is
+    greedy, ``top_k`` 0 and ``top_p`` 1 are off. ``stop_sequences`` end a row (token ids;
+    output excludes them). ``return_logits``: keep the float32 logits of every sampled token.
+    ``past_context``: outputs may run past the model's context, the window then slides (see
+    :func:`generate`).
+    """
+
+    max_new_tokens: int
+    eos_id: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    return_logits: bool = False
+    past_context: bool = False
+
+    def __post_init__(self):
+        # Normalised types: equal settings must hash equal, or the decode compiles again.
+        norm = {
+            "max_new_tokens": int(self.max_new_tokens),
+            "eos_id": int(self.eos_id),
+            "temperature": float(self.temperature),
+            "top_k": int(self.top_k),
+            "top_p": float(self.top_p),
+            "stop_sequences": tuple(tuple(int(t) for t in s) for s in self.stop_sequences),
+            "return_logits": bool(self.return_logits),
+            "past_context": bool(self.past_context),
+        }
+        for name, value in norm.items():
+            object.__setattr__(self, name, value)
+        if self.max_new_tokens < 1:
+            raise LmtrainError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0 or self.top_k < 0 or not (0.0 < self.top_p <= 1.0):
+            raise LmtrainError(
+                f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
+            )
+        if any(len(s) == 0 for s in self.stop_sequences):
+            raise LmtrainError("stop sequences must be non-empty token lists")
+
+
 @dataclasses.dataclass
 class Generation:
-    """What ``generate_batch`` returns, one entry per prompt.
+    """What ``generate`` returns, one entry per prompt.
 
     ``tokens`` exclude EOS and a matched stop sequence; ``finish_reasons`` are ``"eos"``,
     ``"stop"`` or ``"length"`` (hit ``max_new_tokens``); ``logits`` (B, steps, V) are the float32
@@ -80,6 +127,62 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def sample_rows(logits_BV, rng, temperature_B, top_k_B, top_p_B):
+    """Next token ids (B,) with each row's own temperature/top-k/top-p (arrays, not static).
+
+    For a batch of requests with different settings in one program (``lmtrain serve``); the
+    nucleus is taken over the temperature-scaled distribution before the top-k cut, so with both
+    filters on it can keep a different set than :func:`filter_logits`.
+    """
+    V = logits_BV.shape[-1]
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    kth_idx = jnp.clip(top_k_B - 1, 0, V - 1)[:, None]
+    kth = jnp.where(
+        top_k_B[:, None] > 0, jnp.take_along_axis(sorted_desc, kth_idx, axis=-1), -jnp.inf
+    )
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    cut_idx = jnp.sum(cum - probs < top_p_B[:, None], axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_desc, jnp.clip(cut_idx, 0, V - 1), axis=-1)
+    keep = logits >= jnp.maximum(kth, cutoff)
+    sampled = jax.random.categorical(rng, jnp.where(keep, logits, -jnp.inf), axis=-1).astype(
+        jnp.int32
+    )
+    return jnp.where(temperature_B > 0, sampled, greedy)
+
+
+def left_pad(rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: int):
+    """(tokens, segment ids), both (batch, length) int32: each row right-aligned, segment 1 on
+    its tokens and 0 on the padding (never attended); rows past ``len(rows)`` stay all padding."""
+    tokens = np.full((batch, length), pad_id, np.int32)
+    seg = np.zeros((batch, length), np.int32)
+    for i, ids in enumerate(rows):
+        tokens[i, length - len(ids) :] = ids
+        seg[i, length - len(ids) :] = 1
+    return tokens, seg
+
+
+def prefill_apply(model, params, tokens_BP, seg_BP, cache):
+    """The prompts through the model once, filling ``cache``: (logits (B, P, V), cache).
+    Positions count real tokens only, so a row's result does not depend on its padding."""
+    positions = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0).astype(jnp.int32)
+    return model.apply(
+        {"params": params}, tokens_BP, positions, seg_BP, kv_cache=cache, cache_offset=0
+    )
+
+
+def step_apply(model, params, tok_B, pos_B, cache, offset):
+    """One decode step: token ``tok_B`` at position ``pos_B`` into cache slot ``offset``;
+    (the next logits (B, V), cache)."""
+    seg = jnp.ones((tok_B.shape[0], 1), jnp.int32)
+    logits, cache = model.apply(
+        {"params": params}, tok_B[:, None], pos_B[:, None], seg, kv_cache=cache, cache_offset=offset
+    )
+    return logits[:, -1], cache
+
+
 def _constrain(x, sharding):
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
@@ -88,10 +191,7 @@ def _constrain(x, sharding):
 def _prefill(model, params, tokens_BP, seg_BP, cache_len: int, cache_sharding):
     cache = init_cache(model.cfg, tokens_BP.shape[0], cache_len)
     cache = jax.tree.map(lambda c: _constrain(c, cache_sharding if c.ndim == 4 else None), cache)
-    positions = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = model.apply(
-        {"params": params}, tokens_BP, positions, seg_BP, kv_cache=cache, cache_offset=0
-    )
+    logits, cache = prefill_apply(model, params, tokens_BP, seg_BP, cache)
     return logits[:, -1], cache
 
 
@@ -104,25 +204,11 @@ def _stop_table(stops: tuple[tuple[int, ...], ...]):
     return jnp.asarray(table), jnp.asarray([len(s) for s in stops], jnp.int32)
 
 
-def _decode_impl(
-    model,
-    params,
-    last_BV,
-    cache,
-    lengths_B,
-    rng,
-    prompt_len: int,
-    max_new: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eos_id: int,
-    stops: tuple[tuple[int, ...], ...],
-    return_logits: bool,
-):
-    B = last_BV.shape[0]
+def _decode_impl(model, params, last_BV, cache, lengths_B, rng, prompt_len: int,
+                 sp: SamplingParams):  # fmt: skip
+    B, max_new, stops = last_BV.shape[0], sp.max_new_tokens, sp.stop_sequences
     out = jnp.zeros((B, max_new), jnp.int32)
-    out_logits = jnp.zeros((B, max_new if return_logits else 0, last_BV.shape[-1]), jnp.float32)
+    out_logits = jnp.zeros((B, max_new if sp.return_logits else 0, last_BV.shape[-1]), jnp.float32)
     keep = jnp.full((B,), max_new, jnp.int32)  # tokens to return per row
     reason = jnp.full((B,), FINISH_LENGTH, jnp.int32)
     done = jnp.zeros((B,), bool)
@@ -139,11 +225,11 @@ def _decode_impl(
     def body(carry):
         t, last, cache, out, done, rng, out_logits, keep, reason, recent = carry
         rng, sub = jax.random.split(rng)
-        tok = sample_logits(last, sub, temperature, top_k, top_p)
+        tok = sample_logits(last, sub, sp.temperature, sp.top_k, sp.top_p)
         out = out.at[:, t].set(tok)
-        if return_logits:
+        if sp.return_logits:
             out_logits = out_logits.at[:, t].set(last)
-        hit_eos = (tok == eos_id) & ~done
+        hit_eos = (tok == sp.eos_id) & ~done
         keep = jnp.where(hit_eos, t, keep)
         reason = jnp.where(hit_eos, FINISH_EOS, reason)
         finished = done | hit_eos
@@ -155,12 +241,8 @@ def _decode_impl(
             keep = jnp.where(hit_stop, t + 1 - longest, keep)
             reason = jnp.where(hit_stop, FINISH_STOP, reason)
             finished = finished | hit_stop
-        pos = (lengths_B + t)[:, None]
-        seg = jnp.ones((B, 1), jnp.int32)
-        logits, cache = model.apply(
-            {"params": params}, tok[:, None], pos, seg, kv_cache=cache, cache_offset=prompt_len + t
-        )
-        return t + 1, logits[:, -1], cache, out, finished, rng, out_logits, keep, reason, recent
+        logits, cache = step_apply(model, params, tok, lengths_B + t, cache, prompt_len + t)
+        return t + 1, logits, cache, out, finished, rng, out_logits, keep, reason, recent
 
     carry = (jnp.int32(0), last_BV, cache, out, done, rng, out_logits, keep, reason, recent)
     t, _, _, out, done, _, out_logits, keep, reason, _ = jax.lax.while_loop(cond, body, carry)
@@ -168,7 +250,7 @@ def _decode_impl(
     return out, out_logits, t, keep, reason
 
 
-_DECODE_STATIC = (0, 6, 7, 8, 9, 10, 11, 12, 13)
+_DECODE_STATIC = (0, 6, 7)  # model, prompt_len, SamplingParams
 _decode = jax.jit(_decode_impl, static_argnums=_DECODE_STATIC)
 # Donating the cache lets XLA update it in place; the CPU backend cannot use donations (and warns).
 _decode_donating = jax.jit(_decode_impl, static_argnums=_DECODE_STATIC, donate_argnums=(3,))
@@ -193,53 +275,99 @@ def _cache_sharding(model, mesh: Mesh, batch: int, cache_len: int) -> NamedShard
     cfg = model.cfg
     spec = PartitionSpec(("data", "fsdp"), None, "tensor", None)
     shape = (batch, cache_len, cfg.n_kv_heads, cfg.kv_dim)
-    return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+    return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
 
-def _check_args(prompts, max_new_tokens, temperature, top_k, top_p, stop_sequences):
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LmtrainError("every prompt needs at least one token (e.g. BOS); got an empty prompt")
-    if max_new_tokens < 1:
-        raise LmtrainError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0 or top_k < 0 or not (0.0 < top_p <= 1.0):
-        raise LmtrainError(
-            f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
-            f"temperature={temperature}, top_k={top_k}, top_p={top_p}"
-        )
-    if any(len(s) == 0 for s in stop_sequences):
-        raise LmtrainError("stop sequences must be non-empty token lists")
-
-
-def generate_batch(
+def generate(
     model,
     params,
     prompts: Sequence[Sequence[int]],
+    sampling: SamplingParams,
     *,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int = 0,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     seed: int = 0,
-    stop_sequences: Sequence[Sequence[int]] = (),
-    return_logits: bool = False,
+    pad_id: int = 0,
     mesh: Mesh | None = None,
     batch_multiple: int = 1,
     prompt_len_multiple: int = 1,
     compile_only: bool = False,
-) -> Generation | None:
-    """Generate up to ``max_new_tokens`` per prompt; a row ends at EOS or a stop sequence.
+) -> Generation | dict:
+    """Generate up to ``sampling.max_new_tokens`` per prompt (a batch; one prompt is a batch of
+    one); a row ends at EOS or a stop sequence.
 
-    ``eos_id=-1`` disables EOS (fixed-length decoding, for benchmarks). With ``mesh``, ``params``
-    should already be placed by ``shard_params`` (host arrays are placed here, once per call).
-    ``batch_multiple`` / ``prompt_len_multiple`` round the padded batch shape up so that many
-    calls with varied prompts reuse a few compiled shapes (padding never changes results).
-    ``compile_only``: compile the prefill and decode programs this call would run and return
-    them (``{"prefill": Compiled, "decode": Compiled}``) instead of a Generation; ``params`` may then be abstract (``jax.ShapeDtypeStruct``), and a later call with the
-    real params finds the programs in JAX's cache (the training loop compiles its sample ahead).
+    With ``mesh``, ``params`` should already be placed by ``shard_params`` (host arrays are
+    placed here, once per call). ``batch_multiple`` / ``prompt_len_multiple`` round the padded
+    batch shape up so that many calls with varied prompts reuse a few compiled shapes (padding
+    never changes results). ``compile_only``: compile the prefill and decode programs this call
+    would run and return them (``{"prefill": Compiled, "decode": Compiled}``) instead of a
+    Generation; ``params`` may then be abstract (``jax.ShapeDtypeStruct``), and a later call
+    with the real params finds the programs in JAX's cache (the training loop compiles its
+    sample ahead).
+
+    ``sampling.past_context``: outputs may be longer than the model's context
+    (``cfg.max_seq_len``). Past it RoPE positions were never trained and the text degenerates,
+    so the window slides: each round continues every row from its last ``max_seq_len // 2``
+    tokens and fills the rest of the context (nanoGPT's sampler crops its context the same way,
+    one token at a time). Every round has the same shapes, so it compiles once. A row ends at
+    EOS or a stop sequence (matched within a round; ``truncate_at_stop`` on the text catches
+    one that spans two). ``timing``: ``prefill_s`` of the first round, the rest counted as
+    decode. Within the context it is the plain call.
     """
-    _check_args(prompts, max_new_tokens, temperature, top_k, top_p, stop_sequences)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LmtrainError("every prompt needs at least one token (e.g. BOS); got an empty prompt")
+    window = dataclasses.replace(sampling, past_context=False)  # one compile key either way
+    shape = dict(pad_id=pad_id, mesh=mesh, batch_multiple=batch_multiple)
+    ctx = model.cfg.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if not sampling.past_context or ctx < 2 or longest + sampling.max_new_tokens <= ctx:
+        return _generate_window(model, params, prompts, window, seed, compile_only=compile_only,
+                                prompt_len_multiple=prompt_len_multiple, **shape)  # fmt: skip
+    if sampling.return_logits:
+        raise LmtrainError(
+            f"return_logits needs prompt + max_new_tokens within the model's context ({ctx})"
+        )
+    keep = ctx // 2
+    window = dataclasses.replace(window, max_new_tokens=ctx - keep)
+    if compile_only:  # every round has the first round's shapes
+        return _generate_window(model, params, [list(p)[-keep:] for p in prompts], window, seed,
+                                compile_only=True, prompt_len_multiple=keep, **shape)  # fmt: skip
+    return _slide(model, params, prompts, window, seed, sampling.max_new_tokens, keep, shape)
+
+
+def _slide(model, params, prompts, window: SamplingParams, seed: int, max_new: int, keep: int,
+           shape: dict) -> Generation:  # fmt: skip
+    """:func:`generate` past the context: rounds of ``window`` from each row's last ``keep``."""
+    step = window.max_new_tokens
+    texts = [list(p) for p in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    timing = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
+    live = list(range(len(prompts)))
+    for r in range(-(-max_new // step)):
+        if not live:
+            break
+        windows = [(texts[i] + outs[i])[-keep:] for i in live]
+        g = _generate_window(model, params, windows, window, seed + r, prompt_len_multiple=keep,
+                             **shape)  # fmt: skip
+        if r == 0:
+            timing["prefill_s"] = g.timing["prefill_s"]
+        else:
+            timing["decode_s"] += g.timing["prefill_s"]
+        timing["decode_s"] += g.timing["decode_s"]
+        timing["steps"] += g.timing["steps"]
+        still = []
+        for i, toks, why in zip(live, g.tokens, g.finish_reasons):
+            outs[i].extend(toks)
+            reasons[i] = why
+            if why == "length" and len(outs[i]) < max_new:  # else EOS, a stop or done
+                still.append(i)
+        live = still
+    return Generation([o[:max_new] for o in outs], reasons, None, timing)
+
+
+def _generate_window(model, params, prompts, sp: SamplingParams, seed: int, *, pad_id: int,
+                     mesh: Mesh | None, batch_multiple: int, prompt_len_multiple: int,
+                     compile_only: bool = False) -> Generation | dict:  # fmt: skip
+    """One prefill and one decode loop over the left-padded batch (prompt + output in context)."""
     n = len(prompts)
     rows = list(prompts)
     multiple = max(1, batch_multiple)
@@ -248,79 +376,63 @@ def generate_batch(
     rows += [rows[-1]] * (-n % multiple)  # extra rows repeat a prompt; their output is dropped
     B, P = len(rows), max(len(p) for p in rows)
     P += -P % max(1, prompt_len_multiple)
-    tokens = np.full((B, P), pad_id, np.int32)
-    seg = np.zeros((B, P), np.int32)
-    for i, p in enumerate(rows):
-        tokens[i, P - len(p) :] = p
-        seg[i, P - len(p) :] = 1
+    tokens, seg = left_pad(rows, B, P, pad_id)
     lengths = seg.sum(axis=1).astype(np.int32)
-    stops = tuple(tuple(int(t) for t in s) for s in stop_sequences)
-    cache_len = P + int(max_new_tokens)
-    rng = jax.random.PRNGKey(seed)
+    cache_len = P + sp.max_new_tokens
+    args = (tokens, seg, lengths, jax.random.PRNGKey(seed))
     cache_sharding = None
-    ctx = _NullContext()
     if mesh is not None:
-
-        def place(x, sharding):
-            if compile_only:  # shapes only: the mesh may hold a topology's abstract devices
-                return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding)
-            return jax.device_put(x, sharding)
-
-        tokens, seg, lengths = (
-            place(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *[None] * (x.ndim - 1))))
-            for x in (tokens, seg, lengths)
-        )
-        if compile_only:  # abstract params carry the shardings shard_params would give
-            params = jax.tree.map(
-                lambda p, sh: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sh),
-                params,
-                params_shardings(model, mesh),
-            )
-        elif not _is_on_mesh(params, mesh):
-            params = shard_params(model, params, mesh)
+        params, args = _place(model, params, args, mesh, compile_only)
         cache_sharding = _cache_sharding(model, mesh, B, cache_len)
-        rng = place(rng, NamedSharding(mesh, PartitionSpec()))
-        ctx = _MeshContext(mesh)
-    with ctx:
+    tokens, seg, lengths, rng = args
+    with mesh_rules(mesh) if mesh is not None else contextlib.nullcontext():
         if compile_only:
             return _compile_generation(model, params, tokens, seg, lengths, rng, cache_len,
-                                       cache_sharding, P, int(max_new_tokens), float(temperature),
-                                       int(top_k), float(top_p), int(eos_id), stops,
-                                       bool(return_logits))  # fmt: skip
+                                       cache_sharding, P, sp)  # fmt: skip
         t0 = time.perf_counter()
         last, cache = _prefill(model, params, tokens, seg, cache_len, cache_sharding)
         last = jax.block_until_ready(last)
         t1 = time.perf_counter()
-        decode = _decode_for(mesh)
-        out, logits, steps, keep, reason = decode(
-            model,
-            params,
-            last,
-            cache,
-            lengths,
-            rng,
-            P,
-            int(max_new_tokens),
-            float(temperature),
-            int(top_k),
-            float(top_p),
-            int(eos_id),
-            stops,
-            bool(return_logits),
+        out, logits, steps, keep, reason = _decode_for(mesh)(
+            model, params, last, cache, lengths, rng, P, sp
         )
         out = np.asarray(out)
         t2 = time.perf_counter()
     steps, keep, reason = int(steps), np.asarray(keep), np.asarray(reason)
     results = [out[i, : keep[i]].tolist() for i in range(n)]
     reasons = [FINISH_NAMES[int(r)] for r in reason[:n]]
-    logits_np = np.asarray(logits)[:n, :steps] if return_logits else None
+    logits_np = np.asarray(logits)[:n, :steps] if sp.return_logits else None
     timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps}
     return Generation(results, reasons, logits_np, timing)
 
 
+def _place(model, params, args: tuple, mesh: Mesh, compile_only: bool):
+    """Params and (tokens, seg, lengths, rng) on ``mesh``: the batch split over (data, fsdp),
+    the rng replicated; ``compile_only``: shapes with shardings (the mesh may hold a topology's
+    abstract devices), the params' the ones ``shard_params`` would give."""
+
+    def place(x, sharding):
+        if compile_only:
+            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding)
+        return jax.device_put(x, sharding)
+
+    *batch, rng = args
+    placed = [place(x, batch_sharding(mesh, x.ndim)) for x in batch]
+    placed.append(place(rng, NamedSharding(mesh, PartitionSpec())))
+    if compile_only:
+        params = jax.tree.map(
+            lambda p, sh: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sh),
+            params,
+            params_shardings(model, mesh),
+        )
+    elif not _is_on_mesh(params, mesh):
+        params = shard_params(model, params, mesh)
+    return params, tuple(placed)
+
+
 def _compile_generation(model, params, tokens, seg, lengths, rng, cache_len, cache_sharding, P,
-                        *decode_args):  # fmt: skip
-    """Lower and compile ``generate_batch``'s prefill and decode for these arguments."""
+                        sp: SamplingParams):  # fmt: skip
+    """Lower and compile ``generate``'s prefill and decode for these arguments."""
     lowered = _prefill.lower(model, params, tokens, seg, cache_len, cache_sharding)
     compiled = lowered.compile()
     # The outputs decode receives: on a mesh with their NamedShardings; on one device the real
@@ -335,7 +447,7 @@ def _compile_generation(model, params, tokens, seg, lengths, rng, cache_len, cac
     decode = _decode_for(cache_sharding.mesh if cache_sharding is not None else None)
     return {
         "prefill": compiled,
-        "decode": decode.lower(model, params, last, cache, lengths, rng, P, *decode_args).compile(),
+        "decode": decode.lower(model, params, last, cache, lengths, rng, P, sp).compile(),
     }
 
 
@@ -355,137 +467,21 @@ def _is_on_mesh(params, mesh: Mesh) -> bool:
     )
 
 
-class _NullContext:
-    def __enter__(self):
-        return self
+def generate_past_context(model, params, prompts, *, max_new_tokens: int, eos_id: int,
+                          pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
+                          seed: int = 0, compile_only: bool = False):  # fmt: skip
+    """Per prompt, the ids :func:`generate` gives past the context (None: ``compile_only``).
 
-    def __exit__(self, *exc):
-        return False
-
-
-class _MeshContext:
-    """:func:`lmtrain.model.sharding.mesh_rules`, so the model's sharding constraints apply."""
-
-    def __init__(self, mesh: Mesh):
-        self.ctx = mesh_rules(mesh)
-
-    def __enter__(self):
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
+    Kept only for ``lmtrain.train.loop.sample_texts`` (issue 19 splits that file in another
+    branch); remove once it calls :func:`generate` with ``past_context=True``."""
+    sp = SamplingParams(max_new_tokens, eos_id, temperature, top_k, past_context=True)
+    g = generate(model, params, prompts, sp, seed=seed, pad_id=pad_id, compile_only=compile_only)
+    return g.tokens if isinstance(g, Generation) else None
 
 
-def generate_batch_past_context(
-    model,
-    params,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    eos_id: int,
-    seed: int = 0,
-    **kwargs,
-) -> Generation | None:
-    """:func:`generate_batch` for outputs longer than the model's context (``cfg.max_seq_len``).
-
-    Past the context RoPE positions were never trained and the text degenerates, so the window
-    slides: each round continues every row from its last ``max_seq_len // 2`` tokens and fills
-    the rest of the context (nanoGPT's sampler crops its context the same way, one token at a
-    time). Every round has the same shapes, so it compiles once. A row ends at EOS or a stop
-    sequence (matched within a round; ``truncate_at_stop`` on the text catches one that spans
-    two). ``timing``: ``prefill_s`` of the first round, the rest counted as decode.
-    """
-    ctx = model.cfg.max_seq_len
-    if ctx < 2 or max(len(p) for p in prompts) + max_new_tokens <= ctx:
-        return generate_batch(
-            model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed,
-            **kwargs,
-        )  # fmt: skip
-    if kwargs.get("return_logits"):
-        raise LmtrainError(
-            f"return_logits needs prompt + max_new_tokens within the model's context ({ctx})"
-        )
-    keep = ctx // 2
-    step = ctx - keep
-    if kwargs.get("compile_only"):  # every round has the first round's shapes
-        return generate_batch(
-            model, params, [list(p)[-keep:] for p in prompts], max_new_tokens=step,
-            eos_id=eos_id, seed=seed, prompt_len_multiple=keep, **kwargs,
-        )  # fmt: skip
-    texts = [list(p) for p in prompts]
-    outs: list[list[int]] = [[] for _ in prompts]
-    reasons = ["length"] * len(prompts)
-    timing = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
-    live = list(range(len(prompts)))
-    for r in range(-(-max_new_tokens // step)):
-        if not live:
-            break
-        windows = [(texts[i] + outs[i])[-keep:] for i in live]
-        g = generate_batch(
-            model, params, windows, max_new_tokens=step, eos_id=eos_id, seed=seed + r,
-            prompt_len_multiple=keep, **kwargs,
-        )  # fmt: skip
-        if r == 0:
-            timing["prefill_s"] = g.timing["prefill_s"]
-        else:
-            timing["decode_s"] += g.timing["prefill_s"]
-        timing["decode_s"] += g.timing["decode_s"]
-        timing["steps"] += g.timing["steps"]
-        still = []
-        for i, toks, why in zip(live, g.tokens, g.finish_reasons):
-            outs[i].extend(toks)
-            reasons[i] = why
-            if why == "length" and len(outs[i]) < max_new_tokens:  # else EOS, a stop or done
-                still.append(i)
-        live = still
-    return Generation([o[:max_new_tokens] for o in outs], reasons, None, timing)
-
-
-def generate_past_context(model, params, prompts, *, max_new_tokens: int, eos_id: int, **kwargs):
-    """Per prompt, the generated ids of :func:`generate_batch_past_context` (None: compile_only)."""
-    g = generate_batch_past_context(
-        model, params, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **kwargs
-    )
-    return g.tokens if isinstance(g, Generation) else None  # compile_only: compiled programs
-
-
-def generate(
-    model,
-    params,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int = 0,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stop_sequences: Sequence[Sequence[int]] = (),
-    return_logits: bool = False,
-    mesh: Mesh | None = None,
-    **shape_kwargs,
-):
-    """Per prompt, the generated ids (without EOS / stop sequence); ``(ids, logits)`` with
-    ``return_logits``. See ``generate_batch`` for finish reasons and timings."""
-    g = generate_batch(
-        model,
-        params,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_sequences=stop_sequences,
-        return_logits=return_logits,
-        mesh=mesh,
-        **shape_kwargs,
-    )
-    return (g.tokens, g.logits) if return_logits else g.tokens
+def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The stop strings as token sequences for the decode loop (empty encodings dropped)."""
+    return tuple(tuple(ids) for ids in (tokenizer.encode(s) for s in stop_strings if s) if ids)
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
@@ -494,38 +490,18 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def generate_text(
-    model,
-    params,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    stop: Sequence[str] = (),
-    bos: bool = False,
-    **kwargs,
+def decode_completions(
+    tokenizer, g: Generation, stop_strings: Sequence[str] = ()
 ) -> tuple[list[str], list[str]]:
-    """Completions (text after the prompt) and finish reasons for text prompts.
+    """Completions as text and their finish reasons.
 
     Stop strings are matched twice: as token sequences inside the decode loop (so rows stop
-    early) and on the decoded text (the ground truth, since a tokenizer may split a stop string
-    differently in context). Completions exclude the stop string.
+    early, :func:`stop_token_ids`) and here on the decoded text (the ground truth, since a
+    tokenizer may split a stop string differently in context). Completions exclude the stop.
     """
-    ids = [tokenizer.encode(p, bos=bos) for p in prompts]
-    stop_ids = [tokenizer.encode(s) for s in stop if s]
-    g = generate_batch(
-        model,
-        params,
-        ids,
-        max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-        stop_sequences=[s for s in stop_ids if s],
-        **kwargs,
-    )
     texts, reasons = [], []
     for toks, reason in zip(g.tokens, g.finish_reasons):
-        text, hit = truncate_at_stop(tokenizer.decode(toks), stop)
+        text, hit = truncate_at_stop(tokenizer.decode(toks), stop_strings)
         texts.append(text)
         reasons.append("stop" if hit else reason)
     return texts, reasons

@@ -23,6 +23,7 @@ def parse_size(text: str) -> int:
 
 
 def cmd_import_hf(args, overrides) -> None:
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.interop.hf_import import import_hf
 
     summary = import_hf(
@@ -39,6 +40,7 @@ def cmd_import_hf(args, overrides) -> None:
 
 
 def cmd_export_hf(args, overrides) -> None:
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.interop.hf_export import export_hf, export_peft
 
     if args.peft:
@@ -57,6 +59,7 @@ def cmd_export_hf(args, overrides) -> None:
 
 
 def cmd_export_stablehlo(args, overrides) -> None:
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.interop.stablehlo_export import export_stablehlo
 
     platforms = tuple(p for p in args.platforms.split(",") if p) or None

@@ -16,25 +16,17 @@ import shutil
 
 import numpy as np
 
-from lmtrain.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer
+from lmtrain.data.tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.interop import hf_arch, sp_to_hf
-from lmtrain.interop.hf_import import HF_SOURCE
-from lmtrain.interop.hf_tokenizer import HFTokenizer
+from lmtrain.interop.hf_import import HF_SOURCE, SOURCE_INFO, TOKENIZER_FILES
 from lmtrain.interop.model_card import write_model_card
 from lmtrain.interop.safetensors_io import TensorSpec, write_safetensors
-from lmtrain.interop.workdir import LoadedModel, load_workdir, restore_params
 from lmtrain.model import lora
+from lmtrain.train import run_loader
+from lmtrain.train.run_loader import LoadedModel, load_workdir
 
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "added_tokens.json",
-)
 PEFT_MODULES = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
@@ -55,24 +47,16 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 def combined_params(loaded: LoadedModel) -> dict:
-    """Params as one tree: plain, or base + ``lora`` entry (a LoRA run stores only adapters)."""
+    """Params as one tree: plain, or base + ``lora`` entry (a LoRA run stores only adapters;
+    its base comes from ``run_loader.base_params``)."""
     params, cfg = loaded.params, loaded.config
     if "embedding" in params or lora.has_lora(params):
         return params
-    rank = cfg.get("lora", {}).get("rank", 0) if hasattr(cfg, "get") else 0
-    if not rank:
+    if not run_loader.is_lora(cfg):
         raise CheckpointError(
             f"checkpoint in {loaded.workdir} has no embedding and is not a LoRA run"
         )
-    if not cfg.init_from:
-        raise CheckpointError(
-            f"{loaded.workdir} holds LoRA adapters only but config.init_from is empty: the base "
-            "weights cannot be found"
-        )
-    base, _ = restore_params(cfg.init_from)
-    if lora.has_lora(base):
-        base = lora.merge(base)
-    return lora.combine(base, params, float(cfg.lora.alpha))
+    return lora.combine(run_loader.base_params(cfg), params, float(cfg.lora.alpha))
 
 
 def _preferred_type(workdir: str) -> str | None:
@@ -166,11 +150,8 @@ def export_hf(
     """Writes config.json, safetensors weights, tokenizer files and MODEL_CARD.md to ``out_dir``."""
     np_dtype = _np_dtype(dtype)
     loaded = load_workdir(workdir, step)
-    params = combined_params(loaded)
-    merged_lora = lora.has_lora(params)
-    params = {
-        k: np.asarray(v) if not isinstance(v, dict) else v for k, v in lora.merge(params).items()
-    }
+    merged_lora = loaded.has_adapters
+    params = loaded.plain_params()
     cfg = loaded.model_cfg
     model_type = hf_arch.model_type_for(cfg, _preferred_type(workdir))
     specs = []
@@ -211,8 +192,6 @@ def export_hf(
 def _base_model_id(workdir: str, cfg) -> str:
     """The Hugging Face id the run's base model was imported from (following ``init_from``),
     which is what PEFT's ``base_model_name_or_path`` must name."""
-    from lmtrain.interop.hf_import import SOURCE_INFO
-
     seen, current = set(), workdir
     while current and current not in seen:
         seen.add(current)
@@ -223,9 +202,7 @@ def _base_model_id(workdir: str, cfg) -> str:
             if found:
                 return str(found)
         try:
-            from lmtrain.interop.workdir import read_config
-
-            current = str(read_config(current).get("init_from", "") or "")
+            current = str(run_loader.read_config(current).get("init_from", "") or "")
         except Exception:  # noqa: BLE001 - a base that is not a workdir ends the chain
             break
     raise ConfigError(

@@ -25,19 +25,23 @@ import shutil
 import numpy as np
 
 from lmtrain.config import base_config, to_json
-from lmtrain.data.tokenizer import SentencePieceTokenizer, Tokenizer
+from lmtrain.data.tokenizer import (
+    CONFIG_FILE,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 from lmtrain.errors import CheckpointError, ConfigError, DataError
 from lmtrain.interop import hf_arch
-from lmtrain.interop.hf_tokenizer import HFTokenizer
 from lmtrain.interop.safetensors_io import SafetensorsReader
 from lmtrain.interop.workdir import save_params
 from lmtrain.model.config import ModelConfig
 
 HF_SOURCE = "hf_source"
 SOURCE_INFO = "source.json"
-SOURCE_FILES = (
-    "config.json",
-    "generation_config.json",
+# A model's own tokenizer files: kept beside an imported model, copied back out by the export.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
@@ -45,6 +49,7 @@ SOURCE_FILES = (
     "chat_template.jinja",
     "added_tokens.json",
 )
+SOURCE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -82,8 +87,6 @@ def load_hf_tokenizer(model_dir: str, hf: dict, tokenizer: str | None = None) ->
 
 
 def _load_tokenizer_path(path: str, hf: dict) -> Tokenizer:
-    from lmtrain.data.tokenizer import CONFIG_FILE, load_tokenizer
-
     if not os.path.exists(path):
         raise DataError(f"--tokenizer {path!r} does not exist")
     if os.path.isfile(path) and path.endswith(".model"):

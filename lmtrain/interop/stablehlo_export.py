@@ -27,11 +27,10 @@ import numpy as np
 
 from lmtrain.errors import CheckpointError, DataError
 from lmtrain.interop.safetensors_io import SafetensorsReader, TensorSpec, write_safetensors
-from lmtrain.interop.workdir import load_workdir
-from lmtrain.model import lora
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.param_tree import flatten, unflatten
 from lmtrain.model.transformer import Transformer, init_cache
+from lmtrain.train.run_loader import load_workdir
 
 FORWARD = "forward.jax_exported"
 DECODE = "decode.jax_exported"
@@ -77,11 +76,7 @@ def export_stablehlo(
     workdir: str, out_dir: str, *, step: int | None = None, platforms: tuple[str, ...] | None = None
 ) -> dict:
     loaded = load_workdir(workdir, step)
-    params = loaded.params
-    if lora.has_lora(params) or "embedding" not in params:
-        from lmtrain.interop.hf_export import combined_params
-
-        params = jax.tree.map(np.asarray, lora.merge(combined_params(loaded)))
+    params = loaded.plain_params()
     fwd, dec = export_functions(loaded.model_cfg, params, platforms)
     os.makedirs(out_dir, exist_ok=True)
     for name, exp in ((FORWARD, fwd), (DECODE, dec)):

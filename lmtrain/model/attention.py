@@ -107,8 +107,6 @@ class Attention(nn.Module):
         wv = kernel("v_kernel", K, ("embed", "kv_heads", "kv"))
         # One matmul for q, k and v (params stay separate, so checkpoints map 1:1 to HF layouts).
         w = jnp.concatenate([wq, wk, wv], axis=1)
-        x, dt, mm = x_BTD, cfg.compute_dtype, cfg.matmul_compute_dtype
-        custom = cfg.custom_matmul_grads
         qkv_bias = None
         if cfg.qkv_bias:  # Qwen2-style biases on q, k and v.
 
@@ -139,50 +137,64 @@ class Attention(nn.Module):
         cos, sin = rope_tables(positions_BT, D, cfg.rope_theta, table_len)
 
         if kv_cache is None and cfg.attention == "xla":
-            # Training / scoring fast path: heads-first (B, H, T, D) from the projection on, so
-            # the attention matmuls need no transposes. Same maths as the general path below.
-            qkv = matmul.einsum("btd,dhe->bhte", x, w, mm, custom).astype(dt)
-            if qkv_bias is not None:
-                qkv = qkv + qkv_bias[None, :, None, :]
-            # split (not slicing): its gradient is one concatenate, where slices' would be pads.
-            q, k, v = jnp.split(qkv, [H, H + K], axis=1)
-            q = apply_rope(q, cos, sin, heads_first=True)
-            k = apply_rope(k, cos, sin, heads_first=True)
-            out = xla_attention_head_major(q, k, v, segment_ids_BT, mm, custom)
-            out = nn.with_logical_constraint(out, ("batch", "heads", "length", "kv"))
-            out = checkpoint_name(out, "attn_out")
-            return matmul.einsum("bhte,hed->btd", out, wo, mm, custom).astype(dt), None
+            return _heads_first(cfg, x_BTD, w, qkv_bias, wo, cos, sin, segment_ids_BT), None
+        return _general(
+            cfg, x_BTD, w, qkv_bias, wo, cos, sin, segment_ids_BT, kv_cache, cache_offset
+        )
 
-        qkv = matmul.einsum("btd,dhe->bthe", x, w, mm, custom).astype(dt)
-        if qkv_bias is not None:
-            qkv = qkv + qkv_bias
-        q, k, v = jnp.split(qkv, [H, H + K], axis=2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        T = x_BTD.shape[1]
-        q_slot = jnp.arange(T)
-        if kv_cache is None:
-            k_all, v_all, k_seg, k_slot = k, v, segment_ids_BT, q_slot
-            new_cache = None
-        else:
-            k_all = jax.lax.dynamic_update_slice_in_dim(
-                kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_offset, 1
-            )
-            v_all = jax.lax.dynamic_update_slice_in_dim(
-                kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_offset, 1
-            )
-            k_seg = kv_cache["seg"]
-            k_slot = jnp.arange(k_all.shape[1])
-            q_slot = q_slot + cache_offset
-            new_cache = {"k": k_all, "v": v_all}
-        B = x_BTD.shape[0]
-        if kv_cache is None and cfg.attention != "xla":  # fused kernels: training and prefill
-            out = causal_self_attention(cfg.attention, q, k, v, segment_ids_BT)
-        else:
-            mask = attention_mask(q_slot, k_slot, segment_ids_BT, k_seg)
-            q = q.reshape(B, T, K, H // K, D)
-            out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-            out = out.reshape(B, T, H, D)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        out = checkpoint_name(out, "attn_out")
-        y = matmul.einsum("bthe,hed->btd", out, wo, mm, custom).astype(dt)
-        return y, new_cache
+
+def _heads_first(cfg: ModelConfig, x, w, qkv_bias, wo, cos, sin, segment_ids_BT):
+    """Training / scoring fast path: heads-first (B, H, T, D) from the projection on, so the
+    attention matmuls need no transposes. Same maths as :func:`_general`."""
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    dt, mm, custom = cfg.compute_dtype, cfg.matmul_compute_dtype, cfg.custom_matmul_grads
+    qkv = matmul.einsum("btd,dhe->bhte", x, w, mm, custom).astype(dt)
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias[None, :, None, :]
+    # split (not slicing): its gradient is one concatenate, where slices' would be pads.
+    q, k, v = jnp.split(qkv, [H, H + K], axis=1)
+    q = apply_rope(q, cos, sin, heads_first=True)
+    k = apply_rope(k, cos, sin, heads_first=True)
+    out = xla_attention_head_major(q, k, v, segment_ids_BT, mm, custom)
+    out = nn.with_logical_constraint(out, ("batch", "heads", "length", "kv"))
+    out = checkpoint_name(out, "attn_out")
+    return matmul.einsum("bhte,hed->btd", out, wo, mm, custom).astype(dt)
+
+
+def _general(cfg: ModelConfig, x, w, qkv_bias, wo, cos, sin, segment_ids_BT, kv_cache,
+             cache_offset):  # fmt: skip
+    """Length-major attention: the fused kernels, and decoding with a KV cache (y, new cache)."""
+    H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.kv_dim
+    dt, mm, custom = cfg.compute_dtype, cfg.matmul_compute_dtype, cfg.custom_matmul_grads
+    qkv = matmul.einsum("btd,dhe->bthe", x, w, mm, custom).astype(dt)
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias
+    q, k, v = jnp.split(qkv, [H, H + K], axis=2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    B, T = x.shape[0], x.shape[1]
+    q_slot = jnp.arange(T)
+    if kv_cache is None:
+        k_all, v_all, k_seg, k_slot = k, v, segment_ids_BT, q_slot
+        new_cache = None
+    else:
+        k_all = jax.lax.dynamic_update_slice_in_dim(
+            kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_offset, 1
+        )
+        v_all = jax.lax.dynamic_update_slice_in_dim(
+            kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_offset, 1
+        )
+        k_seg = kv_cache["seg"]
+        k_slot = jnp.arange(k_all.shape[1])
+        q_slot = q_slot + cache_offset
+        new_cache = {"k": k_all, "v": v_all}
+    if kv_cache is None and cfg.attention != "xla":  # fused kernels: training and prefill
+        out = causal_self_attention(cfg.attention, q, k, v, segment_ids_BT)
+    else:
+        mask = attention_mask(q_slot, k_slot, segment_ids_BT, k_seg)
+        q = q.reshape(B, T, K, H // K, D)
+        out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        out = out.reshape(B, T, H, D)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    out = checkpoint_name(out, "attn_out")
+    y = matmul.einsum("bthe,hed->btd", out, wo, mm, custom).astype(dt)
+    return y, new_cache

@@ -91,7 +91,7 @@ def mesh_rules(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
         yield mesh
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes that do not divide a dimension (e.g. 4 kv heads on 8-way tensor)."""
     out = []
     for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -116,7 +116,7 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
 
     def one(spec, leaf):
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if spec else PartitionSpec()
-        return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh))
+        return NamedSharding(mesh, fit_spec(mesh_spec, leaf.shape, mesh))
 
     return jax.tree.map(one, specs, unboxed, is_leaf=lambda x: isinstance(x, PartitionSpec))
 

@@ -372,7 +372,6 @@ def run(
     start = time.monotonic()
     box = judge = None
     out, err, verdict = bytearray(), bytearray(), bytearray()
-    threads: list[threading.Thread] = []
     try:
         box = spawn(
             _CANDIDATE,
@@ -384,30 +383,7 @@ def run(
         os.close(to_prog_r)
         os.close(from_prog_w)
         to_prog_r = from_prog_w = -1
-        judge_prefix, judge_preexec = launcher(
-            ProcLimits(cpu, max(limits.memory_bytes, 1 << 30), limits.max_file_bytes, 0, 256, 0),
-            with_nproc=False,
-        )
-        judge = subprocess.Popen(
-            judge_prefix
-            + [
-                os.path.realpath(sys.executable),
-                "-I",
-                "-c",
-                _JUDGE,
-                str(to_prog_w),
-                str(from_prog_r),
-                str(verdict_w),
-            ],  # fmt: skip
-            cwd=tempfile.gettempdir(),
-            env={"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            pass_fds=(to_prog_w, from_prog_r, verdict_w),
-            preexec_fn=judge_preexec,
-            start_new_session=True,
-        )
+        judge = _start_judge(cpu, limits, (to_prog_w, from_prog_r, verdict_w))
         for fd in (to_prog_w, from_prog_r, verdict_w):
             os.close(fd)
         to_prog_w = from_prog_r = verdict_w = -1
@@ -416,25 +392,8 @@ def run(
         ).encode()
         with os.fdopen(verdict_r, "rb") as vf:
             verdict_r = -1
-            threads = [
-                threading.Thread(
-                    target=_drain, args=(box.proc.stdout, limits.max_output_bytes, out)
-                ),
-                threading.Thread(target=_drain, args=(judge.stderr, 4096, err)),
-                threading.Thread(target=_drain, args=(vf, 65536, verdict)),
-                threading.Thread(target=_feed, args=(judge.stdin, spec)),
-            ]
-            for t in threads:
-                t.start()
-            timed_out = False
-            try:
-                judge.wait(timeout=max(0.0, limits.timeout_s - (time.monotonic() - start)))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_tree(judge)
-            box.kill()
-            for t in threads:
-                t.join(timeout=5)
+            deadline = start + limits.timeout_s
+            timed_out = _converse(box, judge, vf, spec, limits, deadline, (out, err, verdict))
     finally:
         for fd in (to_prog_r, to_prog_w, from_prog_r, from_prog_w, verdict_r, verdict_w):
             if fd >= 0:
@@ -445,8 +404,60 @@ def run(
             box.kill()
             box.proc.stdout.close()
     elapsed = time.monotonic() - start
+    return _result(timed_out, box.exit_signal(), elapsed, out, err, verdict)
+
+
+def _converse(box, judge, vf, spec: bytes, limits: ExecLimits, deadline: float,
+              sinks: tuple[bytearray, bytearray, bytearray]) -> bool:  # fmt: skip
+    """Feed the tests their spec and collect the program's output, the tests' stderr and the
+    verdict until the tests finish or ``deadline``; both processes are killed after. Returns
+    whether it timed out."""
+    out, err, verdict = sinks
+    threads = [
+        threading.Thread(target=_drain, args=(box.proc.stdout, limits.max_output_bytes, out)),
+        threading.Thread(target=_drain, args=(judge.stderr, 4096, err)),
+        threading.Thread(target=_drain, args=(vf, 65536, verdict)),
+        threading.Thread(target=_feed, args=(judge.stdin, spec)),
+    ]
+    for t in threads:
+        t.start()
+    timed_out = False
+    try:
+        judge.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    _kill_tree(judge)
+    box.kill()
+    for t in threads:
+        t.join(timeout=5)
+    return timed_out
+
+
+def _start_judge(cpu: int, limits: ExecLimits, fds: tuple[int, int, int]) -> subprocess.Popen:
+    """The tests' process (trusted code, its own limits), talking to the candidate over
+    ``fds``: (to the program, from the program, the verdict)."""
+    judge_prefix, judge_preexec = launcher(
+        ProcLimits(cpu, max(limits.memory_bytes, 1 << 30), limits.max_file_bytes, 0, 256, 0),
+        with_nproc=False,
+    )
+    return subprocess.Popen(
+        judge_prefix
+        + [os.path.realpath(sys.executable), "-I", "-c", _JUDGE, *(str(fd) for fd in fds)],
+        cwd=tempfile.gettempdir(),
+        env={"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=fds,
+        preexec_fn=judge_preexec,
+        start_new_session=True,
+    )
+
+
+def _result(timed_out: bool, sig, elapsed: float, out: bytearray, err: bytearray,
+            verdict: bytearray) -> ExecResult:  # fmt: skip
+    """The verdict the tests' process wrote, or why there is none (a timeout, a signal)."""
     output = out.decode("utf-8", "replace")
-    sig = box.exit_signal()
     if timed_out or sig == signal.SIGXCPU:
         return ExecResult("timed_out", f"stopped after {elapsed:.1f}s", elapsed, output)
     try:

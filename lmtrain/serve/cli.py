@@ -8,6 +8,7 @@ API_KEY_ENV = "LMTRAIN_API_KEY"
 
 
 def cmd_serve(args, overrides) -> None:
+    # lazily: a command loads its module (and jax) only when it runs, so --help stays instant
     from lmtrain.serve.server import ServeLimits, Server, load_service
 
     limits = ServeLimits(

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from lmtrain.data.shards import INDEX_FILE, TokenStream
 from lmtrain.errors import DataError
 
 
@@ -19,8 +20,6 @@ def validation_windows(
 ) -> tuple[list[list[int]], str]:
     """Up to ``count`` windows of ``length`` ids from the split, and a label of where they came
     from; ``([], "none")`` when the run has no such split on disk."""
-    from lmtrain.data.shards import INDEX_FILE, TokenStream
-
     split_dir = os.path.join(data_dir, split) if data_dir else ""
     if not split_dir or not os.path.exists(os.path.join(split_dir, INDEX_FILE)):
         return [], "none"

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmtrain.infer.sampling import left_pad, prefill_apply, sample_rows, step_apply
 from lmtrain.model.transformer import Transformer, init_cache
 from lmtrain.quant.int8 import dequantize_params
 
@@ -72,27 +73,6 @@ class GenRequest:
             yield item
 
 
-def sample_rows(logits_BV, rng, temperature_B, top_k_B, top_p_B):
-    """Per-row sampling; temperature 0 is greedy, top_k 0 and top_p 1 are off."""
-    V = logits_BV.shape[-1]
-    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-    kth_idx = jnp.clip(top_k_B - 1, 0, V - 1)[:, None]
-    kth = jnp.where(
-        top_k_B[:, None] > 0, jnp.take_along_axis(sorted_desc, kth_idx, axis=-1), -jnp.inf
-    )
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    cum = jnp.cumsum(probs, axis=-1)
-    cut_idx = jnp.sum(cum - probs < top_p_B[:, None], axis=-1, keepdims=True) - 1
-    cutoff = jnp.take_along_axis(sorted_desc, jnp.clip(cut_idx, 0, V - 1), axis=-1)
-    keep = logits >= jnp.maximum(kth, cutoff)
-    sampled = jax.random.categorical(rng, jnp.where(keep, logits, -jnp.inf), axis=-1).astype(
-        jnp.int32
-    )
-    return jnp.where(temperature_B > 0, sampled, greedy)
-
-
 def _bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -132,10 +112,7 @@ class Engine:
 
         @functools.partial(jax.jit, static_argnums=(4,))
         def prefill(p, tokens, seg, cache, prompt_top: bool):
-            pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0).astype(jnp.int32)
-            logits, cache = model.apply(
-                {"params": weights(p)}, tokens, pos, seg, kv_cache=cache, cache_offset=0
-            )
+            logits, cache = prefill_apply(model, weights(p), tokens, seg, cache)
             # log p(token t+1 | tokens <= t) for every prompt position; padding is masked later.
             logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
             token_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -148,16 +125,8 @@ class Engine:
             logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
             chosen_lp = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(logp, top_n)
-            seg = jnp.ones_like(nxt)[:, None]
-            logits, cache = model.apply(
-                {"params": weights(p)},
-                nxt[:, None],
-                pos[:, None],
-                seg,
-                kv_cache=cache,
-                cache_offset=offset,
-            )
-            return nxt, logits[:, -1], cache, chosen_lp, top_lp, top_ids
+            logits, cache = step_apply(model, weights(p), nxt, pos, cache, offset)
+            return nxt, logits, cache, chosen_lp, top_lp, top_ids
 
         self._prefill, self._step = prefill, step
         self._thread = threading.Thread(target=self._loop, name="lmtrain-engine", daemon=True)
@@ -187,11 +156,7 @@ class Engine:
         return out
 
     def _left_pad(self, rows: list[list[int]], B: int, P: int) -> tuple[np.ndarray, np.ndarray]:
-        tokens = np.full((B, P), self.pad_id, np.int32)
-        seg = np.zeros((B, P), np.int32)
-        for i, ids in enumerate(rows):
-            tokens[i, P - len(ids) :] = ids
-            seg[i, P - len(ids) :] = 1
+        tokens, seg = left_pad(rows, B, P, self.pad_id)
         seg[len(rows) :, -1] = 1  # filler rows: one real token so softmax rows stay finite
         return tokens, seg
 

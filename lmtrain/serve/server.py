@@ -29,12 +29,16 @@ from http.server import BaseHTTPRequestHandler
 
 from lmtrain.data.chat_template import ChatTemplate
 from lmtrain.errors import DataError
+from lmtrain.quant.int8 import quantize_params
 from lmtrain.serve import request as rq
+from lmtrain.serve.drift import reference_log_perplexity
 from lmtrain.serve.engine import Engine, GenRequest
+from lmtrain.serve.hf_chat import HFChatTemplate
 from lmtrain.serve.http_pool import PooledHTTPServer
 from lmtrain.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lmtrain.serve.metrics import ServeMetrics
 from lmtrain.serve.request import RequestError
+from lmtrain.train.run_loader import load_workdir
 
 DRAIN_BYTES = 8 << 20  # most of an oversized body read before answering 413
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -676,23 +680,9 @@ def load_service(
     reference of ``/metrics`` is measured on the run's validation split when it is on disk."""
     import os
 
-    import jax
-    import numpy as np
-
-    from lmtrain.interop.workdir import load_workdir
-    from lmtrain.model import lora
-    from lmtrain.serve.drift import reference_log_perplexity
-    from lmtrain.serve.hf_chat import HFChatTemplate
-
     loaded = load_workdir(workdir, step)
-    params = loaded.params
-    if lora.has_lora(params) or "embedding" not in params:
-        from lmtrain.interop.hf_export import combined_params
-
-        params = jax.tree.map(np.asarray, lora.merge(combined_params(loaded)))
+    params = loaded.plain_params()
     if int8:
-        from lmtrain.quant.int8 import quantize_params
-
         params = quantize_params(params)
     tok = loaded.tokenizer
     stops = getattr(tok, "stop_ids", None) or [tok.eos_id]

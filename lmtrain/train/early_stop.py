@@ -12,6 +12,7 @@ import math
 import os
 
 from lmtrain.errors import ConfigError
+from lmtrain.train.checkpoint import Checkpointer
 
 EARLY_STOP_FILE = "early_stop.json"
 BEST_FILE = "best.json"
@@ -109,8 +110,6 @@ class BestCheckpointKeeper:
     """
 
     def __init__(self, workdir: str, metric: str, *, mode: str = "auto"):
-        from lmtrain.train.checkpoint import Checkpointer
-
         self.metric, self.mode = metric, resolve_mode(metric, mode)
         self.info_path = os.path.join(workdir, BEST_FILE)
         info = _load(self.info_path)

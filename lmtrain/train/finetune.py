@@ -30,7 +30,9 @@ from lmtrain.model.reward_head import HEAD_KEY, init_reward_head
 from lmtrain.model.sharding import LOGICAL_RULES, logical_shardings, mesh_rules
 from lmtrain.model.transformer import Transformer
 from lmtrain.rl_config import RL_OBJECTIVES
+from lmtrain.train import run_loader
 from lmtrain.train.checkpoint import Checkpointer
+from lmtrain.train.losses.dpo import pair_logps
 from lmtrain.train.losses.rl import VALUE_KEY, init_value_head
 
 # Model keys that fix the param tree or its meaning; taken from the init_from run.
@@ -57,7 +59,7 @@ def uses_records(config) -> bool:
 
 
 def lora_enabled(config) -> bool:
-    return config.lora.rank > 0
+    return run_loader.is_lora(config)
 
 
 def read_run(workdir: str) -> tuple[dict, dict]:
@@ -66,8 +68,8 @@ def read_run(workdir: str) -> tuple[dict, dict]:
     for p in paths:
         if not os.path.isfile(p):
             raise CheckpointError(f"{workdir} is not an lmtrain run directory ({p} missing)")
-    with open(paths[0]) as f, open(paths[1]) as g:
-        return json.load(f), json.load(g)
+    with open(paths[1]) as g:
+        return run_loader.read_config_json(workdir), json.load(g)
 
 
 def adopt_init_from_model(config, print_fn=print) -> None:
@@ -176,17 +178,6 @@ def abstract_params(model: Transformer, seq_len: int, mesh) -> tuple[dict, dict]
     return nn.meta.unbox(boxed), logical_shardings(boxed, mesh, LOGICAL_RULES)
 
 
-def seed_params(model: Transformer, seq_len: int, seed: int, shardings) -> dict:
-    """The plain params ``init_state`` would create for ``seed`` (same key split)."""
-
-    def init():
-        init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
-        p = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return nn.meta.unbox(p)
-
-    return jax.jit(init, out_shardings=shardings)()
-
-
 def restore_run_params(workdir: str, abstract, shardings, accept_unlisted: bool = False) -> dict:
     """The latest params of an lmtrain run; a LoRA run's adapters come merged into its base.
     ``accept_unlisted``: use a step without a file listing (``fault.accept_unlisted_checkpoints``)."""
@@ -194,11 +185,8 @@ def restore_run_params(workdir: str, abstract, shardings, accept_unlisted: bool 
     if run_config.get("lora", {}).get("rank", 0) > 0:
         # Its checkpoint holds adapters only: rebuild base + adapters (following its own
         # init_from chain) the way inference loads it, then lay them out for this run's mesh.
-        # Loaded on one device first, which suits the model sizes LoRA chains are used with here.
-        from lmtrain.infer.loader import load_run
-
-        loaded = load_run(workdir, overrides=("mesh.shape=(1,1,1)", "mesh.num_devices=1"))
-        return jax.device_put(loaded.params, shardings)
+        # Merged on the host first, which suits the model sizes LoRA chains are used with here.
+        return jax.device_put(run_loader.load_params(workdir)[0], shardings)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), accept_unlisted=accept_unlisted)
     try:
         step = ckpt.latest_step()
@@ -219,7 +207,7 @@ def initial_params(setup) -> tuple[dict, dict]:
         if cfg.init_from:
             accept = cfg.fault.accept_unlisted_checkpoints
             return restore_run_params(cfg.init_from, abstract, shardings, accept), shardings
-        return seed_params(setup.model, cfg.data.seq_len, cfg.seed, shardings), shardings
+        return run_loader.seed_params(setup.model, cfg.data.seq_len, cfg.seed, shardings), shardings
 
 
 def start_state(setup, state, initial: dict | None):
@@ -293,17 +281,12 @@ def rl_reference(config) -> bool:
 
 
 def full_params(config, params, frozen):
-    """Plain model params for inference: LoRA folded in, reward head dropped."""
-    if lora_enabled(config):
-        body = {k: v for k, v in params.items() if k not in (HEAD_KEY, VALUE_KEY)}
-        return lora.apply_adapters(frozen["base"], body, config.lora.alpha / config.lora.rank)
-    return {k: v for k, v in params.items() if k not in (HEAD_KEY, VALUE_KEY)}
+    """Plain model params for inference: LoRA folded into the frozen base, reward head dropped."""
+    return run_loader.plain_params(config, params, frozen["base"] if lora_enabled(config) else None)
 
 
 def add_reference_logps(setup, rows: dict, reference_params, batch_size: int) -> dict:
     """One pass of the reference model over preference rows (``config.dpo.reference='precomputed'``)."""
-    from lmtrain.train.losses.dpo import pair_logps
-
     fn = jax.jit(lambda p, b: pair_logps(setup.model, p, b))
     chosen, rejected = [], []
     n = finetune_data.num_rows(rows)

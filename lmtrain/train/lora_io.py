@@ -23,7 +23,11 @@ import numpy as np
 
 from lmtrain.errors import CheckpointError
 from lmtrain.model import lora
+from lmtrain.model.config import ModelConfig
 from lmtrain.model.param_tree import flatten, unflatten
+from lmtrain.model.sharding import make_mesh
+from lmtrain.model.transformer import Transformer
+from lmtrain.train import finetune, run_loader
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -72,11 +76,6 @@ def load_adapters(directory: str) -> tuple[dict, dict]:
 
 def load_lora_run(workdir: str) -> dict:
     """Combined tree (numpy) of a LoRA run: base params + ``{"lora": {alpha, adapters}}``."""
-    from lmtrain.model.config import ModelConfig
-    from lmtrain.model.sharding import make_mesh
-    from lmtrain.model.transformer import Transformer
-    from lmtrain.train import finetune
-
     adapters, meta = load_adapters(os.path.join(workdir, "adapters"))
     model = Transformer(ModelConfig.from_config(meta["model"]))
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
@@ -86,5 +85,5 @@ def load_lora_run(workdir: str) -> dict:
         if meta["init_from"]:
             base = finetune.restore_run_params(meta["init_from"], abstract, shardings)
         else:
-            base = finetune.seed_params(model, seq_len, meta["seed"], shardings)
+            base = run_loader.seed_params(model, seq_len, meta["seed"], shardings)
     return lora.combine(jax.device_get(base), adapters, meta["alpha"])

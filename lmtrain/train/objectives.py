@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lmtrain.model.lora import apply_adapters
+
 ONE_HOT_MAX_VOCAB = 2048  # below this, the target logit is picked by a one-hot contraction
 
 OBJECTIVES: dict[str, Callable] = {}
@@ -41,8 +43,6 @@ class LossContext:
         lora_cfg = self.config.get("lora") if hasattr(self.config, "get") else None
         if lora_cfg is None or not lora_cfg.rank:
             return params
-        from lmtrain.model.lora import apply_adapters
-
         return apply_adapters(
             self.frozen["base"],
             params,

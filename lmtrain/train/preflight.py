@@ -21,8 +21,15 @@ from collections.abc import Callable
 
 import jax
 
+from lmtrain.config import validate
 from lmtrain.data.fetch import missing_hint
-from lmtrain.errors import LmtrainError
+from lmtrain.data.tokenizer import load_tokenizer
+from lmtrain.errors import ConfigError, LmtrainError
+from lmtrain.model.config import ModelConfig
+from lmtrain.model.sharding import resolve_mesh_shape
+from lmtrain.model.transformer import Transformer
+from lmtrain.train.optim import make_optimizer
+from lmtrain.train.state import init_fn
 
 HASH_CACHE_FILE = "preflight_hashes.json"
 
@@ -48,10 +55,6 @@ def _gb(n: float) -> str:
 
 # -- config, mesh, batch -------------------------------------------------------------------------
 def check_config(cfg, num_devices: int) -> list[Problem]:
-    from lmtrain.config import validate
-    from lmtrain.errors import ConfigError
-    from lmtrain.model.sharding import resolve_mesh_shape
-
     n = cfg.mesh.num_devices or num_devices
     if cfg.mesh.num_devices > num_devices:
         return [
@@ -103,16 +106,11 @@ def check_workdir(workdir: str) -> list[Problem]:
 
 def checkpoint_bytes(cfg, vocab_size: int) -> int:
     """Bytes of one checkpoint: the abstract params + optimizer state (nothing is allocated)."""
-    from lmtrain.model.config import ModelConfig
-    from lmtrain.model.transformer import Transformer
-    from lmtrain.train.optim import make_optimizer
-    from lmtrain.train.state import _init_fn
-
     model_cfg = ModelConfig.from_config(cfg.model)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=cfg.model.vocab_size or vocab_size)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     abstract = jax.eval_shape(
-        _init_fn(Transformer(model_cfg), tx, cfg.data.seq_len, cfg.seed, False)
+        init_fn(Transformer(model_cfg), tx, cfg.data.seq_len, cfg.seed, False)
     )
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 
@@ -235,8 +233,6 @@ def check_data_dir(
 
 def check_vocab(cfg, data_dir: str) -> tuple[list[Problem], int]:
     """Tokenizer vocab vs model vocab and vs the vocab the data was tokenized with."""
-    from lmtrain.data.tokenizer import load_tokenizer
-
     tok_dir = os.path.join(data_dir, "tokenizer")
     try:
         tok = load_tokenizer(tok_dir)

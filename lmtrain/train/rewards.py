@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lmtrain.errors import ConfigError
+from lmtrain.sandbox.code_exec import ExecLimits, evaluate_pass_at_k
 
 RewardFn = Callable[[Sequence["PromptRecord"], Sequence[str]], np.ndarray]
 
@@ -73,8 +74,6 @@ class CodeReward:
         self.last_pass_at_k: dict[str, float] = {}
 
     def __call__(self, prompts, completions) -> np.ndarray:
-        from lmtrain.sandbox.code_exec import ExecLimits, evaluate_pass_at_k
-
         problems, samples, order = [], {}, []
         for i, (p, c) in enumerate(zip(prompts, completions)):
             if "test" not in p.extra:

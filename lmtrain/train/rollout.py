@@ -27,7 +27,6 @@ and the per-sequence log-ratio to the reference, and writes ``rollouts/eval_<ste
 from __future__ import annotations
 
 import base64
-import gzip
 import io
 import json
 import os
@@ -41,13 +40,20 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain.data import finetune_data, fit, pipeline
-from lmtrain.data.formats import parse_preference_record, parse_sft_record
+from lmtrain.data.formats import parse_preference_record, parse_sft_record, read_jsonl
+from lmtrain.data.sft import build_preference_example
 from lmtrain.errors import ConfigError, DataError
-from lmtrain.infer.sampling import generate_batch
+from lmtrain.infer.sampling import SamplingParams, generate
+from lmtrain.model.config import ModelConfig
+from lmtrain.model.reward_head import HEAD_KEY, reward_scores, split_head
 from lmtrain.model.sharding import LOGICAL_RULES, data_shards
+from lmtrain.model.transformer import Transformer
 from lmtrain.rl_config import RL_OBJECTIVES
 from lmtrain.train import advantages as adv_lib
+from lmtrain.train import finetune
 from lmtrain.train import rewards as rewards_lib
+from lmtrain.train.checkpoint import Checkpointer
+from lmtrain.train.losses.rl import policy_forward, split_value_head
 from lmtrain.train.objectives import LossContext, token_cross_entropy
 from lmtrain.train.rewards import PromptRecord
 
@@ -59,10 +65,6 @@ def is_rl(config) -> bool:
 
 
 # ---- prompts ---------------------------------------------------------------------------------
-
-
-def _open(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path)
 
 
 def parse_prompt_record(obj: dict, where: str, layout: str = "auto") -> PromptRecord:
@@ -97,17 +99,7 @@ def read_prompts(path: str, layout: str = "auto") -> list[PromptRecord]:
         raise DataError(
             f"RL prompt file {path!r} does not exist (config.data.train_file/eval_file)"
         )
-    out = []
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from e
-            out.append(parse_prompt_record(obj, where, layout))
+    out = list(read_jsonl(path, lambda obj, where: [parse_prompt_record(obj, where, layout)]))
     if not out:
         raise DataError(f"{path}: no prompt records")
     return out
@@ -196,12 +188,6 @@ class RewardModelJudge:
     """Scores prompt + completion with a trained ``reward`` run, batched on the training mesh."""
 
     def __init__(self, workdir: str, setup, template):
-        from lmtrain.data.sft import build_preference_example
-        from lmtrain.model.config import ModelConfig
-        from lmtrain.model.reward_head import HEAD_KEY
-        from lmtrain.model.transformer import Transformer
-        from lmtrain.train import finetune
-
         run_cfg, _ = finetune.read_run(workdir)
         if run_cfg.get("objective") != "reward":
             raise ConfigError(
@@ -224,8 +210,6 @@ class RewardModelJudge:
             "bias": jax.ShapeDtypeStruct((), jnp.float32),
         }
         shardings[HEAD_KEY] = {"kernel": rep, "bias": rep}
-        from lmtrain.train.checkpoint import Checkpointer
-
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
         try:
             step = ckpt.latest_step()
@@ -238,8 +222,6 @@ class RewardModelJudge:
         self.setup, self.template, self.example = setup, template, build_preference_example
 
         def score(params, batch):
-            from lmtrain.model.reward_head import reward_scores, split_head
-
             backbone, head = split_head(params)
             hidden = self.model.apply(
                 {"params": backbone},
@@ -300,8 +282,6 @@ class RolloutSource:
     """Rollout batches for the loop (see the module docstring); iterator-like and checkpointable."""
 
     def __init__(self, setup, frozen, iter_state: dict | None, workdir: str, print_fn=print):
-        from lmtrain.train.losses.rl import policy_forward
-
         cfg = self.cfg = setup.config
         self.setup, self.frozen, self.workdir, self.print_fn = setup, frozen, workdir, print_fn
         self.tok = setup.tokenizer
@@ -429,21 +409,22 @@ class RolloutSource:
 
     def sample(self, params, prompt_ids, seed: int, temperature: float):
         """Completions (token lists incl. EOS/stop), finish reasons, texts and timing."""
-        from lmtrain.train.finetune import full_params
-
         cfg, r = self.cfg, self.cfg.rl
-        gen = generate_batch(
-            self.setup.model,
-            full_params(cfg, params, self.frozen),
-            prompt_ids,
-            max_new_tokens=r.max_new_tokens,
-            eos_id=self.tok.eos_id,
-            pad_id=self.tok.pad_id,
-            temperature=temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
-            seed=seed,
+        sp = SamplingParams(
+            r.max_new_tokens,
+            self.tok.eos_id,
+            temperature,
+            r.top_k,
+            r.top_p,
             stop_sequences=[self.stop_ids] if self.stop_ids else (),
+        )
+        gen = generate(
+            self.setup.model,
+            finetune.full_params(cfg, params, self.frozen),
+            prompt_ids,
+            sp,
+            seed=seed,
+            pad_id=self.tok.pad_id,
             mesh=self.setup.mesh,
             prompt_len_multiple=self.max_prompt,  # one prompt width: one compile for all rollouts
         )
@@ -580,8 +561,6 @@ class RolloutSource:
     def sequence_log_ratio(self, params, ref, prompt_ids, comps) -> np.ndarray:
         """Per completion, ``sum_t log pi - log ref`` over its tokens (a KL(pi || ref) sample
         when the completions were sampled from pi at temperature 1)."""
-        from lmtrain.train.losses.rl import split_value_head
-
         out = []
         B = self.cfg.train.global_batch_size
         policy, _ = split_value_head(params)

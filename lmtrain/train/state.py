@@ -24,7 +24,7 @@ class TrainState:
     nonfinite_total: jax.Array
 
 
-def _init_fn(
+def init_fn(
     model: nn.Module,
     tx: optax.GradientTransformation,
     seq_len: int,
@@ -51,7 +51,7 @@ def _init_fn(
 
 def state_shardings(model, tx, seq_len: int, seed: int, mesh: Mesh, params_transform=None):
     """(abstract state, NamedShardings) derived from the params' logical axis names."""
-    boxed = jax.eval_shape(_init_fn(model, tx, seq_len, seed, True, params_transform))
+    boxed = jax.eval_shape(init_fn(model, tx, seq_len, seed, True, params_transform))
     shardings = logical_shardings(boxed, mesh, LOGICAL_RULES)
     abstract = nn.meta.unbox(boxed)
     return abstract, shardings
@@ -64,7 +64,7 @@ def init_state(
     if shardings is None:
         _, shardings = state_shardings(model, tx, seq_len, seed, mesh, params_transform)
     init = jax.jit(
-        _init_fn(model, tx, seq_len, seed, False, params_transform), out_shardings=shardings
+        init_fn(model, tx, seq_len, seed, False, params_transform), out_shardings=shardings
     )
     with mesh:
         state = init.lower().compile(
