@@ -1,7 +1,7 @@
 """Compile, without running, the programs ``lmtrain train`` runs, for a TPU topology.
 
 The path is the trainer's own: :func:`lmtrain.train.loop.build_layout` (mesh over the topology's
-devices, model, optimizer, ``state_shardings``), :func:`lmtrain.train.loop._step_functions`
+devices, model, optimizer, ``state_shardings``), :func:`lmtrain.train.loop.step_functions`
 (``make_train_step`` / ``make_eval_step`` with the config's objective, LoRA, microbatches, remat
 and attention) and the sampler's ``compile_only`` mode. Arguments are ShapeDtypeStructs carrying
 the shardings the real arrays would have, so nothing is allocated and no TPU is needed: libtpu's
@@ -128,7 +128,7 @@ def _build(cfg, topo: Topology, programs) -> Programs:
     setup = loop.Setup(cfg, mesh, model, model_cfg, None, "", tx, schedule, abstract, shardings,
                        batch_sharding, transform)  # fmt: skip
     frozen, frozen_shardings, extras = frozen_spec(cfg, setup)
-    train_step, eval_step = loop._step_functions(setup, frozen_shardings, extras)
+    train_step, eval_step = loop.step_functions(setup, frozen_shardings, extras)
     state = with_shardings(abstract, shardings)
     jobs = {}
     if "train_step" in programs:
@@ -227,7 +227,7 @@ def loop_steps_per_call(cfg) -> int:
     """Steps in the train call compiled (the loop's first dispatch)."""
     from lmtrain.train import loop
 
-    return loop.dispatch_size(0, loop._dispatch_group(cfg), cfg)
+    return loop.dispatch_size(0, loop.dispatch_group(cfg), cfg)
 
 
 def _resource_error(e: Exception) -> str | None:

@@ -1,0 +1,3 @@
+"""Temporary."""
+
+from lmtrain.config import validate  # noqa: F401
