@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from lmtrain.errors import ConfigError, DoesNotFit
 from lmtrain.model.config import ModelConfig
 from lmtrain.train import flops as flops_lib
+from lmtrain.train.config_check import validate
 
 GiB = 1024**3
 USABLE_FRACTION = 0.9  # of device memory: the rest is left to the runtime and XLA temporaries
@@ -156,7 +157,6 @@ def activation_bytes(
 
 def plan(config, device: DeviceKind, count: int) -> dict:
     """The numbers for one config on ``count`` devices of one kind (a JSON-ready dict)."""
-    from lmtrain import config as config_lib
     from lmtrain.model.attention_kernels import check_available
     from lmtrain.model.sharding import MESH_AXES, resolve_mesh_shape
 
@@ -171,7 +171,7 @@ def plan(config, device: DeviceKind, count: int) -> dict:
         cfg.model.attention = "xla"  # checked above for the target, not the machine planning it
         if not (cfg.data.dir or cfg.data.path):
             cfg.data.dir = "<planned>"
-    config_lib.validate(cfg, count)
+    validate(cfg, count)
     mesh = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh.shape, count)))
     model_cfg = dataclasses.replace(ModelConfig.from_config(cfg.model), attention=attention)
     boxed = abstract_params(dataclasses.replace(model_cfg, attention="xla"))  # same params

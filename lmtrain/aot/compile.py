@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lmtrain import config as config_lib
 from lmtrain.aot import PROGRAMS, hlo
 from lmtrain.aot.topology import Topology, get_topology
 from lmtrain.data.finetune_data import PREFERENCE_OBJECTIVES
@@ -34,6 +33,7 @@ from lmtrain.errors import ConfigError
 from lmtrain.model.attention_kernels import target_platform
 from lmtrain.train import finetune
 from lmtrain.train import flops as flops_lib
+from lmtrain.train.config_check import validate
 
 GiB = 1024**3
 _SAMPLE_PROMPT_LEN = 16  # the loop samples after a 16-token prompt when none is configured
@@ -62,7 +62,7 @@ def _prepare_config(config, topology: Topology):
             cfg.data.dir = "<compiled>"  # no data is read; validation wants a source named
     finetune.adopt_init_from_model(cfg, print_fn=lambda *_: None)
     with target_platform(topology.devices[0].platform):  # kernels are checked for the target
-        config_lib.validate(cfg, topology.chips)
+        validate(cfg, topology.chips)
     return cfg
 
 

@@ -18,7 +18,6 @@ Every task may list ``slices``: fields of its rows; metrics are reported per val
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lmtrain.config import did_you_mean
 from lmtrain.errors import ConfigError, DataError
 from lmtrain.eval import metrics as M
 from lmtrain.eval import safety
@@ -87,10 +87,7 @@ def _plain(x: Any) -> Any:
 def _check_keys(where: str, got: Mapping[str, Any], allowed: Sequence[str]) -> None:
     for key in got:
         if key not in allowed:
-            close = difflib.get_close_matches(key, list(allowed), n=2, cutoff=0.5)
-            hint = (
-                f"; did you mean {', '.join(close)}?" if close else f"; allowed: {sorted(allowed)}"
-            )
+            hint = did_you_mean(key, allowed, n=2, otherwise=f"; allowed: {sorted(allowed)}")
             raise ConfigError(f"unknown key {key!r} in {where}{hint}")
 
 

@@ -23,6 +23,7 @@ import jax
 
 from lmtrain.data.fetch import missing_hint
 from lmtrain.errors import LmtrainError
+from lmtrain.train.config_check import validate
 
 HASH_CACHE_FILE = "preflight_hashes.json"
 
@@ -48,7 +49,6 @@ def _gb(n: float) -> str:
 
 # -- config, mesh, batch -------------------------------------------------------------------------
 def check_config(cfg, num_devices: int) -> list[Problem]:
-    from lmtrain.config import validate
     from lmtrain.errors import ConfigError
     from lmtrain.model.sharding import resolve_mesh_shape
 
