@@ -194,13 +194,17 @@ def _jit_train_step(step, config, mesh: Mesh, state_shardings, batch_shardings, 
     batches) and ``run.compile_for`` (compile either without running)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     options = cpu_compiler_options(config, mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-        compiler_options=options,
-    )
+
+    def jit(fn, batches_sharding):  # the state donated: updated in place
+        return jax.jit(
+            fn,
+            in_shardings=(state_shardings, batches_sharding, frozen_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+            compiler_options=options,
+        )
+
+    jitted = jit(step, batch_shardings)
 
     def run(state, batch, frozen=None):
         with mesh_rules(mesh):
@@ -209,13 +213,7 @@ def _jit_train_step(step, config, mesh: Mesh, state_shardings, batch_shardings, 
     def steps(state: TrainState, batches: dict, frozen=None):
         return jax.lax.scan(lambda s, b: step(s, b, frozen), state, batches)
 
-    jitted_multi = jax.jit(
-        steps,
-        in_shardings=(state_shardings, stacked_shardings(batch_shardings), frozen_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-        compiler_options=options,
-    )
+    jitted_multi = jit(steps, stacked_shardings(batch_shardings))
 
     def multi(state, batches, frozen=None):
         """k steps on batches stacked as (k, B, ...); metrics come back as (k,) arrays."""
