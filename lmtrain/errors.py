@@ -19,3 +19,9 @@ class CheckpointError(LmtrainError, RuntimeError):
 
 class DoesNotFit(LmtrainError, RuntimeError):
     """The planner or the compiler finds that a config does not fit in device memory."""
+
+
+def require(condition: object, message: str) -> None:
+    """Raises ``ConfigError(message)`` unless ``condition``: the one line of every config check."""
+    if not condition:
+        raise ConfigError(message)

@@ -22,7 +22,6 @@ import types
 import jax
 import jax.numpy as jnp
 
-from lmtrain import config as config_lib
 from lmtrain.config import load_config
 from lmtrain.errors import ConfigError, DoesNotFit
 from lmtrain.model.attention_kernels import check_available
@@ -30,6 +29,7 @@ from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import LOGICAL_RULES, MESH_AXES, fit_spec, resolve_mesh_shape
 from lmtrain.model.transformer import Transformer
 from lmtrain.train import flops as flops_lib
+from lmtrain.train.config_check import validate
 
 GiB = 1024**3
 USABLE_FRACTION = 0.9  # of device memory: the rest is left to the runtime and XLA temporaries
@@ -168,7 +168,7 @@ def plan(config, device: DeviceKind, count: int) -> dict:
         cfg.model.attention = "xla"  # checked above for the target, not the machine planning it
         if not (cfg.data.dir or cfg.data.path):
             cfg.data.dir = "<planned>"
-    config_lib.validate(cfg, count)
+    validate(cfg, count)
     mesh = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh.shape, count)))
     model_cfg = dataclasses.replace(ModelConfig.from_config(cfg.model), attention=attention)
     boxed = abstract_params(dataclasses.replace(model_cfg, attention="xla"))  # same params

@@ -1,4 +1,4 @@
-"""Config checks of ``config.rl`` (online RL), called from ``lmtrain.config.validate``."""
+"""Config checks of ``config.rl`` (online RL), called from ``lmtrain.train.config_check.validate``."""
 
 from __future__ import annotations
 

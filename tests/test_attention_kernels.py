@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from lmtrain.config import base_config, validate
+from lmtrain.config import base_config
 from lmtrain.errors import ConfigError
 from lmtrain.model import attention_kernels as ak
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import make_mesh, mesh_rules
 from lmtrain.model.transformer import Transformer
+from lmtrain.train.config_check import validate
 
 B, T, H, K, D = 2, 128, 4, 2, 16  # the TPU kernels tile by 128
 

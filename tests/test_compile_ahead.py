@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from lmtrain.config import ConfigError, apply_overrides, validate
+from lmtrain.config import ConfigError, apply_overrides
+from lmtrain.train.config_check import validate
 from lmtrain.train.loop import train
 
 pytestmark = pytest.mark.slow  # end-to-end: trains, resumes or runs processes

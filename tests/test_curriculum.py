@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lmtrain.config import base_config, validate
+from lmtrain.config import base_config
 from lmtrain.data.pipeline import (
     curriculum_batch,
     curriculum_seq_len,
@@ -11,6 +11,7 @@ from lmtrain.data.pipeline import (
     windows_to_examples,
 )
 from lmtrain.errors import ConfigError
+from lmtrain.train.config_check import validate
 
 
 def test_lengths_double_in_equal_stages_then_stay_full():

@@ -13,7 +13,6 @@ import string
 import numpy as np
 import pytest
 
-from lmtrain import config as config_lib
 from lmtrain.config import base_config
 from lmtrain.data import fit
 from lmtrain.data.chat_template import ChatTemplate
@@ -28,6 +27,7 @@ from lmtrain.data.formats import Conversation
 from lmtrain.data.sft import build_sft_example, fit_example, tokenize_sft
 from lmtrain.data.tokenizer import CHAT_SPECIALS, CharTokenizer
 from lmtrain.errors import ConfigError, DataError
+from lmtrain.train.config_check import validate
 
 TOK = CharTokenizer.train([string.ascii_lowercase + "\n"], extra_specials=CHAT_SPECIALS)
 TEMPLATE = ChatTemplate()
@@ -182,10 +182,10 @@ def test_refusal_names_the_key_and_the_counts(sft_file):
 def test_config_keys_are_validated():
     cfg = run_config("x.jsonl", truncation="middle")
     with pytest.raises(ConfigError, match="config.data.truncation='middle'"):
-        config_lib.validate(cfg, 1)
+        validate(cfg, 1)
     cfg = run_config("x.jsonl", max_lost_fraction=1.5)
     with pytest.raises(ConfigError, match="config.data.max_lost_fraction=1.5"):
-        config_lib.validate(cfg, 1)
+        validate(cfg, 1)
 
 
 def test_rl_prompts_keep_their_end_or_drop():

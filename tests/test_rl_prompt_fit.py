@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from lmtrain.config import base_config, validate
+from lmtrain.config import base_config
 from lmtrain.errors import ConfigError, DataError
+from lmtrain.train.config_check import validate
 from lmtrain.train.loop import build, train
 from lmtrain.train.rollout import RolloutSource
 from tests.finetune_fixtures import TEMPLATE, TOK

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from lmtrain.config import base_config, validate
+from lmtrain.config import base_config
 from lmtrain.errors import ConfigError, DataError
 from lmtrain.train import rewards
+from lmtrain.train.config_check import validate
 from lmtrain.train.rewards import PromptRecord
 from lmtrain.train.rollout import parse_prompt_record, read_prompts
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from lmtrain import host_devices
-from lmtrain.config import load_config, validate
+from lmtrain.config import load_config
 from lmtrain.errors import ConfigError
+from lmtrain.train.config_check import validate
 from lmtrain.train.optim import lr_schedule, warmup_note
 from tests.public_data import REPO, SHAKESPEARE_HEAD
 

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from lmtrain.config import apply_overrides, base_config, validate
+from lmtrain.config import apply_overrides, base_config
 from lmtrain.errors import ConfigError
+from lmtrain.train.config_check import validate
 from lmtrain.train.loop import build, to_global
 from lmtrain.train.state import init_state
 from lmtrain.train.step import make_train_step

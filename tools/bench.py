@@ -26,6 +26,7 @@ from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 from lmtrain.model.transformer import Transformer
 from lmtrain.train import flops as flops_lib
+from lmtrain.train.config_check import validate
 from lmtrain.train.optim import make_optimizer
 from lmtrain.train.state import init_state
 from lmtrain.train.step import make_train_step
@@ -64,7 +65,7 @@ def run_bench(cfg, warmup: int = 3, steps: int = 10) -> dict:
     with cfg.unlocked():
         if not (cfg.data.dir or cfg.data.path):
             cfg.data.dir = "<synthetic>"
-    config_lib.validate(cfg, jax.device_count())
+    validate(cfg, jax.device_count())
     mesh = make_mesh(cfg.mesh.shape)
     model_cfg = ModelConfig.from_config(cfg.model)
     model = Transformer(model_cfg)

@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     from lmtrain.model.config import ModelConfig
     from lmtrain.model.sharding import batch_sharding, make_mesh
     from lmtrain.model.transformer import Transformer
+    from lmtrain.train.config_check import validate
     from lmtrain.train.optim import make_optimizer
     from lmtrain.train.state import init_state
     from lmtrain.train.step import make_train_step, stacked_shardings, uses_flat_grad_sync
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
     with base.unlocked():
         base.model.vocab_size = base.model.vocab_size or 256
         base.data.dir, base.data.path = "<synthetic>", ""
-    config_lib.validate(base, jax.device_count())
+    validate(base, jax.device_count())
     gb, seq = base.train.global_batch_size, base.data.seq_len
     hosts = [synthetic_batch(gb, seq, base.model.vocab_size, seed=i) for i in range(2 * k)]
 

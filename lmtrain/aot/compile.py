@@ -1,7 +1,7 @@
 """Compile, without running, the programs ``lmtrain train`` runs, for a TPU topology.
 
 The path is the trainer's own: :func:`lmtrain.train.loop.build_layout` (mesh over the topology's
-devices, model, optimizer, ``state_shardings``), :func:`lmtrain.train.loop._step_functions`
+devices, model, optimizer, ``state_shardings``), :func:`lmtrain.train.loop.step_functions`
 (``make_train_step`` / ``make_eval_step`` with the config's objective, LoRA, microbatches, remat
 and attention) and the sampler's ``compile_only`` mode. Arguments are ShapeDtypeStructs carrying
 the shardings the real arrays would have, so nothing is allocated and no TPU is needed: libtpu's
@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lmtrain import config as config_lib
 from lmtrain.aot import PROGRAMS, hlo
 from lmtrain.aot.topology import Topology, get_topology
 from lmtrain.data.finetune_data import PREFERENCE_OBJECTIVES
@@ -39,6 +38,7 @@ from lmtrain.train import (
 )
 from lmtrain.train import flops as flops_lib
 from lmtrain.train.compile_ahead import with_shardings
+from lmtrain.train.config_check import validate
 from lmtrain.train.step import stacked_shardings
 
 GiB = 1024**3
@@ -68,7 +68,7 @@ def _prepare_config(config, topology: Topology):
             cfg.data.dir = "<compiled>"  # no data is read; validation wants a source named
     finetune.adopt_init_from_model(cfg, print_fn=lambda *_: None)
     with target_platform(topology.devices[0].platform):  # kernels are checked for the target
-        config_lib.validate(cfg, topology.chips)
+        validate(cfg, topology.chips)
     return cfg
 
 
@@ -130,7 +130,7 @@ def _build(cfg, topo: Topology, programs) -> Programs:
     setup = loop.Setup(cfg, mesh, model, model_cfg, None, "", tx, schedule, abstract, shardings,
                        batch_sharding, transform)  # fmt: skip
     frozen, frozen_shardings, extras = frozen_spec(cfg, setup)
-    train_step, eval_step = loop._step_functions(setup, frozen_shardings, extras)
+    train_step, eval_step = loop.step_functions(setup, frozen_shardings, extras)
     state = with_shardings(abstract, shardings)
     jobs = {}
     if "train_step" in programs:
@@ -226,7 +226,7 @@ def formula_flops(cfg, model_cfg, chips: int, program: str, steps: int = 1) -> f
 
 def loop_steps_per_call(cfg) -> int:
     """Steps in the train call compiled (the loop's first dispatch)."""
-    return loop.dispatch_size(0, loop._dispatch_group(cfg), cfg)
+    return loop.dispatch_size(0, loop.dispatch_group(cfg), cfg)
 
 
 def _resource_error(e: Exception) -> str | None:

@@ -7,11 +7,11 @@ name the key and the closest valid ones; a negative quality threshold switches t
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 
 import ml_collections
 
+from lmtrain.config import did_you_mean
 from lmtrain.data.pii import KINDS
 from lmtrain.data.tokenizer import CHAT_SPECIALS
 from lmtrain.errors import ConfigError
@@ -151,8 +151,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _unknown(key: str, known, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(key, known)
     path = ".".join(part for part in f"{where}.{key}".split(".") if part)
     return ConfigError(f"unknown data config key {path}{hint}; see lmtrain/data/prepare_config.py")
 

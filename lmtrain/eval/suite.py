@@ -18,7 +18,6 @@ Every task may list ``slices``: fields of its rows; metrics are reported per val
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import os
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lmtrain.config import apply_overrides, load_config_file
+from lmtrain.config import apply_overrides, did_you_mean, load_config_file
 from lmtrain.data import formats
 from lmtrain.data.shards import TokenStream
 from lmtrain.errors import ConfigError, DataError
@@ -99,10 +98,7 @@ def _plain(x: Any) -> Any:
 def _check_keys(where: str, got: Mapping[str, Any], allowed: Sequence[str]) -> None:
     for key in got:
         if key not in allowed:
-            close = difflib.get_close_matches(key, list(allowed), n=2, cutoff=0.5)
-            hint = (
-                f"; did you mean {', '.join(close)}?" if close else f"; allowed: {sorted(allowed)}"
-            )
+            hint = did_you_mean(key, allowed, n=2, otherwise=f"; allowed: {sorted(allowed)}")
             raise ConfigError(f"unknown key {key!r} in {where}{hint}")
 
 

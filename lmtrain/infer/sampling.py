@@ -467,18 +467,6 @@ def _is_on_mesh(params, mesh: Mesh) -> bool:
     )
 
 
-def generate_past_context(model, params, prompts, *, max_new_tokens: int, eos_id: int,
-                          pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-                          seed: int = 0, compile_only: bool = False):  # fmt: skip
-    """Per prompt, the ids :func:`generate` gives past the context (None: ``compile_only``).
-
-    Kept only for ``lmtrain.train.loop.sample_texts`` (issue 19 splits that file in another
-    branch); remove once it calls :func:`generate` with ``past_context=True``."""
-    sp = SamplingParams(max_new_tokens, eos_id, temperature, top_k, past_context=True)
-    g = generate(model, params, prompts, sp, seed=seed, pad_id=pad_id, compile_only=compile_only)
-    return g.tokens if isinstance(g, Generation) else None
-
-
 def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
     """The stop strings as token sequences for the decode loop (empty encodings dropped)."""
     return tuple(tuple(ids) for ids in (tokenizer.encode(s) for s in stop_strings if s) if ids)

@@ -6,6 +6,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lmtrain.errors import require
+
+# Activation checkpointing policies of ``model.remat`` (lmtrain/model/transformer.py applies them).
+REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_dots_and_attn_out", "offload")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -77,3 +82,43 @@ class ModelConfig:
         embed = self.vocab_size * d
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return embed + self.n_layers * per_layer + d + head
+
+
+def check_model_section(m) -> None:
+    """The ``config.model`` section's values (the attention backend's availability on this
+    host is ``lmtrain.model.attention_kernels.check_available``)."""
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        require(m[key] > 0, f"config.model.{key}={m[key]} must be positive")
+    require(m.vocab_size >= 0, "config.model.vocab_size must be >= 0 (0 = from the tokenizer)")
+    require(
+        m.n_kv_heads <= m.n_heads,
+        f"config.model.n_kv_heads={m.n_kv_heads} must be <= model.n_heads={m.n_heads}",
+    )
+    require(
+        m.n_heads % m.n_kv_heads == 0,
+        f"config.model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}",
+    )
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    require(
+        m.head_dim > 0 or m.d_model % m.n_heads == 0,
+        f"config.model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)",
+    )
+    require(
+        head_dim % 2 == 0,
+        f"head dim {head_dim} must be even for rotary embeddings (config.model.head_dim)",
+    )
+    for key in ("dtype", "param_dtype", "matmul_dtype"):
+        allowed = ("float32", "bfloat16", "float16") + (("",) if key == "matmul_dtype" else ())
+        require(
+            m[key] in allowed,
+            f"config.model.{key}={m[key]!r}: use float32, bfloat16 or float16"
+            + (' (or "" for model.dtype)' if key == "matmul_dtype" else ""),
+        )
+    require(
+        m.remat in REMAT_POLICIES,
+        f"config.model.remat={m.remat!r}: choose one of {REMAT_POLICIES}",
+    )
+    require(
+        m.mlp_activation in ("silu", "gelu_tanh"),
+        f"config.model.mlp_activation={m.mlp_activation!r}: silu or gelu_tanh",
+    )

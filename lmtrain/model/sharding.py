@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmtrain.errors import ConfigError
+from lmtrain.errors import ConfigError, require
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -62,6 +62,17 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
             f"available; make the product equal {num_devices} or use -1 for one axis"
         )
     return shape
+
+
+def check_mesh_section(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+    """The ``config.mesh`` section over ``num_devices`` available devices; its resolved
+    (data, fsdp, tensor) shape."""
+    require(
+        0 <= mesh_cfg.num_devices <= num_devices,
+        f"config.mesh.num_devices={mesh_cfg.num_devices} must be between 0 (all) and the "
+        f"{num_devices} available devices",
+    )
+    return resolve_mesh_shape(mesh_cfg.shape, mesh_cfg.num_devices or num_devices)
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:

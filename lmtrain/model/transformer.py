@@ -14,10 +14,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmtrain.model import matmul
 from lmtrain.model.attention import Attention
+from lmtrain.model.config import REMAT_POLICIES as REMAT_POLICIES  # the names remat_policy takes
 from lmtrain.model.config import ModelConfig
 
 ONE_HOT_EMBED_MAX_VOCAB = 2048
-REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_dots_and_attn_out", "offload")
 
 
 def remat_policy(name: str):

@@ -338,11 +338,7 @@ class Checkpointer:
                 f"step {step} in {self.directory} is corrupt: {problem}. Move {self.step_dir(step)} "
                 "aside (or delete it) to resume from the previous checkpoint"
             )
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state,
-            shardings,
-        )
+        target = _restore_target(abstract_state, shardings)
         try:
             out = self.mgr.restore(
                 step,
@@ -361,11 +357,7 @@ class Checkpointer:
         problem = self.verify(step)
         if problem is not None:
             raise CheckpointError(f"step {step} in {self.directory} is corrupt: {problem}")
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_params,
-            shardings,
-        )
+        target = _restore_target(abstract_params, shardings)
         try:
             out = self.mgr.restore(
                 step,
@@ -415,3 +407,10 @@ class Checkpointer:
     def close(self) -> None:
         self.mgr.wait_until_finished()
         self.mgr.close()
+
+
+def _restore_target(abstract, shardings):
+    """The abstract tree's shapes and dtypes with the shardings to restore into."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )

@@ -21,13 +21,13 @@ from collections.abc import Callable
 
 import jax
 
-from lmtrain.config import validate
 from lmtrain.data.fetch import missing_hint
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.errors import ConfigError, LmtrainError
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.sharding import resolve_mesh_shape
 from lmtrain.model.transformer import Transformer
+from lmtrain.train.config_check import validate
 from lmtrain.train.optim import make_optimizer
 from lmtrain.train.state import init_fn
 

@@ -144,54 +144,67 @@ def make_train_step(
         rng, step_rng = jax.random.split(state.rng)
         step_rng = jax.random.fold_in(step_rng, state.step)
         if flat:
-            loss_sum, weight, metrics, grads = compute_grads_flat(
+            sums = compute_grads_flat(
                 loss_fn, state.params, batch, step_rng, ctx, microbatches, mesh
             )
         else:
-            loss_sum, weight, metrics, grads = compute_grads(
-                loss_fn, state.params, batch, step_rng, ctx, microbatches
-            )
-        denom = jnp.maximum(weight, 1.0)
-        loss = loss_sum / denom
-        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-        grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            sums = compute_grads(loss_fn, state.params, batch, step_rng, ctx, microbatches)
+        return _update(state, rng, *sums, config.optim, schedule)
 
-        # A non-finite loss or gradient skips the update (params and optimizer state untouched).
-        new_params, new_opt = apply_adamw(
-            config.optim, schedule, grads, grad_norm, state.opt_state, state.params, ok
-        )
-        nonfinite = jnp.where(ok, 0, state.nonfinite_in_a_row + 1)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=new_params,
-            opt_state=new_opt,
-            rng=rng,
-            nonfinite_in_a_row=nonfinite,
-            nonfinite_total=state.nonfinite_total + (1 - ok.astype(jnp.int32)),
-        )
-        out = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(state.step),
-            "tokens": weight,
-            "skipped": 1.0 - ok.astype(jnp.float32),
-        }
-        for name, (s, w) in metrics.items():
-            out[name] = s / jnp.maximum(w, 1.0)
-        if "nll" in out:
-            out["perplexity"] = jnp.exp(out["nll"])
-        return new_state, out
+    return _jit_train_step(step, config, mesh, state_shardings, batch_shardings, frozen_shardings)
 
+
+def _update(state: TrainState, rng, loss_sum, weight, metrics, grads, optim_cfg, schedule):
+    """Normalise the summed loss and grads, clip, AdamW; (new state, per-step metrics)."""
+    denom = jnp.maximum(weight, 1.0)
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    # A non-finite loss or gradient skips the update (params and optimizer state untouched).
+    new_params, new_opt = apply_adamw(
+        optim_cfg, schedule, grads, grad_norm, state.opt_state, state.params, ok
+    )
+    nonfinite = jnp.where(ok, 0, state.nonfinite_in_a_row + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=new_params,
+        opt_state=new_opt,
+        rng=rng,
+        nonfinite_in_a_row=nonfinite,
+        nonfinite_total=state.nonfinite_total + (1 - ok.astype(jnp.int32)),
+    )
+    out = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step),
+        "tokens": weight,
+        "skipped": 1.0 - ok.astype(jnp.float32),
+    }
+    for name, (s, w) in metrics.items():
+        out[name] = s / jnp.maximum(w, 1.0)
+    if "nll" in out:
+        out["perplexity"] = jnp.exp(out["nll"])
+    return new_state, out
+
+
+def _jit_train_step(step, config, mesh: Mesh, state_shardings, batch_shardings, frozen_shardings):
+    """``step`` jitted (state donated) as ``run``, with ``run.multi`` (a scan over stacked
+    batches) and ``run.compile_for`` (compile either without running)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     options = cpu_compiler_options(config, mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-        compiler_options=options,
-    )
+
+    def jit(fn, batches_sharding):  # the state donated: updated in place
+        return jax.jit(
+            fn,
+            in_shardings=(state_shardings, batches_sharding, frozen_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+            compiler_options=options,
+        )
+
+    jitted = jit(step, batch_shardings)
 
     def run(state, batch, frozen=None):
         with mesh_rules(mesh):
@@ -200,13 +213,7 @@ def make_train_step(
     def steps(state: TrainState, batches: dict, frozen=None):
         return jax.lax.scan(lambda s, b: step(s, b, frozen), state, batches)
 
-    jitted_multi = jax.jit(
-        steps,
-        in_shardings=(state_shardings, stacked_shardings(batch_shardings), frozen_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-        compiler_options=options,
-    )
+    jitted_multi = jit(steps, stacked_shardings(batch_shardings))
 
     def multi(state, batches, frozen=None):
         """k steps on batches stacked as (k, B, ...); metrics come back as (k,) arrays."""
