@@ -16,6 +16,7 @@ import os
 import jax
 
 from lmtrain.data import pipeline
+from lmtrain.rl_config import RL_OBJECTIVES
 from lmtrain.train import divergence, finetune, run_guard
 from lmtrain.train.checkpoint import Checkpointer
 from lmtrain.train.lora_io import save_adapters
@@ -49,7 +50,12 @@ class Faults:
         )
         # with rollback on, the rollback says it
         warn_factor = 0.0 if cfg.fault.spike_factor else cfg.fault.spike_warn_factor
-        self.watch = run_guard.LossWatch(warn_factor, cfg.fault.spike_window, print_fn)
+        # An RL loss is advantage-weighted: it sits near zero, changes sign and need not fall, so
+        # spikes over its median and a rise from its start say nothing about the run.
+        watched = cfg.objective not in RL_OBJECTIVES
+        self.watch = (
+            run_guard.LossWatch(warn_factor, cfg.fault.spike_window, print_fn) if watched else None
+        )
         self.last_saved = last_saved
         self.streak = 0  # skipped (non-finite) steps in a row
 
@@ -70,7 +76,8 @@ class Faults:
             # Counted from the per-step metrics, not the state: the state is a call or two ahead
             # and a streak that ends inside that lag would otherwise go unseen.
             self.streak = self.streak + 1 if m["skipped"] else 0
-            self.watch.observe(s, m["loss"])
+            if self.watch is not None:
+                self.watch.observe(s, m["loss"])
             if self.streak >= self.cfg.train.max_nonfinite_in_a_row:
                 close()
                 self._stop_diverged(state, s, self.streak)
@@ -123,7 +130,7 @@ class Faults:
 
     def finish(self) -> list[str]:
         """The end-of-run loss warnings (printed too)."""
-        return self.watch.finish()
+        return self.watch.finish() if self.watch is not None else []
 
     def _rollback(self, s: int, loss: float, state):
         """Loss spike at step s: restore the newest checkpoint before s, resume data after
