@@ -6,7 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pytest  # noqa: E402
 
-from tests.tiny import tiny_config, write_tiny_text  # noqa: E402
+from tests.support.tiny import tiny_config, write_tiny_text  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +17,11 @@ def tiny_text(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_cfg(tiny_text):
     return tiny_config(tiny_text)
+
+
+def pytest_collection_modifyitems(items):
+    # Whole runs (training, resume, faults, several processes, the notebook) live in tests/e2e;
+    # they are marked slow so `-m "not slow"` gives the quick unit layer.
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

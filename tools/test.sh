@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite on CPU with 8 emulated devices; creates .venv with the dev and hf extras if needed.
-# Extra arguments go to pytest (e.g. tools/test.sh tests/test_model.py -k causality).
+# Extra arguments go to pytest (e.g. tools/test.sh tests/unit/model/test_model.py -k causality).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -3,7 +3,7 @@
     lmtrain eval --checkpoint runs/shakespeare --config configs/eval/shakespeare.py --out eval/
     lmtrain eval --compare eval/run_a eval/run_b [--tolerance 0.01] [--out cmp.md]
     lmtrain eval --harness --tasks arc_easy,hellaswag --checkpoint runs/x --out eval/ \
-        [--include-path tests/harness_tasks] [--config configs/eval/shakespeare.py]
+        [--include-path tests/support/harness_tasks] [--config configs/eval/shakespeare.py]
 
 ``--harness`` runs lm-evaluation-harness tasks with the ``lmtrain`` backend
 (``lmtrain/eval/harness.py``) and writes lm-eval's ``harness_results.json`` beside the report,

@@ -384,7 +384,7 @@ def write_results(out_dir: str, results: dict[str, Any]) -> str:
 def main() -> None:
     """``python -m lmtrain.eval.harness [lm-eval arguments]``: lm-eval's own command line with
     the ``lmtrain`` model registered, e.g. ``python -m lmtrain.eval.harness run --model lmtrain
-    --model_args workdir=runs/q --tasks lmtrain_mc --include_path tests/harness_tasks``. (lm-eval
+    --model_args workdir=runs/q --tasks lmtrain_mc --include_path tests/support/harness_tasks``. (lm-eval
     finds models only among those imported; it has no plugin entry points to register with.)"""
     from lm_eval.__main__ import cli_evaluate
 

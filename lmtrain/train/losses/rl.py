@@ -25,7 +25,7 @@ aggregated by ``rl.loss_norm`` (the objective contract: a sum and its weight):
 
 PPO adds the clipped value loss ``vf_coef * 0.5 * max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)``
 per completion token, aggregated the same way. These are TRL's ``GRPOTrainer`` / ``PPOTrainer``
-formulas; tests/test_objectives_rl.py checks them against closed forms.
+formulas; tests/unit/train/test_objectives_rl.py checks them against closed forms.
 """
 
 from __future__ import annotations
