@@ -83,8 +83,15 @@ def compile_once(cfg, topology: str) -> dict:
 
     t0 = time.perf_counter()
     report = compile_programs(cfg, topology, programs=("train_step",))
-    (train,) = report["programs"]
-    out = {"compile_s": time.perf_counter() - t0}
+    out = from_report(report)
+    out["compile_s"] = time.perf_counter() - t0
+    return out
+
+
+def from_report(report: dict) -> dict:
+    """A row's compiler numbers from ``lmtrain compile``'s report (its train step)."""
+    (train,) = [p for p in report["programs"] if p["program"] == "train_step"]
+    out = {"compile_s": train["compile_s"]}
     if "error" in train:
         need = needed_bytes(train["error"])
         if need is None:
@@ -96,6 +103,32 @@ def compile_once(cfg, topology: str) -> dict:
     return out
 
 
+def import_report(spec: str, extra: list[str]) -> tuple[str, dict]:
+    """``config:gen:grid:remat=compile_report.json`` → (cache key, numbers), checked to match."""
+    row_spec, _, path = spec.partition("=")
+    name, gen, grid, remat = row_spec.split(":")
+    with open(path) as f:
+        report = json.load(f)
+    cfg = config_for(name, remat, extra)
+    want = {"topology": f"{gen}:{grid}", "remat": remat, "attention": cfg.model.attention,
+            "global_batch": cfg.train.global_batch_size, "seq_len": cfg.data.seq_len,
+            "microbatches": cfg.train.microbatches}  # fmt: skip
+    got = {**report["config"], "topology": report["topology"]}
+    wrong = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if wrong or report["config"]["params"] != cfg_params(cfg):
+        raise SystemExit(f"{path} is not the compile of {row_spec} (report vs row: {wrong})")
+    return key(name, f"{gen}:{grid}", remat, "full"), {
+        **from_report(report),
+        "source": "imported lmtrain compile report",
+    }
+
+
+def cfg_params(cfg) -> int:
+    from lmtrain.model.config import ModelConfig
+
+    return ModelConfig.from_config(cfg.model).param_count()
+
+
 def key(name: str, topology: str, remat: str, depth: str) -> str:
     return f"{name}:{topology}:{remat}:{depth}"
 
@@ -104,7 +137,7 @@ def compiled(cache: dict, name, topology, remat, depth, extra, compile_ok: bool,
     k = key(name, topology, remat, str(depth))
     if k not in cache:
         if not compile_ok:
-            raise SystemExit(f"{k}: no compiler numbers in the JSON (run without --from-json)")
+            raise LookupError(f"{k}: no compiler numbers in the JSON (run without --from-json)")
         layers = None if depth == "full" else int(depth)
         cache[k] = compile_once(config_for(name, remat, extra, layers), topology)
         save()
@@ -122,6 +155,8 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
     est = p["per_device_gib"]["total"] * GiB
     n = load_config(os.path.join("configs", f"{name}.py")).model.n_layers
     detail = {}
+    if not compile_ok and key(name, topology, remat, "full") in cache:
+        depths = "full"  # a full-depth compile is the better number where one was kept
     if depths == "full":
         c = compiled(cache, name, topology, remat, "full", extra, compile_ok, save)
         got, how, secs = c["total"], "full depth", c["compile_s"]
@@ -178,9 +213,12 @@ def all_rows() -> list[tuple[str, str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", nargs="*", help="config:gen:grid:remat (default: the whole table)")
-    ap.add_argument("--depths", default="1,2", help="'a,b' (extrapolate) or 'full'")
+    ap.add_argument("--depths", default="full", help="'full' or 'a,b' (extrapolate)")
     ap.add_argument("--out", default="", help="markdown table (and the .json cache beside it)")
     ap.add_argument("--from-json", default="", help="compiler numbers from this JSON; no compiles")
+    ap.add_argument("--import-report", action="append", default=[],
+                    help="config:gen:grid:remat=compile_report.json of `lmtrain compile` (full "
+                    "depth) to use for that row instead of compiling it again")  # fmt: skip
     ap.add_argument("--override", action="append", default=[], help="extra config overrides")
     args = ap.parse_args()
     if args.rows:
@@ -196,6 +234,9 @@ def main() -> None:
     if source and os.path.exists(source):
         with open(source) as f:
             cache = json.load(f).get("compiled", {})
+    for spec in args.import_report:
+        k, numbers = import_report(spec, args.override)
+        cache[k] = numbers
     rows: list[dict] = []
 
     def save() -> None:
