@@ -6,11 +6,14 @@
 
 Each row compiles the train step of a shipped config (splash attention; the config's own mesh,
 so FSDP over the topology with the config's tensor axis) with ``lmtrain.aot.compile`` and
-compares the per-chip total with ``lmtrain.plan``. With ``--depths a,b`` the step is compiled at
-two reduced depths and the compiler's total extrapolated linearly to the config's depth (the
-layers are unrolled and identical, so per-chip bytes grow by the same amount per layer);
-``--depths full`` compiles the whole model. A config that does not fit still gets the
-compiler's number: XLA's out-of-memory message states the bytes the program needs.
+compares the per-chip total with ``lmtrain.plan``'s estimate of it. ``--depths full`` (the
+default) compiles the whole model. ``--depths a,b`` compiles two reduced depths and extrapolates
+linearly to the config's depth; it is cheaper but can be far off: XLA's schedule of a shallow
+program, with most of the chip free, does not grow per layer the way the full-depth one does
+(docs/performance.md has a measured case), so prefer full depth for the table.
+A config that does not fit still gets the compiler's number: XLA's out-of-memory message states
+the bytes the program needs. ``--import-report`` takes a row's numbers from a
+``compile_report.json`` that ``lmtrain compile --programs train_step`` wrote for it.
 
 The compiler's numbers are kept in the JSON beside ``--out`` (one entry per row and depth) and
 reused on the next run, so an interrupted run resumes and ``--from-json`` recomputes the
