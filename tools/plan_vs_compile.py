@@ -191,6 +191,16 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
     }  # fmt: skip
 
 
+def planner_only(name, topology, remat, extra) -> dict:
+    """A row not compiled yet: the planner's numbers and an empty compiler column."""
+    p = planned(name, topology, remat, extra)["per_device_gib"]
+    _, kind, _ = parse_name(topology)
+    return {"config": name, "topology": topology, "remat": remat,
+            "planner_gib": p["compiled_estimate"], "planner_need_gib": p["total"],
+            "planner_fits": p["total"] <= kind.memory_bytes * plan_lib.USABLE_FRACTION,
+            "compiler_gib": None, "method": "not compiled yet"}  # fmt: skip
+
+
 def planner_cell(r: dict) -> str:
     need = r.get("planner_need_gib", r["planner_gib"])
     if need > r["planner_gib"] + 0.005:
@@ -205,6 +215,12 @@ def markdown(rows: list[dict]) -> str:
     ]  # fmt: skip
     for r in rows:
         yes = lambda b: "yes" if b else "no"  # noqa: E731
+        if r["compiler_gib"] is None:
+            out.append(
+                f"| {r['config']} | {r['topology']} | {r['remat']} | {planner_cell(r)} | – | – | "
+                f"{yes(r['planner_fits'])} / – | {r['method']} |"
+            )
+            continue
         out.append(
             f"| {r['config']} | {r['topology']} | {r['remat']} | {planner_cell(r)} | "
             f"{r['compiler_gib']:.2f} | {r['diff']:+.1%} | {yes(r['planner_fits'])} / "
@@ -262,6 +278,9 @@ def main() -> None:
         try:
             r = row(name, topology, remat, args.depths, args.override, cache, not args.from_json,
                     save)  # fmt: skip
+        except LookupError as e:  # --from-json without this row: the planner's side only
+            print(f"{e}", file=sys.stderr)
+            r = planner_only(name, topology, remat, args.override)
         except Exception as e:  # noqa: BLE001 - one row's failure leaves the others to run
             print(f"{name} {topology} {remat}: {type(e).__name__}: {e}", file=sys.stderr)
             continue
