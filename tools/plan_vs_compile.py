@@ -193,12 +193,11 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
 
 def planner_only(name, topology, remat, extra) -> dict:
     """A row not compiled yet: the planner's numbers and an empty compiler column."""
-    p = planned(name, topology, remat, extra)["per_device_gib"]
-    _, kind, _ = parse_name(topology)
+    p = planned(name, topology, remat, extra)
+    m = p["per_device_gib"]
     return {"config": name, "topology": topology, "remat": remat,
-            "planner_gib": p["compiled_estimate"], "planner_need_gib": p["total"],
-            "planner_fits": p["total"] <= kind.memory_bytes * plan_lib.USABLE_FRACTION,
-            "compiler_gib": None, "method": "not compiled yet"}  # fmt: skip
+            "planner_gib": m["compiled_estimate"], "planner_need_gib": m["total"],
+            "planner_fits": p["fits"], "compiler_gib": None, "method": "not compiled yet"}  # fmt: skip
 
 
 def planner_cell(r: dict) -> str:
