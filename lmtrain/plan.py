@@ -106,15 +106,28 @@ def sharded_param_elements(boxed_params, mesh_shape: dict[str, int]) -> tuple[in
     return total, per_device
 
 
+ACTIVATION_PARTS = ("kept", "working_layer", "logits", "head")  # in device memory at once
+
+
 def activation_bytes(
-    cfg: ModelConfig, batch: int, seq: int, tensor: int, remat: str, attention: str
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    tensor: int,
+    remat: str,
+    attention: str,
+    fsdp: int = 1,
 ) -> dict[str, float]:
-    """Estimated per-device activation bytes: kept residuals (all layers) + working set + logits."""
+    """Estimated per-device activation bytes: kept residuals (all layers) + working set + logits,
+    and the LM head's gathered weights and full gradient (``head``)."""
     c = _dtype_bytes(cfg.dtype)
     D, F, H, K, Dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.kv_dim
     bt = batch * seq
     t_heads = tensor if H % tensor == 0 and K % tensor == 0 else 1
     t_mlp = tensor if F % tensor == 0 else 1
+    # One layer's matmul weights in the compute dtype, as a chip holds them for its dots: FSDP
+    # gathers them whole, the tensor axis keeps them split.
+    layer_weights = (D * (2 * H + 2 * K) * Dh / t_heads + 3 * D * F / t_mlp) * c
     qkv = bt * (H + 2 * K) * Dh * c / t_heads
     attn_out = bt * H * Dh * c / t_heads
     block_in = bt * D * c
@@ -134,7 +147,9 @@ def activation_bytes(
         + bt * D * c  # down-proj output
     )
     kept_per_layer = {
-        "none": full_layer,
+        # Without a policy the matmuls' custom VJPs keep their low-precision operands, weights
+        # included: every layer's gathered weights stay live until its backward.
+        "none": full_layer + layer_weights,
         "full": block_in,
         "dots": block_in + dots,
         "save_attn_out": block_in + attn_out,
@@ -146,11 +161,16 @@ def activation_bytes(
     V = cfg.vocab_size
     t_vocab = tensor if V % tensor == 0 else 1
     logits = bt * V * 4 / t_vocab * 2  # float32 logits and their gradient
+    # The LM head is the largest single weight and its backward runs while the logits' gradient
+    # is live: its compute-dtype copy (gathered whole under FSDP) and, under FSDP, its gradient
+    # over the whole vocabulary in float32 before the reduce-scatter hands each chip its shard.
+    head = D * V / t_vocab * (c + (4 if fsdp > 1 else 0))
     host = dots * cfg.n_layers if remat == "offload" else 0.0
     return {
         "kept": kept_per_layer[remat] * cfg.n_layers,
         "working_layer": 0.0 if remat == "none" else full_layer,
         "logits": logits,
+        "head": head,
         "host_offload": host,
     }
 
@@ -183,10 +203,21 @@ def plan(config, device: DeviceKind, count: int) -> dict:
     grads_b = per_device_elems * p_bytes
     if t.microbatches > 1:
         grads_b += per_device_elems * 4  # the float32 accumulator of the microbatch scan
-    act = activation_bytes(model_cfg, micro_batch, seq, mesh["tensor"], model_cfg.remat, attention)
-    act_b = act["kept"] + act["working_layer"] + act["logits"]
+    act = activation_bytes(
+        model_cfg, micro_batch, seq, mesh["tensor"], model_cfg.remat, attention, mesh["fsdp"]
+    )
+    act_b = sum(act[k] for k in ACTIVATION_PARTS)
     total = params_b + opt_b + grads_b + act_b
     budget = device.memory_bytes * USABLE_FRACTION
+    # What the compiler will report: XLA's rematerialization pass recomputes kept activations
+    # when a program's live bytes exceed the chip's memory, until it fits or nothing is left to
+    # recompute (about what full remat keeps). The verdict stays on ``total``: a run that only
+    # fits by the compiler's own recompute pays for it in step time and sits at the limit.
+    act_full = activation_bytes(
+        model_cfg, micro_batch, seq, mesh["tensor"], "full", attention, mesh["fsdp"]
+    )
+    floor = params_b + opt_b + grads_b + sum(act_full[k] for k in ACTIVATION_PARTS)
+    compiled = min(total, max(device.memory_bytes, floor))
     tokens = t.global_batch_size * seq
     flops_step = flops_lib.flops_per_token(model_cfg, seq) * tokens
     recompute = {"none": 0.0, "full": 1 / 3}.get(model_cfg.remat, 1 / 6)  # extra forward work
@@ -219,8 +250,9 @@ def plan(config, device: DeviceKind, count: int) -> dict:
             "gradients": grads_b / GiB,
             "activations": act_b / GiB,
             "activations_kept": act["kept"] / GiB,
-            "activations_working": (act["working_layer"] + act["logits"]) / GiB,
+            "activations_working": (act["working_layer"] + act["logits"] + act["head"]) / GiB,
             "total": total / GiB,
+            "compiled_estimate": compiled / GiB,
             "host_offload": act["host_offload"] / GiB,
         },
         "budget_gib": budget / GiB,
@@ -251,6 +283,12 @@ def format_plan(p: dict) -> str:
         + (f"; {m['host_offload']:.2f} GiB offloaded to host" if m["host_offload"] else ""),
         "verdict     " + ("FITS" if p["fits"] else "DOES NOT FIT"),
     ]
+    if m["compiled_estimate"] < m["total"] and d["kind"].startswith("tpu"):
+        lines.insert(
+            -1,
+            f"compiler    expect ~{m['compiled_estimate']:.2f} GiB from `lmtrain compile`: XLA "
+            "recomputes activations to stay within the chip's memory",
+        )
     return "\n".join(lines)
 
 

@@ -1,15 +1,25 @@
 """The planner's per-chip estimate beside the TPU compiler's, for the README's table.
 
-    python tools/plan_vs_compile.py --out plan_vs_compile.md            # every row
+    python tools/plan_vs_compile.py --out docs/plan_vs_compile.md      # every row (resumable)
     python tools/plan_vs_compile.py --rows llama_8b:v5p:8x8x4:full      # chosen rows
+    python tools/plan_vs_compile.py --from-json docs/plan_vs_compile.json --out docs/plan_vs_compile.md
 
-Each row compiles the train step of a shipped config (splash attention, FSDP over the topology
-unless the config sets a tensor axis) with ``lmtrain.aot.compile`` and compares the per-chip
-total with ``lmtrain.plan``. With ``--depths a,b`` the step is compiled at two reduced depths
-and the compiler's total extrapolated linearly to the config's depth (the layers are unrolled
-and identical, so per-chip bytes grow by the same amount per layer); ``--depths full`` compiles
-the whole model. A config that does not fit still gets the compiler's number: XLA's
-out-of-memory message states the bytes the program needs.
+Each row compiles the train step of a shipped config (splash attention; the config's own mesh,
+so FSDP over the topology with the config's tensor axis) with ``lmtrain.aot.compile`` and
+compares the per-chip total with ``lmtrain.plan``'s estimate of it. ``--depths full`` (the
+default) compiles the whole model. ``--depths a,b`` compiles two reduced depths and extrapolates
+linearly to the config's depth; it is cheaper but can be far off: XLA's schedule of a shallow
+program, with most of the chip free, does not grow per layer the way the full-depth one does
+(docs/performance.md has a measured case), so prefer full depth for the table.
+A config that does not fit still gets the compiler's number: XLA's out-of-memory message states
+the bytes the program needs. ``--import-report`` takes a row's numbers from a
+``compile_report.json`` that ``lmtrain compile --programs train_step`` wrote for it.
+
+The compiler's numbers are kept in the JSON beside ``--out`` (one entry per row and depth) and
+reused on the next run, so an interrupted run resumes and ``--from-json`` recomputes the
+planner's column against saved numbers without compiling (the planner is cheap; the compiler is
+not). The planner is also evaluated at the compiled depths, so the JSON shows per-layer slopes
+and fixed parts of both.
 
 libtpu must be installed (``pip install -e '.[tpu]'``); runs on a CPU host.
 """
@@ -25,18 +35,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lmtrain.aot.host import prefer_cpu_without_tpu  # noqa: E402
+
+prefer_cpu_without_tpu()  # before jax starts a backend: the host's own runs are CPU ones
+
 from lmtrain import plan as plan_lib  # noqa: E402
-from lmtrain.aot.compile import compile_programs  # noqa: E402
 from lmtrain.aot.topology import parse_name  # noqa: E402
 from lmtrain.config import apply_overrides, load_config  # noqa: E402
 
 GiB = 1024**3
-REMATS = ("none", "full", "save_dots_and_attn_out")
+REMATS = ("none", "full", "save_dots_and_attn_out", "offload")
 TOPOLOGIES = {
-    "llama_1b": ("v5e:4x4", "v5p:2x2x2"),
+    "llama_1b": ("v5e:4x4", "v6e:4x4"),
     "llama_8b": ("v5p:8x8x4", "v6e:16x16"),
-    "llama_70b": ("v5p:8x16x16", "v6e:16x16"),
+    "llama_70b": ("v5p:8x16x16", "v5p:16x16x16"),  # no v6e slice (256 chips) holds it
 }
+# Rows with host offload: one topology per config (the policy is the same on every one).
+OFFLOAD_ON = {"llama_1b": "v5e:4x4", "llama_8b": "v5p:8x8x4", "llama_70b": "v5p:8x16x16"}
 # Per config: overrides that make the shipped GPU configs TPU runs (the kernel is the only change).
 TPU_OVERRIDES = ["model.attention=splash"]
 
@@ -65,63 +80,173 @@ def config_for(name: str, remat: str, extra: list[str], layers: int | None = Non
     return cfg
 
 
-def compiled_total(cfg, topology: str) -> tuple[float, bool, float]:
-    """(per-chip bytes, fits, seconds) of the compiled train step."""
+def compile_once(cfg, topology: str) -> dict:
+    """The compiled train step's per-chip bytes (total and parts) and compile seconds."""
+    from lmtrain.aot.compile import compile_programs
+
     t0 = time.perf_counter()
     report = compile_programs(cfg, topology, programs=("train_step",))
-    (train,) = report["programs"]
-    dt = time.perf_counter() - t0
+    out = from_report(report)
+    out["compile_s"] = time.perf_counter() - t0
+    return out
+
+
+def from_report(report: dict) -> dict:
+    """A row's compiler numbers from ``lmtrain compile``'s report (its train step)."""
+    (train,) = [p for p in report["programs"] if p["program"] == "train_step"]
+    out = {"compile_s": train["compile_s"]}
     if "error" in train:
         need = needed_bytes(train["error"])
         if need is None:
             raise RuntimeError(f"cannot read the needed bytes from: {train['error']}")
-        return need, False, dt
-    return float(train["memory_bytes"]["total"]), bool(train["fits"]), dt
+        out.update(total=need, fits=False, error=train["error"])
+    else:
+        out.update(total=float(train["memory_bytes"]["total"]), fits=bool(train["fits"]),
+                   memory_bytes=train["memory_bytes"], arguments_bytes=train["arguments_bytes"])  # fmt: skip
+    return out
 
 
-def row(name: str, topology: str, remat: str, depths: str, extra: list[str]) -> dict:
-    full = config_for(name, remat, extra)
+def import_report(spec: str, extra: list[str]) -> tuple[str, dict]:
+    """``config:gen:grid:remat=compile_report.json`` → (cache key, numbers), checked to match."""
+    row_spec, _, path = spec.partition("=")
+    name, gen, grid, remat = row_spec.split(":")
+    with open(path) as f:
+        report = json.load(f)
+    cfg = config_for(name, remat, extra)
+    want = {"topology": f"{gen}:{grid}", "remat": remat, "attention": cfg.model.attention,
+            "global_batch": cfg.train.global_batch_size, "seq_len": cfg.data.seq_len,
+            "microbatches": cfg.train.microbatches}  # fmt: skip
+    got = {**report["config"], "topology": report["topology"]}
+    wrong = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if wrong or report["config"]["params"] != cfg_params(cfg):
+        raise SystemExit(f"{path} is not the compile of {row_spec} (report vs row: {wrong})")
+    return key(name, f"{gen}:{grid}", remat, "full"), {
+        **from_report(report),
+        "source": "imported lmtrain compile report",
+    }
+
+
+def cfg_params(cfg) -> int:
+    from lmtrain.model.config import ModelConfig
+
+    return ModelConfig.from_config(cfg.model).param_count()
+
+
+def key(name: str, topology: str, remat: str, depth: str) -> str:
+    return f"{name}:{topology}:{remat}:{depth}"
+
+
+def compiled(cache: dict, name, topology, remat, depth, extra, compile_ok: bool, save) -> dict:
+    k = key(name, topology, remat, str(depth))
+    if k not in cache:
+        if not compile_ok:
+            raise LookupError(f"{k}: no compiler numbers in the JSON (run without --from-json)")
+        layers = None if depth == "full" else int(depth)
+        cache[k] = compile_once(config_for(name, remat, extra, layers), topology)
+        save()
+    return cache[k]
+
+
+def planned(name, topology, remat, extra, layers=None) -> dict:
     _, kind, chips = parse_name(topology)
-    p = plan_lib.plan(full, kind, chips)
-    est = p["per_device_gib"]["total"] * GiB
-    n = full.model.n_layers
+    return plan_lib.plan(config_for(name, remat, extra, layers), kind, chips)
+
+
+def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
+    _, kind, _ = parse_name(topology)
+    p = planned(name, topology, remat, extra)
+    # The planner's estimate of the compiler's figure: its need, or about the chip's memory where
+    # XLA recomputes activations to stay within it (the need is kept beside it).
+    est = p["per_device_gib"]["compiled_estimate"] * GiB
+    n = load_config(os.path.join("configs", f"{name}.py")).model.n_layers
+    detail = {}
+    if not compile_ok and key(name, topology, remat, "full") in cache:
+        depths = "full"  # a full-depth compile is the better number where one was kept
     if depths == "full":
-        got, fits, secs = compiled_total(full, topology)
-        how = "full"
+        c = compiled(cache, name, topology, remat, "full", extra, compile_ok, save)
+        got, how, secs = c["total"], "full depth", c["compile_s"]
     else:
         a, b = (int(x) for x in depths.split(","))
-        ta, _, sa = compiled_total(config_for(name, remat, extra, a), topology)
-        tb, _, sb = compiled_total(config_for(name, remat, extra, b), topology)
-        got = ta + (tb - ta) / (b - a) * (n - a)
-        fits, secs = got <= kind.memory_bytes, sa + sb
-        how = f"layers {a},{b} -> {n}"
+        ca, cb = (
+            compiled(cache, name, topology, remat, d, extra, compile_ok, save) for d in (a, b)
+        )
+        slope = (cb["total"] - ca["total"]) / (b - a)
+        got = ca["total"] + slope * (n - a)
+        pa, pb = (planned(name, topology, remat, extra, d)["per_device_gib"]["total"] * GiB
+                  for d in (a, b))  # fmt: skip
+        p_slope = (pb - pa) / (b - a)
+        detail = {
+            "compiler_per_layer_gib": slope / GiB, "planner_per_layer_gib": p_slope / GiB,
+            "compiler_fixed_gib": (ca["total"] - slope * a) / GiB,
+            "planner_fixed_gib": (pa - p_slope * a) / GiB,
+        }  # fmt: skip
+        how, secs = f"layers {a},{b} → {n}", ca["compile_s"] + cb["compile_s"]
     return {
         "config": name, "topology": topology, "remat": remat, "planner_gib": est / GiB,
         "compiler_gib": got / GiB, "diff": (est - got) / got, "capacity_gib": kind.memory_bytes / GiB,
-        "compiler_fits": fits, "planner_fits": p["fits"], "compile_s": secs, "method": how,
+        "compiler_fits": got <= kind.memory_bytes, "planner_fits": p["fits"],
+        "planner_need_gib": p["per_device_gib"]["total"],
+        "planner_host_offload_gib": p["per_device_gib"]["host_offload"],
+        "compile_s": secs, "method": how, **detail,
     }  # fmt: skip
+
+
+def planner_only(name, topology, remat, extra) -> dict:
+    """A row not compiled yet: the planner's numbers and an empty compiler column."""
+    p = planned(name, topology, remat, extra)
+    m = p["per_device_gib"]
+    return {"config": name, "topology": topology, "remat": remat,
+            "planner_gib": m["compiled_estimate"], "planner_need_gib": m["total"],
+            "planner_fits": p["fits"], "compiler_gib": None, "method": "not compiled yet"}  # fmt: skip
+
+
+def planner_cell(r: dict) -> str:
+    need = r.get("planner_need_gib", r["planner_gib"])
+    if need > r["planner_gib"] + 0.005:
+        return f"{r['planner_gib']:.2f} (need {need:.2f})"
+    return f"{r['planner_gib']:.2f}"
 
 
 def markdown(rows: list[dict]) -> str:
     out = [
         "| config | topology | remat | planner GiB/chip | compiler GiB/chip | diff | fits (plan / compiler) | compiled as |",
         "|---|---|---|---:|---:|---:|---|---|",
-    ]
+    ]  # fmt: skip
     for r in rows:
         yes = lambda b: "yes" if b else "no"  # noqa: E731
+        if r["compiler_gib"] is None:
+            out.append(
+                f"| {r['config']} | {r['topology']} | {r['remat']} | {planner_cell(r)} | – | – | "
+                f"{yes(r['planner_fits'])} / – | {r['method']} |"
+            )
+            continue
         out.append(
-            f"| {r['config']} | {r['topology']} | {r['remat']} | {r['planner_gib']:.2f} | "
+            f"| {r['config']} | {r['topology']} | {r['remat']} | {planner_cell(r)} | "
             f"{r['compiler_gib']:.2f} | {r['diff']:+.1%} | {yes(r['planner_fits'])} / "
             f"{yes(r['compiler_fits'])} | {r['method']} |"
         )
     return "\n".join(out)
 
 
+def all_rows() -> list[tuple[str, str, str]]:
+    todo = []
+    for name, topologies in TOPOLOGIES.items():
+        for topology in topologies:
+            for remat in REMATS:
+                if remat != "offload" or OFFLOAD_ON[name] == topology:
+                    todo.append((name, topology, remat))
+    return todo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", nargs="*", help="config:topology:remat (default: the whole table)")
-    ap.add_argument("--depths", default="2,4", help="'a,b' (extrapolate) or 'full'")
-    ap.add_argument("--out", default="", help="markdown table (and .json beside it)")
+    ap.add_argument("--rows", nargs="*", help="config:gen:grid:remat (default: the whole table)")
+    ap.add_argument("--depths", default="full", help="'full' or 'a,b' (extrapolate)")
+    ap.add_argument("--out", default="", help="markdown table (and the .json cache beside it)")
+    ap.add_argument("--from-json", default="", help="compiler numbers from this JSON; no compiles")
+    ap.add_argument("--import-report", action="append", default=[],
+                    help="config:gen:grid:remat=compile_report.json of `lmtrain compile` (full "
+                    "depth) to use for that row instead of compiling it again")  # fmt: skip
     ap.add_argument("--override", action="append", default=[], help="extra config overrides")
     args = ap.parse_args()
     if args.rows:
@@ -130,19 +255,43 @@ def main() -> None:
             name, gen, grid, remat = r.split(":")
             todo.append((name, f"{gen}:{grid}", remat))
     else:
-        todo = [(n, t, r) for n, ts in TOPOLOGIES.items() for t in ts for r in REMATS]
-    rows = []
+        todo = all_rows()
+    out_json = os.path.splitext(args.out)[0] + ".json" if args.out else ""
+    source = args.from_json or out_json
+    cache = {}
+    if source and os.path.exists(source):
+        with open(source) as f:
+            cache = json.load(f).get("compiled", {})
+    for spec in args.import_report:
+        k, numbers = import_report(spec, args.override)
+        cache[k] = numbers
+    rows: list[dict] = []
+
+    def save() -> None:
+        if out_json:
+            with open(out_json, "w") as f:
+                json.dump({"depths": args.depths, "overrides": args.override, "rows": rows,
+                           "compiled": cache}, f, indent=1)  # fmt: skip
+
     for name, topology, remat in todo:
-        r = row(name, topology, remat, args.depths, args.override)
+        try:
+            r = row(name, topology, remat, args.depths, args.override, cache, not args.from_json,
+                    save)  # fmt: skip
+        except LookupError as e:  # --from-json without this row: the planner's side only
+            print(f"{e}", file=sys.stderr)
+            r = planner_only(name, topology, remat, args.override)
+        except Exception as e:  # noqa: BLE001 - one row's failure leaves the others to run
+            print(f"{name} {topology} {remat}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
         rows.append(r)
+        save()
         print(json.dumps(r), flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(rows, f, indent=2)
+        save()
 
 
 if __name__ == "__main__":

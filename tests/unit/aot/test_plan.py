@@ -191,3 +191,27 @@ def test_attention_memory_depends_on_the_kernel():
         c.model.attention = "xla"
     assert plan.plan(c, *dev)["per_device_gib"]["activations"] > fused
     np.testing.assert_equal(fused > 0, True)
+
+
+def test_fsdp_adds_the_lm_heads_gathered_copy_and_float32_gradient():
+    """Under FSDP the head is gathered whole in bf16 and its gradient spans the whole vocabulary
+    in float32 until the reduce-scatter; without FSDP only the bf16 copy is extra."""
+    m = ModelConfig.from_config(load_config("configs/llama_8b.py").model)
+    args = (m, 2, 8192, 1, "full", "splash")
+    head = m.vocab_size * m.d_model
+    assert plan.activation_bytes(*args, fsdp=256)["head"] == head * (2 + 4)
+    assert plan.activation_bytes(*args, fsdp=1)["head"] == head * 2
+
+
+def test_compiler_estimate_is_the_need_or_the_chip_where_xla_recomputes():
+    c = load_config("configs/llama_1b.py")
+    dev = plan.parse_devices("tpu-v5e:16")
+    with c.unlocked():
+        c.model.attention = "splash"
+        c.model.remat = "none"  # needs more than a v5e's 16 GiB; full remat needs less
+    m = plan.plan(c, *dev)["per_device_gib"]
+    assert m["total"] > 16 and m["compiled_estimate"] == 16
+    with c.unlocked():
+        c.model.remat = "full"
+    m = plan.plan(c, *dev)["per_device_gib"]
+    assert m["total"] < 16 and m["compiled_estimate"] == m["total"]
