@@ -17,19 +17,56 @@ import gzip
 import json
 import re
 import unicodedata
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from lmtrain.data.batch_ngrams import runs_in
 from lmtrain.data.hashing import ngram_hashes, word_hashes
 from lmtrain.errors import DataError
 
 _WORD = re.compile(r"\w+")
 
 
+# For ASCII text, \\w+ runs are [A-Za-z0-9_] runs: one bytes.translate (lower-casing, every other
+# byte to a space) and a split find the same words (as bytes) at C speed.
+_ASCII_WORDS = bytes(
+    (i + 32 if 65 <= i <= 90 else i) if chr(i).isalnum() or i == 95 else 32 for i in range(128)
+) + bytes(32 for _ in range(128))
+
+
 def words_of(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFC", text).lower())
+
+
+def _gate_words(text: str) -> list:
+    """``words_of(text)``, as bytes for ASCII text."""
+    if text.isascii():
+        return text.encode().translate(_ASCII_WORDS).split()
+    return words_of(text)
+
+
+def eval_candidates(texts: list[str], n: int, vocab) -> np.ndarray:
+    """Per text: whether ``n`` consecutive words (``n - 1`` consecutive word pairs) are all in
+    ``vocab`` (:attr:`EvalSets.vocab`, with ASCII entries also as bytes), the condition under
+    which :func:`matches` hashes a document; decided for the whole batch in a few passes."""
+    words = [_gate_words(t) for t in texts]
+    starts = np.zeros(len(words) + 1, dtype=np.int64)
+    np.cumsum([len(w) + 1 for w in words], out=starts[1:])
+    seq = chain.from_iterable(chain(w, (None,)) for w in words)  # None: a separator, never known
+    flags = np.fromiter(map(vocab.words.__contains__, seq), dtype=bool, count=int(starts[-1]))
+    maybe = runs_in(flags, n, starts)
+    if n > 1 and maybe.any():
+        cand = np.flatnonzero(maybe)
+        pairs = [list(zip(words[d], words[d][1:])) for d in cand]
+        starts = np.zeros(len(pairs) + 1, dtype=np.int64)
+        np.cumsum([len(p) + 1 for p in pairs], out=starts[1:])
+        seq = chain.from_iterable(chain(p, (None,)) for p in pairs)
+        flags = np.fromiter(map(vocab.bigrams.__contains__, seq), dtype=bool, count=int(starts[-1]))
+        maybe[cand] = runs_in(flags, n - 1, starts)
+    return maybe
 
 
 def ngrams_of(text: str, n: int) -> np.ndarray:

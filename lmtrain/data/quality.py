@@ -139,6 +139,64 @@ def quality_reason(
     ``words`` are ``text.split()``; ``wh`` the hashes of the lower-cased words;
     ``lower_words`` ``text.lower().split()`` if the caller has it.
     """
+    reason = text_reason(text, words, q, lower_words)
+    if reason is None and words:
+        wl = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        reason = ngram_reason(wh, wl, q)
+    if reason is None:
+        reason = blocklist_reason(words, q, blocklist)
+    return reason
+
+
+def quality_reasons_batch(
+    texts: list[str],
+    words: list[list[str]],
+    lower_words: list[list[str]],
+    wh: np.ndarray,
+    offsets: np.ndarray,
+    q: dict,
+    blocklist: frozenset = frozenset(),
+) -> list[str | None]:
+    """``quality_reason`` of every document of a batch; ``wh`` the word hashes of all documents
+    back to back, document ``d`` at ``wh[offsets[d]:offsets[d + 1]]`` (``batch_ngrams``). The
+    n-gram filters run over the whole batch at once."""
+    from itertools import chain
+
+    from lmtrain.data.batch_ngrams import NgramBatch
+
+    reasons = [text_reason(t, w, q, lw) for t, w, lw in zip(texts, words, lower_words)]
+    alive = np.array([r is None for r in reasons], dtype=bool)
+    top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
+    dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
+    if alive.any() and (top or dup):
+        wl = np.fromiter(map(len, chain.from_iterable(words)), dtype=np.int64, count=int(wh.size))
+        cs = np.zeros(wl.size + 1, dtype=np.int64)
+        np.cumsum(wl, out=cs[1:])
+        grams = NgramBatch(wh, offsets)
+        for k, limit in top:
+            failed = np.flatnonzero(alive & (grams.top_fractions(k, cs) > limit))
+            for d in failed:
+                reasons[d] = f"top_{k}gram_chars"
+            alive[failed] = False
+        if dup:
+            # Without a repeated n-gram at the smallest n, no longer n-gram repeats either and
+            # every fraction is 0: only the documents with a repeat need the per-document check.
+            k0 = min(k for k, _ in dup)
+            for d in np.flatnonzero(alive & grams.repeats(k0)):
+                lo, hi = offsets[d], offsets[d + 1]
+                reasons[d] = _dup_ngram_reason(
+                    wh[lo:hi], wl[lo:hi], dup, LazyNgramHashes(wh[lo:hi])
+                )
+    for d, r in enumerate(reasons):
+        if r is None and blocklist:
+            reasons[d] = blocklist_reason(words[d], q, blocklist)
+    return reasons
+
+
+def text_reason(
+    text: str, words: list[str], q: dict, lower_words: list[str] | None = None
+) -> str | None:
+    """The filters on words, lines and paragraphs (all but the n-gram and blocklist ones)."""
     n = len(words)
     if _on(q["min_words"]) and n < q["min_words"]:
         return "too_few_words"
@@ -146,8 +204,7 @@ def quality_reason(
         return "too_many_words"
     if n == 0:
         return "too_few_words"
-    wl = np.fromiter(map(len, words), dtype=np.int64, count=n)
-    mean_len = float(wl.mean())
+    mean_len = sum(map(len, words)) / n  # == float(np.mean(lengths)): an exact sum, one division
     if _on(q["min_mean_word_length"]) and mean_len < q["min_mean_word_length"]:
         return "mean_word_length_low"
     if _on(q["max_mean_word_length"]) and mean_len > q["max_mean_word_length"]:
@@ -208,12 +265,21 @@ def quality_reason(
             and chars / len(text) > q["max_duplicate_paragraph_chars_fraction"]
         ):
             return "duplicate_paragraph_chars"
+    return None
+
+
+def ngram_reason(wh: np.ndarray, wl: np.ndarray, q: dict) -> str | None:
+    """The Gopher top and duplicated n-gram filters of one document."""
     top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
     dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
     grams = LazyNgramHashes(wh)  # the longer n are often never needed (see no_dup_from)
     for k, limit in top:
         if top_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
             return f"top_{k}gram_chars"
+    return _dup_ngram_reason(wh, wl, dup, grams)
+
+
+def _dup_ngram_reason(wh, wl, dup, grams) -> str | None:
     no_dup_from = None  # an n with no repeated n-gram: no longer n-gram repeats either
     for k, limit in dup:
         if no_dup_from is not None and k >= no_dup_from:
@@ -223,6 +289,10 @@ def quality_reason(
             no_dup_from = k
         if frac > limit:
             return f"duplicate_{k}gram_chars"
+    return None
+
+
+def blocklist_reason(words: list[str], q: dict, blocklist: frozenset) -> str | None:
     if blocklist:
         hits = sum(w.lower().strip(string.punctuation) in blocklist for w in words)
         if hits > q["max_blocklist_hits"]:
