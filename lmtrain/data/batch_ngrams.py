@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmtrain.data.hashing import ngram_hashes
+from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes
 
 _SHIFT32 = np.uint64(32)
 _U64_MAX = np.iinfo(np.uint64).max
@@ -39,7 +39,9 @@ class NgramBatch:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.docs = self.offsets.size - 1
         self.word_doc = doc_index(self.offsets)
+        self.word_end = self.offsets[1:][self.word_doc]  # end of each word's document
         self._grams: dict[int, tuple] = {}
+        self._lazy = LazyNgramHashes(wh)
         bits = (self.docs - 1).bit_length() if self.docs > 1 else 0
         self.bits = np.uint64(bits)
         self.shift = np.uint64(64 - bits)
@@ -47,13 +49,9 @@ class NgramBatch:
     def grams(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g = self._grams.get(n)
         if g is None:
-            h = ngram_hashes(self.wh, n)
-            pos = np.arange(h.size)
-            doc = self.word_doc[pos]
-            ok = pos + n <= self.offsets[doc + 1]
-            if not ok.all():
-                h, pos, doc = h[ok], pos[ok], doc[ok]
-            g = self._grams[n] = (h, pos, doc)
+            h = self._lazy[n]
+            pos = np.flatnonzero(np.arange(n, h.size + n) <= self.word_end[: h.size])
+            g = self._grams[n] = (h[pos], pos, self.word_doc[pos])
         return g
 
     def keys(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,8 +99,8 @@ class NgramBatch:
         if key.size == 0:
             return out
         gkey, counts, gdoc = self._groups(key)
-        docs = np.unique(gdoc)  # the documents with at least one n-gram
-        gstart = np.searchsorted(gdoc, docs)
+        gstart = np.flatnonzero(np.concatenate(([True], gdoc[1:] != gdoc[:-1])))
+        docs = gdoc[gstart]  # the documents with at least one n-gram
         dmax = np.maximum.reduceat(counts, gstart)
         keep = dmax >= 2  # a top n-gram seen once covers nothing
         if not keep.any():
@@ -157,16 +155,3 @@ def minhash_batch(
         sig[d] = np.minimum(sig[d], red)
     sig >>= _SHIFT32
     return sig.astype(np.uint32)
-
-
-def runs_in(flags: np.ndarray, n: int, starts: np.ndarray) -> np.ndarray:
-    """Per segment (``flags[starts[i]:starts[i + 1]]``, segments separated by a False): whether
-    it holds ``n`` consecutive Trues."""
-    out = np.zeros(starts.size - 1, dtype=bool)
-    if flags.size < n or n <= 0:
-        return out
-    c = np.concatenate(([0], np.cumsum(flags, dtype=np.int64)))
-    at = np.flatnonzero(c[n:] - c[:-n] == n)  # window starts
-    if at.size:
-        out[np.unique(np.searchsorted(starts, at, side="right") - 1)] = True
-    return out

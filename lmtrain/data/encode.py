@@ -108,24 +108,50 @@ class WordMemoEncoder:
     Valid only for models trained by :func:`train_sentencepiece` (identity normalisation, no
     dummy prefix, whitespace kept, BPE never merging across a word start): there the encoding of
     a text is the concatenation of the encodings of its words, so each distinct word is encoded
-    once. Corpora repeat words (Zipf), so most of SentencePiece's cost is skipped. The cache is
-    cleared when it holds ``max_words`` entries, which keeps memory flat in corpus size.
+    once. Corpora repeat words (Zipf), so most of SentencePiece's cost is skipped. The cache maps
+    each word to a number and keeps the words' ids back to back in one array, so a batch's ids
+    are gathered with a few numpy operations instead of per-word Python work. It is cleared when
+    it holds ``max_words`` entries, which keeps memory flat in corpus size.
     """
 
     def __init__(self, sp, max_words: int = 1 << 18):
         self.sp, self.max_words = sp, max_words
-        self.cache: dict[str, list[int]] = {}
+        self._clear()
+
+    def _clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids = np.zeros(0, np.int64)  # every cached word's ids, back to back
+        self.start = np.zeros(0, np.int64)  # where each word's ids start in ``ids``
+        self.length = np.zeros(0, np.int64)
+
+    def _add(self, words: list[str], num_threads: int) -> None:
+        enc = self.sp.encode(words, num_threads=num_threads)
+        lens = np.fromiter(map(len, enc), np.int64, len(enc))
+        base = len(self.index)
+        self.index.update(zip(words, range(base, base + len(words))))
+        self.start = np.concatenate([self.start, self.ids.size + np.cumsum(lens) - lens])
+        self.length = np.concatenate([self.length, lens])
+        flat = np.fromiter(chain.from_iterable(enc), np.int64, int(lens.sum()))
+        self.ids = np.concatenate([self.ids, flat])
 
     def encode(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         words = [_WORD.findall(t) for t in texts]
-        cache = self.cache
-        if len(cache) > self.max_words:
-            cache.clear()
-        miss = list({w for ws in words for w in ws if w not in cache})
-        if miss:
-            cache.update(zip(miss, self.sp.encode(miss, num_threads=num_threads)))
-        get = cache.__getitem__
-        return [np.fromiter(chain.from_iterable(map(get, ws)), np.int64) for ws in words]
+        if len(self.index) > self.max_words:
+            self._clear()
+        flat = list(chain.from_iterable(words))
+        idx = list(map(self.index.get, flat))
+        if None in idx:
+            self._add(list(set(flat).difference(self.index)), num_threads)
+            idx = list(map(self.index.__getitem__, flat))
+        word = np.array(idx, dtype=np.int64)
+        lens = self.length[word]
+        ends = np.cumsum(lens)
+        within = np.arange(int(ends[-1]) if ends.size else 0) - np.repeat(ends - lens, lens)
+        tokens = self.ids[np.repeat(self.start[word], lens) + within]
+        bounds = np.zeros(len(words) + 1, np.int64)
+        np.cumsum(list(map(len, words)), out=bounds[1:])
+        cut = np.concatenate(([0], ends))[bounds]
+        return [tokens[a:b] for a, b in zip(cut[:-1].tolist(), cut[1:].tolist())]
 
 
 _MEMO: dict[int, WordMemoEncoder] = {}

@@ -45,17 +45,19 @@ _BULLET_LINE = re.compile(
 _ELLIPSIS_LINE = re.compile(
     r"(?:" + "|".join(re.escape(e) for e in ELLIPSES) + r")[^\S\n]*$", re.MULTILINE
 )
-# ASCII text: letters -> "a", whitespace kept (with the \x1c-\x1f separators str.split uses),
-# everything else deleted; the words left are exactly the words that contain a letter.
+# ASCII text: letters -> "a", every whitespace byte str.split splits on (\x1c-\x1f included) ->
+# a space, everything else deleted; the words left are exactly the words that contain a letter,
+# the runs of "a", counted without building them.
 _ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
-_ALPHA_TABLE = bytes(
-    ord("a") if i in _ASCII_LETTERS else (32 if 0x1C <= i <= 0x1F else i) for i in range(256)
-)
 _ALPHA_DELETE = bytes(i for i in range(128) if i not in _ASCII_LETTERS and not chr(i).isspace())
+_ALPHA_RUNS_TABLE = bytes(
+    ord("a") if i in _ASCII_LETTERS else (32 if chr(i).isspace() else i) for i in range(256)
+)
 
 
 def _ascii_alpha_words(text: str) -> int:
-    return len(text.encode("ascii").translate(_ALPHA_TABLE, _ALPHA_DELETE).split())
+    t = text.encode("ascii").translate(_ALPHA_RUNS_TABLE, _ALPHA_DELETE)
+    return t.count(b" a") + t.startswith(b"a")
 
 
 def _on(threshold) -> bool:
@@ -209,17 +211,20 @@ def text_reason(
         return "mean_word_length_low"
     if _on(q["max_mean_word_length"]) and mean_len > q["max_mean_word_length"]:
         return "mean_word_length_high"
+    dots, ellipses = text.count("..."), text.count("…")
     if _on(q["max_symbol_word_ratio"]):
-        symbols = text.count("#") + text.count("...") + text.count("…")
+        symbols = text.count("#") + dots + ellipses
         if symbols / n > q["max_symbol_word_ratio"]:
             return "symbol_word_ratio"
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if lines and _on(q["max_bullet_lines_fraction"]):
-        bullets = len(_BULLET_LINE.findall(text))
+        # The line scan only when some bullet character occurs at all (a few fast substring
+        # searches): most documents have none.
+        bullets = len(_BULLET_LINE.findall(text)) if any(map(text.__contains__, BULLETS)) else 0
         if bullets / len(lines) > q["max_bullet_lines_fraction"]:
             return "bullet_lines"
     if lines and _on(q["max_ellipsis_lines_fraction"]):
-        ell = len(_ELLIPSIS_LINE.findall(text))
+        ell = len(_ELLIPSIS_LINE.findall(text)) if dots or ellipses else 0
         if ell / len(lines) > q["max_ellipsis_lines_fraction"]:
             return "ellipsis_lines"
     if _on(q["min_alpha_words_fraction"]):

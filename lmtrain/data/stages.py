@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lmtrain.data.batch_ngrams import minhash_batch
-from lmtrain.data.contamination import eval_candidates, matches
+from lmtrain.data.contamination import EvalGate, eval_candidates, matches
 from lmtrain.data.dedup import minhash_params
 from lmtrain.data.default_corpus import extract_docstrings
 from lmtrain.data.hashing import hash64, word_hashes
@@ -56,8 +56,7 @@ class Stages:
         self.minhash = minhash_params(self.num_perm, cfg["seed"]) if cfg["dedup"]["near"] else None
         self.eval_ngrams = eval_ngrams if eval_ngrams is not None else np.zeros(0, np.uint64)
         self.eval_vocab = eval_vocab
-        # The vocabulary with ASCII words also as bytes: the batch gate splits ASCII texts as bytes.
-        self.eval_gate = _bytes_vocab(eval_vocab) if eval_vocab is not None else None
+        self.eval_gate = EvalGate.of(eval_vocab) if eval_vocab is not None else None
         self.by_time = cfg["split"]["method"] == "time"
         # CPU seconds per stage in this thread (for tools/bench_data.py; not in the manifest);
         # thread_time, since process_time is a slow system call on some virtual machines.
@@ -240,13 +239,3 @@ def _offsets(sizes) -> np.ndarray:
     out = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=out[1:])
     return out
-
-
-def _bytes_vocab(vocab):
-    """``vocab`` with each ASCII word (pair) also as bytes (a set holding both never confuses
-    them: bytes never equal str)."""
-    words = set(vocab.words)
-    words.update(w.encode() for w in vocab.words if w.isascii())
-    pairs = set(vocab.bigrams)
-    pairs.update((a.encode(), b.encode()) for a, b in vocab.bigrams if a.isascii() and b.isascii())
-    return type(vocab)(frozenset(words), frozenset(pairs))
