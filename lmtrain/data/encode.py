@@ -120,7 +120,7 @@ class WordMemoEncoder:
     """
 
     SLOTS_PER_WORD = 2  # table slots per cached word at most: short probe sequences
-    GROUP_BYTES = 1 << 20
+    GROUP_BYTES = 1 << 18
 
     def __init__(self, sp, max_words: int = 1 << 18):
         self.sp, self.max_words = sp, max_words
@@ -168,7 +168,7 @@ class WordMemoEncoder:
     def encode(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         raw = [t.encode("utf-8", "surrogatepass") for t in texts]
         out, group, size = [], [], 0
-        for r in raw:  # groups of about 1 MB: the per-word arrays stay small
+        for r in raw:  # groups of about 256 KB: the per-word arrays stay small
             group.append(r)
             size += len(r)
             if size >= self.GROUP_BYTES:
