@@ -263,6 +263,16 @@ def main() -> None:
                 print(f"    clean: {name:19s} {rate}  ({sec:.1f} s)")
             no_tok = cpu - stage_cpu.get("tokenizer_train", 0.0)
             print(f"end to end without tokenizer training: {mb / no_tok:.2f} MB per CPU-second")
+            slow = max((k for k in rows if k != "tokenizer_train"), key=rows.get)
+            inner = stats.get("clean_cpu_s", {})
+            detail = (
+                f" (within it: {max(inner, key=inner.get)})"
+                if slow == "clean_workers" and inner
+                else ""
+            )
+            print(
+                f"slowest stage (tokenizer training aside): {slow}{detail}, {mb / rows[slow]:.2f} MB per CPU-second"
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -61,14 +61,16 @@ class Cleaner:
         counts = {s: Counter() for s in STAGES}
         removed: list[tuple[str, str, str]] = []
         kept, keys, chars, sigs, times, found = [], [], [], [], [], {}
-        nbytes = 0
-        for doc in docs:
-            nbytes += len(doc.data)
-            out = self.stages.clean(doc, counts, removed, policy)
-            if out is None:
-                continue
-            text, wh, t = out
-            f = self.stages.features(text, wh)
+        nbytes = sum(len(doc.data) for doc in docs)
+        cleaned = [
+            (doc, c)
+            for doc, c in zip(docs, self.stages.clean_batch(docs, counts, removed, policy))
+            if c is not None
+        ]
+        feats = self.stages.features_batch(
+            [c[0] for _, c in cleaned], [c[1] for _, c in cleaned], [c[3] for _, c in cleaned]
+        )
+        for (doc, (text, _, t, _)), f in zip(cleaned, feats):
             if f.sig is not None:
                 sigs.append(f.sig)
             if f.matches.size:

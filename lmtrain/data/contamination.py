@@ -22,14 +22,107 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmtrain.data.hashing import ngram_hashes, word_hashes
+from lmtrain.data.hashing import mix64, ngram_hashes, word_hashes
 from lmtrain.errors import DataError
 
 _WORD = re.compile(r"\w+")
 
 
+# For ASCII text, \\w+ runs are [A-Za-z0-9_] runs: one bytes.translate (lower-casing, every other
+# byte to a space) and a split find the same words (as bytes) at C speed.
+_ASCII_WORDS = bytes(
+    (i + 32 if 65 <= i <= 90 else i) if chr(i).isalnum() or i == 95 else 32 for i in range(128)
+) + bytes(32 for _ in range(128))
+
+
 def words_of(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFC", text).lower())
+
+
+_GATE_BITS = 20  # bitmap size 2^20: a few thousand entries give under 1% false positives
+_MASK = np.uint64((1 << _GATE_BITS) - 1)
+
+
+def _gate_hashes(buf: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(hash, start) of each word of ``buf`` (words: runs of bytes other than space). The hash
+    reads a word's first and last 8 bytes and its length: equal words get equal hashes, which is
+    all the gate needs (two long words differing only inside collide, a false positive)."""
+    b = np.frombuffer(buf, dtype=np.uint8)
+    edge = np.diff((b != 32).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    if starts.size == 0:
+        return np.zeros(0, np.uint64), starts
+    pad = buf + bytes(8)
+    at = np.ndarray((len(buf) + 1,), dtype="<u8", buffer=pad, strides=(1,))  # 8 bytes at each i
+    size = ends - starts
+    head = at[starts] & _LOW_BYTES[np.minimum(size, 8)]
+    tail = at[np.maximum(ends - 8, starts)] & _LOW_BYTES[np.minimum(size, 8)]
+    return mix64(head ^ mix64(tail + size.astype(np.uint64))), starts
+
+
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)
+
+
+def _gate_bytes(text: str) -> bytes:
+    """The text's ``words_of`` words, separated by spaces, as UTF-8."""
+    if text.isascii():  # \w+ of ASCII: [A-Za-z0-9_] runs, lower-cased by the same table
+        return text.encode().translate(_ASCII_WORDS)
+    return " ".join(words_of(text)).encode("utf-8", "surrogatepass")
+
+
+class EvalGate(NamedTuple):
+    """Bitmaps of the gate hashes (low bits) of the evaluation sets' words and word pairs, for
+    :func:`eval_candidates`: a lookup is one gather, and a false positive only costs time."""
+
+    words: np.ndarray
+    pairs: np.ndarray
+
+    @classmethod
+    def of(cls, vocab) -> EvalGate:
+        w, _ = _gate_hashes(" ".join(sorted(vocab.words)).encode("utf-8", "surrogatepass"))
+        pairs = sorted(vocab.bigrams)
+        firsts, _ = _gate_hashes(" ".join(a for a, _ in pairs).encode("utf-8", "surrogatepass"))
+        seconds, _ = _gate_hashes(" ".join(b for _, b in pairs).encode("utf-8", "surrogatepass"))
+        return cls(_bitmap(w), _bitmap(_pair(firsts, seconds)))
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return mix64(a * np.uint64(0x100000001B3) + b)
+
+
+def _bitmap(h: np.ndarray) -> np.ndarray:
+    out = np.zeros(1 << _GATE_BITS, dtype=bool)
+    out[(h & _MASK).astype(np.int64)] = True
+    return out
+
+
+def _in(x: np.ndarray, bitmap: np.ndarray) -> np.ndarray:
+    return bitmap[(x & _MASK).astype(np.int64)]
+
+
+def eval_candidates(texts: list[str], n: int, gate: EvalGate) -> np.ndarray:
+    """Per text: whether ``n`` consecutive words (``n - 1`` consecutive word pairs) are in the
+    evaluation sets' vocabulary, by their gate hashes. Every document :func:`matches` finds
+    something in passes this test (a hash collision only lets an extra one through to
+    :func:`matches`), so the rest need no n-gram hashing; decided for the whole batch in a few
+    numpy passes over its bytes, with no per-word Python objects."""
+    out = np.zeros(len(texts), dtype=bool)
+    parts = [_gate_bytes(t) for t in texts]
+    h, starts = _gate_hashes(b" ".join(parts))
+    if h.size < n:
+        return out
+    doc_start = np.zeros(len(parts), dtype=np.int64)
+    np.cumsum([len(p) + 1 for p in parts[:-1]], out=doc_start[1:])
+    doc = np.searchsorted(doc_start, starts, side="right") - 1
+    runs, k = _in(h, gate.words), n
+    if n > 1:
+        same = doc[1:] == doc[:-1]  # both words of the pair in one document
+        runs, k = same & runs[:-1] & runs[1:] & _in(_pair(h[:-1], h[1:]), gate.pairs), n - 1
+    c = np.zeros(runs.size + 1, dtype=np.int64)
+    np.cumsum(runs, out=c[1:])
+    hit = np.flatnonzero(c[k:] - c[:-k] == k)  # windows of k Trues (a False ends each document)
+    out[doc[hit]] = True
+    return out
 
 
 def ngrams_of(text: str, n: int) -> np.ndarray:

@@ -256,8 +256,9 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
         t0 = time.process_time()
         ids = encode_batch(tok, [doc[3] for _, doc, _ in pending], workers)
         encode_cpu[0] += time.process_time() - t0
+        by_split: dict[str, list] = {s: [] for s in SPLITS}
         for (_, doc, s), toks in zip(pending, ids):
-            writers[s].add(toks)
+            by_split[s].append(toks)
             per_split[s].update(documents=1, chars=len(doc[3]), tokens=len(toks))
             per_source[(doc[1], doc[2], s)] += 1
             if lists:
@@ -274,6 +275,8 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
                     )
                     + "\n"
                 )
+        for s, docs in by_split.items():
+            writers[s].add_many(docs)
         pending.clear()
 
     size = 0

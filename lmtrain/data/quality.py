@@ -45,17 +45,19 @@ _BULLET_LINE = re.compile(
 _ELLIPSIS_LINE = re.compile(
     r"(?:" + "|".join(re.escape(e) for e in ELLIPSES) + r")[^\S\n]*$", re.MULTILINE
 )
-# ASCII text: letters -> "a", whitespace kept (with the \x1c-\x1f separators str.split uses),
-# everything else deleted; the words left are exactly the words that contain a letter.
+# ASCII text: letters -> "a", every whitespace byte str.split splits on (\x1c-\x1f included) ->
+# a space, everything else deleted; the words left are exactly the words that contain a letter,
+# the runs of "a", counted without building them.
 _ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
-_ALPHA_TABLE = bytes(
-    ord("a") if i in _ASCII_LETTERS else (32 if 0x1C <= i <= 0x1F else i) for i in range(256)
-)
 _ALPHA_DELETE = bytes(i for i in range(128) if i not in _ASCII_LETTERS and not chr(i).isspace())
+_ALPHA_RUNS_TABLE = bytes(
+    ord("a") if i in _ASCII_LETTERS else (32 if chr(i).isspace() else i) for i in range(256)
+)
 
 
 def _ascii_alpha_words(text: str) -> int:
-    return len(text.encode("ascii").translate(_ALPHA_TABLE, _ALPHA_DELETE).split())
+    t = text.encode("ascii").translate(_ALPHA_RUNS_TABLE, _ALPHA_DELETE)
+    return t.count(b" a") + t.startswith(b"a")
 
 
 def _on(threshold) -> bool:
@@ -139,6 +141,64 @@ def quality_reason(
     ``words`` are ``text.split()``; ``wh`` the hashes of the lower-cased words;
     ``lower_words`` ``text.lower().split()`` if the caller has it.
     """
+    reason = text_reason(text, words, q, lower_words)
+    if reason is None and words:
+        wl = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        reason = ngram_reason(wh, wl, q)
+    if reason is None:
+        reason = blocklist_reason(words, q, blocklist)
+    return reason
+
+
+def quality_reasons_batch(
+    texts: list[str],
+    words: list[list[str]],
+    lower_words: list[list[str]],
+    wh: np.ndarray,
+    offsets: np.ndarray,
+    q: dict,
+    blocklist: frozenset = frozenset(),
+) -> list[str | None]:
+    """``quality_reason`` of every document of a batch; ``wh`` the word hashes of all documents
+    back to back, document ``d`` at ``wh[offsets[d]:offsets[d + 1]]`` (``batch_ngrams``). The
+    n-gram filters run over the whole batch at once."""
+    from itertools import chain
+
+    from lmtrain.data.batch_ngrams import NgramBatch
+
+    reasons = [text_reason(t, w, q, lw) for t, w, lw in zip(texts, words, lower_words)]
+    alive = np.array([r is None for r in reasons], dtype=bool)
+    top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
+    dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
+    if alive.any() and (top or dup):
+        wl = np.fromiter(map(len, chain.from_iterable(words)), dtype=np.int64, count=int(wh.size))
+        cs = np.zeros(wl.size + 1, dtype=np.int64)
+        np.cumsum(wl, out=cs[1:])
+        grams = NgramBatch(wh, offsets)
+        for k, limit in top:
+            failed = np.flatnonzero(alive & (grams.top_fractions(k, cs) > limit))
+            for d in failed:
+                reasons[d] = f"top_{k}gram_chars"
+            alive[failed] = False
+        if dup:
+            # Without a repeated n-gram at the smallest n, no longer n-gram repeats either and
+            # every fraction is 0: only the documents with a repeat need the per-document check.
+            k0 = min(k for k, _ in dup)
+            for d in np.flatnonzero(alive & grams.repeats(k0)):
+                lo, hi = offsets[d], offsets[d + 1]
+                reasons[d] = _dup_ngram_reason(
+                    wh[lo:hi], wl[lo:hi], dup, LazyNgramHashes(wh[lo:hi])
+                )
+    for d, r in enumerate(reasons):
+        if r is None and blocklist:
+            reasons[d] = blocklist_reason(words[d], q, blocklist)
+    return reasons
+
+
+def text_reason(
+    text: str, words: list[str], q: dict, lower_words: list[str] | None = None
+) -> str | None:
+    """The filters on words, lines and paragraphs (all but the n-gram and blocklist ones)."""
     n = len(words)
     if _on(q["min_words"]) and n < q["min_words"]:
         return "too_few_words"
@@ -146,23 +206,25 @@ def quality_reason(
         return "too_many_words"
     if n == 0:
         return "too_few_words"
-    wl = np.fromiter(map(len, words), dtype=np.int64, count=n)
-    mean_len = float(wl.mean())
+    mean_len = sum(map(len, words)) / n  # == float(np.mean(lengths)): an exact sum, one division
     if _on(q["min_mean_word_length"]) and mean_len < q["min_mean_word_length"]:
         return "mean_word_length_low"
     if _on(q["max_mean_word_length"]) and mean_len > q["max_mean_word_length"]:
         return "mean_word_length_high"
+    dots, ellipses = text.count("..."), text.count("…")
     if _on(q["max_symbol_word_ratio"]):
-        symbols = text.count("#") + text.count("...") + text.count("…")
+        symbols = text.count("#") + dots + ellipses
         if symbols / n > q["max_symbol_word_ratio"]:
             return "symbol_word_ratio"
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if lines and _on(q["max_bullet_lines_fraction"]):
-        bullets = len(_BULLET_LINE.findall(text))
+        # The line scan only when some bullet character occurs at all (a few fast substring
+        # searches): most documents have none.
+        bullets = len(_BULLET_LINE.findall(text)) if any(map(text.__contains__, BULLETS)) else 0
         if bullets / len(lines) > q["max_bullet_lines_fraction"]:
             return "bullet_lines"
     if lines and _on(q["max_ellipsis_lines_fraction"]):
-        ell = len(_ELLIPSIS_LINE.findall(text))
+        ell = len(_ELLIPSIS_LINE.findall(text)) if dots or ellipses else 0
         if ell / len(lines) > q["max_ellipsis_lines_fraction"]:
             return "ellipsis_lines"
     if _on(q["min_alpha_words_fraction"]):
@@ -208,12 +270,21 @@ def quality_reason(
             and chars / len(text) > q["max_duplicate_paragraph_chars_fraction"]
         ):
             return "duplicate_paragraph_chars"
+    return None
+
+
+def ngram_reason(wh: np.ndarray, wl: np.ndarray, q: dict) -> str | None:
+    """The Gopher top and duplicated n-gram filters of one document."""
     top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
     dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
     grams = LazyNgramHashes(wh)  # the longer n are often never needed (see no_dup_from)
     for k, limit in top:
         if top_ngram_chars_fraction(wh, wl, k, grams[k]) > limit:
             return f"top_{k}gram_chars"
+    return _dup_ngram_reason(wh, wl, dup, grams)
+
+
+def _dup_ngram_reason(wh, wl, dup, grams) -> str | None:
     no_dup_from = None  # an n with no repeated n-gram: no longer n-gram repeats either
     for k, limit in dup:
         if no_dup_from is not None and k >= no_dup_from:
@@ -223,6 +294,10 @@ def quality_reason(
             no_dup_from = k
         if frac > limit:
             return f"duplicate_{k}gram_chars"
+    return None
+
+
+def blocklist_reason(words: list[str], q: dict, blocklist: frozenset) -> str | None:
     if blocklist:
         hits = sum(w.lower().strip(string.punctuation) in blocklist for w in words)
         if hits > q["max_blocklist_hits"]:

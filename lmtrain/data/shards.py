@@ -84,6 +84,21 @@ class ShardWriter:
             self._write_record(self._buf[: self.chunk_tokens])
             self._buf = self._buf[self.chunk_tokens :]
 
+    def add_many(self, docs: Sequence[Sequence[int] | np.ndarray]) -> None:
+        """``add`` of each document in turn, with one concatenation for all of them."""
+        if not len(docs):
+            return
+        eos = np.array([self.eos_id], dtype=np.int64)
+        cat = np.concatenate([x for d in docs for x in (np.asarray(d, dtype=np.int64), eos)])
+        if cat.min() < 0 or cat.max() >= np.iinfo(self.dtype).max + 1:
+            raise DataError(f"token id out of range for {self.dtype} shards")
+        self._buf = np.concatenate([self._buf, cat.astype(self.dtype)])
+        self.num_documents += len(docs)
+        self.num_tokens += cat.size
+        while self._buf.size >= self.chunk_tokens:
+            self._write_record(self._buf[: self.chunk_tokens])
+            self._buf = self._buf[self.chunk_tokens :]
+
     def _write_record(self, chunk: np.ndarray) -> None:
         if self._writer is None:
             name = f"shard-{len(self._shards):05d}.array_record"

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from time import process_time
+from itertools import chain
+from time import thread_time
 from typing import NamedTuple
 
 import numpy as np
 
-from lmtrain.data.contamination import matches
-from lmtrain.data.dedup import minhash_params, minhash_signature, shingle_hashes
+from lmtrain.data.batch_ngrams import minhash_batch
+from lmtrain.data.contamination import EvalGate, eval_candidates, matches
+from lmtrain.data.dedup import minhash_params
 from lmtrain.data.default_corpus import extract_docstrings
 from lmtrain.data.hashing import hash64, word_hashes
 from lmtrain.data.markup import html_to_text, markdown_to_text, sniff_format
 from lmtrain.data.normalize import decode_utf8, normalize_text
 from lmtrain.data.pii import PiiScrubber
-from lmtrain.data.quality import load_blocklist, quality_reason
+from lmtrain.data.quality import load_blocklist, quality_reasons_batch
 from lmtrain.data.sources import ErrorPolicy
 from lmtrain.data.split import time_key
 
@@ -54,31 +56,132 @@ class Stages:
         self.minhash = minhash_params(self.num_perm, cfg["seed"]) if cfg["dedup"]["near"] else None
         self.eval_ngrams = eval_ngrams if eval_ngrams is not None else np.zeros(0, np.uint64)
         self.eval_vocab = eval_vocab
+        self.eval_gate = EvalGate.of(eval_vocab) if eval_vocab is not None else None
         self.by_time = cfg["split"]["method"] == "time"
-        # CPU seconds per stage in this process (for tools/bench_data.py; not in the manifest).
+        # CPU seconds per stage in this thread (for tools/bench_data.py; not in the manifest);
+        # thread_time, since process_time is a slow system call on some virtual machines.
         self.cpu: Counter = Counter()
 
     def features(self, text: str, wh: np.ndarray) -> Features:
-        cpu, t0 = self.cpu, process_time()
-        sig = None
+        """The features of one cleaned document (the same as :meth:`features_batch`)."""
+        return self.features_batch([text], [wh])[0]
+
+    def features_batch(
+        self, texts: list[str], whs: list[np.ndarray], words: list[list[str]] | None = None
+    ) -> list[Features]:
+        """Features of cleaned documents (``whs``: their word hashes; ``words``: their
+        ``text.split()`` if the caller has them). MinHash and the contamination pre-filter run
+        over the whole batch at once."""
+        cpu, t0 = self.cpu, thread_time()
+        sigs = None
         if self.minhash is not None:
-            sig = minhash_signature(
-                shingle_hashes(wh, self.cfg["dedup"]["shingle_words"]), *self.minhash
+            offsets = _offsets([w.size for w in whs])
+            wh = np.concatenate(whs) if whs else np.zeros(0, np.uint64)
+            sigs = minhash_batch(wh, offsets, self.cfg["dedup"]["shingle_words"], *self.minhash)
+        t1 = thread_time()
+        n = self.cfg["contamination"]["ngram"]
+        if self.eval_ngrams.size == 0:
+            found = [np.zeros(0, np.uint64) for _ in texts]
+        else:
+            # Only documents with n consecutive evaluation-set words (and n - 1 word pairs) can
+            # share an n-gram; the rest are decided for the whole batch in a few passes.
+            maybe = (
+                eval_candidates(texts, n, self.eval_gate)
+                if self.eval_gate is not None
+                else [True] * len(texts)
             )
-        t1 = process_time()
-        m = matches(text, self.cfg["contamination"]["ngram"], self.eval_ngrams, self.eval_vocab)
-        t2 = process_time()
-        key = hash64(" ".join(text.split()))
+            found = [
+                matches(t, n, self.eval_ngrams, self.eval_vocab) if m else np.zeros(0, np.uint64)
+                for t, m in zip(texts, maybe)
+            ]
+        t2 = thread_time()
+        if words is None:
+            words = [t.split() for t in texts]
+        keys = [hash64(" ".join(w)) for w in words]
         cpu["minhash"] += t1 - t0
         cpu["contamination_ngrams"] += t2 - t1
-        cpu["content_hash"] += process_time() - t2
-        return Features(key, len(text), sig, m)
+        cpu["content_hash"] += thread_time() - t2
+        return [
+            Features(k, len(t), None if sigs is None else sigs[i], m)
+            for i, (k, t, m) in enumerate(zip(keys, texts, found))
+        ]
 
     def clean(self, doc, counts: dict[str, Counter], removed: list, policy: ErrorPolicy):
         """``(text, word hashes, time key)`` of a kept document, or None (the reason appended to
         ``removed`` as ``(id, stage, reason)``, counted in ``counts``, bad input to ``policy``)."""
+        out = self.clean_batch([doc], counts, removed, policy)[0]
+        return None if out is None else out[:3]
+
+    def clean_batch(
+        self, docs: list, counts: dict[str, Counter], removed: list, policy: ErrorPolicy
+    ) -> list:
+        """:meth:`clean` of each document, plus its words (``text.split()``): ``(text, word
+        hashes, time key, words)`` or None. ``removed`` and ``policy`` see the documents in
+        order, as if each went through :meth:`clean` in turn; the quality filters' n-gram
+        statistics run over the whole batch at once."""
         cfg, cpu = self.cfg, self.cpu
-        t0 = process_time()
+        # What happens to a removed document's record and error message, replayed in order.
+        events: list = [None] * len(docs)
+        texts = [self._text(doc, counts, events, i) for i, doc in enumerate(docs)]
+        t3 = thread_time()
+        idx = [i for i, t in enumerate(texts) if t is not None]
+        kept = [texts[i] for i in idx]
+        words = [t.split() for t in kept]
+        low = [t.lower().split() for t in kept]
+        offsets = _offsets(list(map(len, low)))
+        wh = word_hashes(list(chain.from_iterable(low)))
+        if cfg["quality"]["enabled"]:
+            reasons = quality_reasons_batch(
+                kept, words, low, wh, offsets, cfg["quality"], self.blocklist
+            )
+        else:
+            reasons = [None] * len(kept)
+        t4 = thread_time()
+        cpu["quality_and_word_hashes"] += t4 - t3
+        out: list = [None] * len(docs)
+        for j, i in enumerate(idx):
+            reason = reasons[j]
+            if reason is not None:
+                counts["quality"][reason] += 1
+                events[i] = ((docs[i].id, "quality", reason), None)
+                continue
+            text, w, h = kept[j], words[j], wh[offsets[j] : offsets[j + 1]]
+            if self.pii is not None:
+                new, c = self.pii.scrub(text)
+                if c:
+                    counts["pii"].update(c)
+                    counts["pii"]["documents_changed"] += 1
+                    text = new
+                    w = text.split()
+                    h = word_hashes(text.lower().split())
+            out[i] = (text, h, math.nan, w)
+        if self.pii is not None:
+            cpu["pii"] += thread_time() - t4
+        for i, doc in enumerate(docs):
+            if events[i] is not None:
+                record, call = events[i]
+                if call is not None:
+                    policy(*call)
+                removed.append(record)
+            elif out[i] is not None and self.by_time:
+                field = cfg["split"]["time_field"]
+                try:
+                    out[i] = (out[i][0], out[i][1], time_key(doc.time), out[i][3])
+                except (ValueError, TypeError):
+                    what = "missing" if doc.time is None else f"unreadable ({doc.time!r})"
+                    policy(
+                        "bad_time_field",
+                        f"{doc.path}:{doc.line}: time field {field!r} is {what}; give ISO 8601 or a number",
+                    )
+                    removed.append((doc.id, "errors", "bad_time_field"))
+                    out[i] = None
+        return out
+
+    def _text(self, doc, counts: dict[str, Counter], events: list, i: int) -> str | None:
+        """Decode, markup and normalise one document; None when it is removed (its record and
+        error message go to ``events[i]``)."""
+        cfg, cpu = self.cfg, self.cpu
+        t0 = thread_time()
         data = doc.data
         if isinstance(data, bytes):
             res = decode_utf8(data, cfg["normalize"]["invalid_utf8"], first_line=max(doc.line, 1))
@@ -86,34 +189,36 @@ class Stages:
                 counts["decode"]["invalid_utf8_repaired"] += 1
             elif res.status == "dropped":
                 counts["decode"]["invalid_utf8_dropped"] += 1
-                removed.append((doc.id, "decode", "invalid_utf8"))
+                events[i] = ((doc.id, "decode", "invalid_utf8"), None)
                 return None
             elif res.status == "invalid":
-                policy(
-                    "invalid_utf8",
-                    f"{doc.path}:{res.line}: invalid UTF-8 (byte 0x{res.byte:02x} at column {res.column}); "
-                    "re-encode the file as UTF-8 or set normalize.invalid_utf8='replace' (repair) or 'drop'",
+                events[i] = (
+                    (doc.id, "errors", "invalid_utf8"),
+                    (
+                        "invalid_utf8",
+                        f"{doc.path}:{res.line}: invalid UTF-8 (byte 0x{res.byte:02x} at column {res.column}); "
+                        "re-encode the file as UTF-8 or set normalize.invalid_utf8='replace' (repair) or 'drop'",
+                    ),
                 )
-                removed.append((doc.id, "errors", "invalid_utf8"))
                 return None
             text = res.text
         else:
             text = data
-        t1 = process_time()
+        t1 = thread_time()
         cpu["decode"] += t1 - t0
         fmt = doc.fmt
         if fmt == "pydoc":
             text = extract_docstrings(text)
             if text is None:
                 counts["markup"]["docstrings_unparseable"] += 1
-                removed.append((doc.id, "markup", "docstrings_unparseable"))
+                events[i] = ((doc.id, "markup", "docstrings_unparseable"), None)
                 return None
         elif fmt == "auto":
             fmt = sniff_format(text)
         if cfg["markup"]["enabled"] and fmt in ("html", "markdown"):
             text = html_to_text(text) if fmt == "html" else markdown_to_text(text)
             counts["markup"][f"{fmt}_converted"] += 1
-        t2 = process_time()
+        t2 = thread_time()
         cpu["markup"] += t2 - t1
         if cfg["normalize"]["enabled"]:
             text, c = normalize_text(
@@ -122,45 +227,15 @@ class Stages:
                 max_blank_lines=cfg["normalize"]["max_blank_lines"],
             )
             counts["normalize"].update(c)
+        cpu["normalize"] += thread_time() - t2
         if not text.strip():
             counts["normalize"]["empty_dropped"] += 1
-            removed.append((doc.id, "normalize", "empty"))
+            events[i] = ((doc.id, "normalize", "empty"), None)
             return None
-        t3 = process_time()
-        cpu["normalize"] += t3 - t2
-        low = text.lower().split()
-        wh = word_hashes(low)
-        if cfg["quality"]["enabled"]:
-            q = cfg["quality"]
-            reason = quality_reason(text, text.split(), wh, q, self.blocklist, low)
-            t4 = process_time()
-            cpu["quality_and_word_hashes"] += t4 - t3
-            if reason is not None:
-                counts["quality"][reason] += 1
-                removed.append((doc.id, "quality", reason))
-                return None
-        else:
-            t4 = process_time()
-            cpu["quality_and_word_hashes"] += t4 - t3
-        if self.pii is not None:
-            new, c = self.pii.scrub(text)
-            if c:
-                counts["pii"].update(c)
-                counts["pii"]["documents_changed"] += 1
-                text = new
-                wh = word_hashes(text.lower().split())
-            cpu["pii"] += process_time() - t4
-        t = math.nan
-        if self.by_time:
-            field = cfg["split"]["time_field"]
-            try:
-                t = time_key(doc.time)
-            except (ValueError, TypeError):
-                what = "missing" if doc.time is None else f"unreadable ({doc.time!r})"
-                policy(
-                    "bad_time_field",
-                    f"{doc.path}:{doc.line}: time field {field!r} is {what}; give ISO 8601 or a number",
-                )
-                removed.append((doc.id, "errors", "bad_time_field"))
-                return None
-        return text, wh, t
+        return text
+
+
+def _offsets(sizes) -> np.ndarray:
+    out = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=out[1:])
+    return out

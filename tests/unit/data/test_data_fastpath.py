@@ -50,6 +50,7 @@ def test_word_memo_encoder_equals_sentencepiece(byte_fallback):
     train = [CODE * 5] + [" ".join(rng.choice(["the", "river", "stone", "   x", "4.5"]) for _ in range(300)) for _ in range(30)]  # fmt: skip
     tok = train_sentencepiece(train, vocab_size=400, byte_fallback=byte_fallback, num_threads=1)
     memo = WordMemoEncoder(tok.sp, max_words=50)  # small: the cache is cleared along the way
+    memo.GROUP_BYTES = 300  # and batches are encoded in several groups
     texts = _texts(rng, 300)
     for start in range(0, len(texts), 37):
         batch = texts[start : start + 37]

@@ -1,0 +1,157 @@
+"""The per-document n-gram work of the cleaning stages, done for a whole batch of documents at
+once: the word hashes of all documents are concatenated and every numpy operation runs over the
+batch, instead of dozens of small numpy calls per document (whose fixed cost dominated).
+
+Layout: ``wh`` holds the word hashes of documents ``0..D-1`` back to back, document ``d`` being
+``wh[offsets[d]:offsets[d + 1]]``. Every function gives per document exactly what the per-document
+function it names gives on that slice (``quality.top_ngram_chars_fraction``,
+``dedup.minhash_signature`` of ``dedup.shingle_hashes``...).
+
+Grouping equal n-grams of many documents in one sort uses a key that puts the document index in
+the top bits and the n-gram hash in the rest: n-grams of one document are then compared on their
+hash's top ``64 - bits(D)`` bits instead of 64 (a batch of 256 documents keeps 56). Like the 64-bit
+hashes themselves, this only matters on a hash collision, which the whole pipeline already treats
+as equality; a batch of one document uses the full 64 bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes
+
+_SHIFT32 = np.uint64(32)
+_U64_MAX = np.iinfo(np.uint64).max
+
+
+def doc_index(offsets: np.ndarray) -> np.ndarray:
+    """Document of each word."""
+    sizes = np.diff(offsets)
+    return np.repeat(np.arange(sizes.size), sizes)
+
+
+class NgramBatch:
+    """n-gram hashes of a batch (``self.grams(n)``: hash, start position, document of every
+    n-gram that lies inside one document), shared by the filters that need the same n."""
+
+    def __init__(self, wh: np.ndarray, offsets: np.ndarray):
+        self.wh = wh
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.docs = self.offsets.size - 1
+        self.word_doc = doc_index(self.offsets)
+        self.word_end = self.offsets[1:][self.word_doc]  # end of each word's document
+        self._grams: dict[int, tuple] = {}
+        self._lazy = LazyNgramHashes(wh)
+        bits = (self.docs - 1).bit_length() if self.docs > 1 else 0
+        self.bits = np.uint64(bits)
+        self.shift = np.uint64(64 - bits)
+
+    def grams(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g = self._grams.get(n)
+        if g is None:
+            h = self._lazy[n]
+            pos = np.flatnonzero(np.arange(n, h.size + n) <= self.word_end[: h.size])
+            g = self._grams[n] = (h[pos], pos, self.word_doc[pos])
+        return g
+
+    def keys(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(key, start position, document) of every n-gram; key: document in the top bits."""
+        h, pos, doc = self.grams(n)
+        if self.docs <= 1:
+            return h, pos, doc
+        return (doc.astype(np.uint64) << self.shift) | (h >> self.bits), pos, doc
+
+    def _groups(self, key: np.ndarray):
+        s = np.sort(key)
+        first = np.empty(s.size, dtype=bool)
+        first[:1] = True
+        np.not_equal(s[1:], s[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        counts = np.diff(np.append(starts, s.size))
+        gkey = s[starts]
+        gdoc = (
+            (gkey >> self.shift).astype(np.int64)
+            if self.docs > 1
+            else np.zeros(gkey.size, np.int64)
+        )
+        return gkey, counts, gdoc
+
+    def repeats(self, n: int) -> np.ndarray:
+        """Per document: whether some n-gram occurs twice in it."""
+        key, _, _ = self.keys(n)
+        out = np.zeros(self.docs, dtype=bool)
+        if key.size < 2:
+            return out
+        s = np.sort(key)
+        dup = s[1:] == s[:-1]
+        if dup.any():
+            if self.docs > 1:
+                out[(s[1:][dup] >> self.shift).astype(np.int64)] = True
+            else:
+                out[0] = True
+        return out
+
+    def top_fractions(self, n: int, wl_cumsum: np.ndarray) -> np.ndarray:
+        """``quality.top_ngram_chars_fraction`` of every document; ``wl_cumsum``: the running
+        sum of the word lengths, starting with 0 (``len(wh) + 1`` entries)."""
+        out = np.zeros(self.docs, dtype=np.float64)
+        key, pos, doc = self.keys(n)
+        if key.size == 0:
+            return out
+        gkey, counts, gdoc = self._groups(key)
+        gstart = np.flatnonzero(np.concatenate(([True], gdoc[1:] != gdoc[:-1])))
+        docs = gdoc[gstart]  # the documents with at least one n-gram
+        dmax = np.maximum.reduceat(counts, gstart)
+        keep = dmax >= 2  # a top n-gram seen once covers nothing
+        if not keep.any():
+            return out
+        docs, dmax = docs[keep], dmax[keep]
+        dmax_of = np.zeros(self.docs, dtype=counts.dtype)
+        dmax_of[docs] = dmax
+        # The most frequent n-gram, ties to the smallest hash: the first group of the document
+        # (groups are sorted by hash within a document) with the document's top count.
+        top = np.flatnonzero(counts == dmax_of[gdoc])
+        first_top = top[np.searchsorted(gdoc[top], docs)]
+        top_key = np.zeros(self.docs, dtype=np.uint64)
+        top_key[docs] = gkey[first_top]
+        wanted = np.zeros(self.docs, dtype=bool)
+        wanted[docs] = True
+        hit = np.flatnonzero(wanted[doc] & (key == top_key[doc]))  # in position order
+        start = pos[hit[np.searchsorted(doc[hit], docs)]]
+        window = wl_cumsum[start + n] - wl_cumsum[start]
+        total = wl_cumsum[self.offsets[docs + 1]] - wl_cumsum[self.offsets[docs]]
+        out[docs] = (window * dmax).astype(np.float64) / np.maximum(total.astype(np.float64), 1.0)
+        return out
+
+
+def minhash_batch(
+    wh: np.ndarray, offsets: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, rows: int = 1024
+) -> np.ndarray:
+    """``minhash_signature(shingle_hashes(wh_d, k), a, b)`` of every document ``d`` (uint32,
+    shape (D, len(a))). The minimum over a set does not depend on repeats or order, so shingles
+    need no ``np.unique``; and ``min(v) >> 32 == min(v >> 32)``, so one shift per signature."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    docs = offsets.size - 1
+    sig = np.full((docs, a.size), _U64_MAX, dtype=np.uint64)
+    if docs == 0:
+        return sig.astype(np.uint32)
+    sizes = np.diff(offsets)
+    batch = NgramBatch(wh, offsets)
+    x, _, row_doc = batch.grams(k)
+    short = np.flatnonzero((sizes > 0) & (sizes < k))  # one shingle: all their words
+    if short.size:
+        extra = [ngram_hashes(wh[offsets[d] : offsets[d + 1]], int(sizes[d])) for d in short]
+        x = np.concatenate([x, *extra])
+        row_doc = np.concatenate([row_doc, short])
+    buf = np.empty((min(rows, x.size), a.size), dtype=np.uint64)
+    for s in range(0, x.size, rows):
+        xs, ds = x[s : s + rows], row_doc[s : s + rows]
+        v = buf[: xs.size]
+        np.multiply(xs[:, None], a[None, :], out=v)
+        v += b[None, :]
+        seg = np.flatnonzero(np.concatenate(([True], ds[1:] != ds[:-1])))
+        red = np.minimum.reduceat(v, seg, axis=0)
+        d = ds[seg]  # distinct within a chunk (each document's rows are contiguous)
+        sig[d] = np.minimum(sig[d], red)
+    sig >>= _SHIFT32
+    return sig.astype(np.uint32)
