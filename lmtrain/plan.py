@@ -175,8 +175,9 @@ def activation_bytes(
     }
 
 
-def plan(config, device: DeviceKind, count: int) -> dict:
-    """The numbers for one config on ``count`` devices of one kind (a JSON-ready dict)."""
+def _checked(config, device: DeviceKind, count: int) -> tuple:
+    """(a validated copy of the config, the mesh's axis sizes, the model config) for planning
+    ``count`` devices of ``device``; the attention kernel is checked for the target platform."""
     cfg = copy.deepcopy(config)
     if cfg.model.vocab_size == 0:
         raise ConfigError(
@@ -191,6 +192,13 @@ def plan(config, device: DeviceKind, count: int) -> dict:
     validate(cfg, count)
     mesh = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh.shape, count)))
     model_cfg = dataclasses.replace(ModelConfig.from_config(cfg.model), attention=attention)
+    return cfg, mesh, model_cfg
+
+
+def plan(config, device: DeviceKind, count: int) -> dict:
+    """The numbers for one config on ``count`` devices of one kind (a JSON-ready dict)."""
+    cfg, mesh, model_cfg = _checked(config, device, count)
+    attention = model_cfg.attention
     boxed = abstract_params(dataclasses.replace(model_cfg, attention="xla"))  # same params
     n_params, per_device_elems = sharded_param_elements(boxed, mesh)
     p_bytes = _dtype_bytes(model_cfg.param_dtype)

@@ -241,6 +241,34 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
     lap("tokenizer_train")
 
     # Pass 4: encode and write the splits.
+    indexes, per_split, per_source, encode_cpu = _encode_and_write(
+        cfg, tmp, work, tok, scan, split_ids, workers
+    )
+    v = per_split["validation"]
+    tok_info["chars_per_token_validation"] = (
+        round(v["chars"] / v["tokens"], 4) if v["tokens"] else None
+    )
+    shutil.rmtree(work)
+    lap("encode_write")
+    cpu["encode_write"] -= encode_cpu
+    cpu["encode"] = encode_cpu
+    cpu["write"] = cpu.pop("encode_write")
+
+    manifest = build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
+                              contamination, dropped, tok, tok_info, indexes, per_split, per_source)  # fmt: skip
+    manifest["runner"] = runner_note("local")
+    write_datasheet(tmp / "DATASHEET.md", manifest)
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    lap("manifest")
+    return manifest
+
+
+def _encode_and_write(cfg: dict, tmp: Path, work: Path, tok, scan, split_ids, workers: int):
+    """Pass 4: encode the kept documents in batches of ``batch_bytes`` and write each split's
+    shards (and document lists); (shard indexes, per-split and per-source counts, encode CPU s)."""
     out = cfg["output"]
     writers = {s: ShardWriter(tmp / s, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                               chunk_tokens=out["chunk_tokens"], shard_tokens=out["shard_tokens"]) for s in SPLITS}  # fmt: skip
@@ -290,26 +318,7 @@ def _build(cfg: dict, tmp: Path, stats: dict) -> dict:
     indexes = {s: w.close() for s, w in writers.items()}
     for f in lists.values():
         f.close()
-    v = per_split["validation"]
-    tok_info["chars_per_token_validation"] = (
-        round(v["chars"] / v["tokens"], 4) if v["tokens"] else None
-    )
-    shutil.rmtree(work)
-    lap("encode_write")
-    cpu["encode_write"] -= encode_cpu[0]
-    cpu["encode"] = encode_cpu[0]
-    cpu["write"] = cpu.pop("encode_write")
-
-    manifest = build_manifest(cfg, sources, docs_read, bytes_read, scan, exact, near, lsh_stats, split_ids,
-                              contamination, dropped, tok, tok_info, indexes, per_split, per_source)  # fmt: skip
-    manifest["runner"] = runner_note("local")
-    write_datasheet(tmp / "DATASHEET.md", manifest)
-    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-    lap("manifest")
-    return manifest
+    return indexes, per_split, per_source, encode_cpu[0]
 
 
 def _read_and_clean(cfg: dict, work: Path, sources, policy, evals, removed, stats: dict, lap):
