@@ -52,7 +52,7 @@ import numpy as np
 from lmtrain.data import fs
 from lmtrain.data.contamination import EvalSets
 from lmtrain.data.datasheet import write_datasheet
-from lmtrain.data.dedup import _band_keys, lsh_params
+from lmtrain.data.dedup import band_keys, lsh_params
 from lmtrain.data.encode import encode_batch, sample_mask, train_tokenizer
 from lmtrain.data.manifest import build_manifest
 from lmtrain.data.prepare import commit_output, runner_note
@@ -194,7 +194,7 @@ def _exact(kv):
 
 
 def _band_items(d: Doc, bands: int, rows: int):
-    keys = _band_keys(np.asarray(d.sig, np.uint32)[None, :], bands, rows)[0]
+    keys = band_keys(np.asarray(d.sig, np.uint32)[None, :], bands, rows)[0]
     return [((b, int(k)), (d.order, d.id, d.sig)) for b, k in enumerate(keys)]
 
 

@@ -116,7 +116,7 @@ class SignatureFile:
         return np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.rows, self.num_perm))
 
 
-def _band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(n, bands) uint64 bucket keys: each band's rows hashed together."""
     out = np.empty((sigs.shape[0], bands), dtype=np.uint64)
     for band in range(bands):
@@ -193,7 +193,7 @@ def near_duplicates(
     pos = 0
     for start, sigs in sigfile.chunks(chunk_rows):
         sel = eligible[start : start + sigs.shape[0]]
-        kk = _band_keys(sigs[sel], bands, rows)
+        kk = band_keys(sigs[sel], bands, rows)
         keys[pos : pos + kk.shape[0]] = kk
         pos += kk.shape[0]
     pairs = [_bucket_pairs(keys[:, band], members) for band in range(bands)]

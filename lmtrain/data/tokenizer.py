@@ -142,6 +142,11 @@ class SentencePieceTokenizer(Tokenizer):
         return cls(Path(path).read_bytes())
 
     @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (what ``save`` writes)."""
+        return self._proto
+
+    @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 

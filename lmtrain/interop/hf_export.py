@@ -112,7 +112,7 @@ def write_tokenizer(tok: Tokenizer, workdir: str, out_dir: str) -> None:
         # A tokenizer.json that encodes exactly as SentencePiece (see sp_to_hf), loaded as is
         # by AutoTokenizer; tokenizer.model stays for tools that want the original.
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-            f.write(sp_to_hf.tokenizer_json(tok._proto))
+            f.write(sp_to_hf.tokenizer_json(tok.model_proto))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": False,
