@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import re
 import string
+from itertools import chain
 
 import numpy as np
 
+from lmtrain.data.batch_ngrams import NgramBatch
 from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
@@ -162,10 +164,6 @@ def quality_reasons_batch(
     """``quality_reason`` of every document of a batch; ``wh`` the word hashes of all documents
     back to back, document ``d`` at ``wh[offsets[d]:offsets[d + 1]]`` (``batch_ngrams``). The
     n-gram filters run over the whole batch at once."""
-    from itertools import chain
-
-    from lmtrain.data.batch_ngrams import NgramBatch
-
     reasons = [text_reason(t, w, q, lw) for t, w, lw in zip(texts, words, lower_words)]
     alive = np.array([r is None for r in reasons], dtype=bool)
     top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from lmtrain.errors import CheckpointError, ConfigError
+from lmtrain.train.divergence import SpikeGuard
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -202,8 +203,6 @@ class LossWatch:
     MAX_SPIKE_LINES = 5
 
     def __init__(self, spike_factor: float, window: int, warn: Callable[[str], None], k: int = 5):
-        from lmtrain.train.divergence import SpikeGuard
-
         self.spikes = SpikeGuard(spike_factor, window, 0) if spike_factor > 0 else None
         self.warn = warn
         self.k = k
