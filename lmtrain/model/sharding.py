@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.errors import ConfigError, require
@@ -83,6 +84,11 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         kwargs["axis_types"] = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     try:
         return jax.make_mesh(shape, MESH_AXES, devices=devices, **kwargs)
+    except NotImplementedError:
+        # A TPU torus whose physical axes do not factor into the mesh's (e.g. tensor 8 on
+        # v5p 16x16x16): let an axis of the mesh span part of a physical axis instead of failing.
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(arr, MESH_AXES, **kwargs)
     except (TypeError, ValueError):
         arr = np.asarray(devices).reshape(shape)
         return Mesh(arr, MESH_AXES, **kwargs)

@@ -275,6 +275,18 @@ def test_a_tpu_mesh_in_context_makes_tpu_the_target():
         ak.check_available("splash")
 
 
+@needs_libtpu
+def test_a_tensor_axis_that_does_not_factor_the_torus_gets_a_mesh():
+    """llama_70b's (1, -1, 8) on v5p 16x16x16: jax.make_mesh finds no assignment of 8 to the
+    16-long physical axes; the mesh splits a physical axis instead, every chip used once."""
+    from lmtrain.model.sharding import make_mesh
+
+    devices = get_topology("v5p:16x16x16").devices
+    mesh = make_mesh((1, -1, 8), devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 512, "tensor": 8}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
 def test_sampler_shardings_of_a_splash_model_are_the_xla_models():
     """The sampler traces params with a 1-token input, which the TPU kernels cannot tile."""
     import dataclasses
