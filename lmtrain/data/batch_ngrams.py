@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lmtrain.data.dedup import densify, oph_cells
 from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes
-
-_SHIFT32 = np.uint64(32)
-_U64_MAX = np.iinfo(np.uint64).max
 
 
 def doc_index(offsets: np.ndarray) -> np.ndarray:
@@ -125,16 +123,16 @@ class NgramBatch:
 
 
 def minhash_batch(
-    wh: np.ndarray, offsets: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, rows: int = 1024
+    wh: np.ndarray, offsets: np.ndarray, k: int, num_perm: int, key: int
 ) -> np.ndarray:
-    """``minhash_signature(shingle_hashes(wh_d, k), a, b)`` of every document ``d`` (uint32,
-    shape (D, len(a))). The minimum over a set does not depend on repeats or order, so shingles
-    need no ``np.unique``; and ``min(v) >> 32 == min(v >> 32)``, so one shift per signature."""
+    """``minhash_signature(shingle_hashes(wh_d, k), num_perm, key)`` of every document ``d``
+    (uint32, shape (D, num_perm)). The minimum over a set does not depend on repeats or order, so
+    shingles need no ``np.unique``; one ``np.minimum.at`` fills the (document, bin) cells."""
     offsets = np.asarray(offsets, dtype=np.int64)
     docs = offsets.size - 1
-    sig = np.full((docs, a.size), _U64_MAX, dtype=np.uint64)
+    sig = np.full((docs, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     if docs == 0:
-        return sig.astype(np.uint32)
+        return sig
     sizes = np.diff(offsets)
     batch = NgramBatch(wh, offsets)
     x, _, row_doc = batch.grams(k)
@@ -143,15 +141,10 @@ def minhash_batch(
         extra = [ngram_hashes(wh[offsets[d] : offsets[d + 1]], int(sizes[d])) for d in short]
         x = np.concatenate([x, *extra])
         row_doc = np.concatenate([row_doc, short])
-    buf = np.empty((min(rows, x.size), a.size), dtype=np.uint64)
-    for s in range(0, x.size, rows):
-        xs, ds = x[s : s + rows], row_doc[s : s + rows]
-        v = buf[: xs.size]
-        np.multiply(xs[:, None], a[None, :], out=v)
-        v += b[None, :]
-        seg = np.flatnonzero(np.concatenate(([True], ds[1:] != ds[:-1])))
-        red = np.minimum.reduceat(v, seg, axis=0)
-        d = ds[seg]  # distinct within a chunk (each document's rows are contiguous)
-        sig[d] = np.minimum(sig[d], red)
-    sig >>= _SHIFT32
-    return sig.astype(np.uint32)
+    bins, vals = oph_cells(x, num_perm, key)
+    cell = row_doc * num_perm + bins
+    np.minimum.at(sig.reshape(-1), cell, vals)
+    filled = np.zeros(docs * num_perm, dtype=bool)
+    filled[cell] = True
+    densify(sig, filled.reshape(docs, num_perm), num_perm, key)
+    return sig

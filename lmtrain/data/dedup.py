@@ -3,9 +3,14 @@
 * **Exact**: documents whose whitespace-collapsed text has the same 64-bit hash; the first one in
   corpus order is kept.
 * **Near**: MinHash over word shingles (Broder 1997) with LSH banding (Indyk & Motwani 1998; see
-  Leskovec, Rajaraman & Ullman, *Mining of Massive Datasets*, ch. 3). ``num_perm`` hash functions
-  ``h_p(x) = (a_p * x + b_p) >> 32`` (multiply-shift over uint64, ``a_p`` odd) give a uint32
-  signature per document, computed with numpy. Bands/rows come from the Jaccard threshold by
+  Leskovec, Rajaraman & Ullman, *Mining of Massive Datasets*, ch. 3). The ``num_perm`` signature
+  values come from one hash per shingle, one-permutation hashing (Li, Owen & Zhang 2012): the
+  shingle's keyed 64-bit hash picks one of ``num_perm`` bins with its top bits and competes for
+  that bin's minimum with its low 32 bits; a bin that no shingle fell into copies the value of
+  another bin chosen by a fixed per-(bin, attempt) sequence, the first non-empty one (optimal
+  densification, Shrivastava 2017), so every value of two documents' signatures is equal with
+  probability their Jaccard similarity, as with ``num_perm`` independent permutations, at the cost
+  of one hash per shingle instead of ``num_perm``. Bands/rows come from the Jaccard threshold by
   minimising the false-positive plus false-negative area of the S-curve ``1 - (1 - s^r)^b``
   (the same criterion as the ``datasketch`` library) unless given.
 
@@ -25,13 +30,15 @@ import numpy as np
 from lmtrain.data.hashing import mix64, ngram_hashes
 
 _SHIFT32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_U32_MAX = np.uint32(0xFFFFFFFF)
+_BORROW = 0x5DEECE66D  # separates the borrow sequence's hash from the shingles'
 
 
-def minhash_params(num_perm: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def minhash_params(num_perm: int, seed: int = 0) -> tuple[int, int]:
+    """``(num_perm, key)``: the signature length and the 64-bit key of the shingle hash."""
     rng = np.random.default_rng(np.random.SeedSequence([0x4D494E48, seed]))
-    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    return a, b
+    return int(num_perm), int(rng.integers(0, 2**64, dtype=np.uint64))
 
 
 def shingle_hashes(wh: np.ndarray, k: int) -> np.ndarray:
@@ -42,20 +49,51 @@ def shingle_hashes(wh: np.ndarray, k: int) -> np.ndarray:
     return np.unique(sh)
 
 
-def minhash_signature(
-    shingles: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 2048
-) -> np.ndarray:
-    """MinHash signature (uint32, one value per permutation) of a set of uint64 shingle hashes."""
-    sig = np.full(a.size, np.iinfo(np.uint32).max, dtype=np.uint64)
-    buf = np.empty((min(chunk, shingles.size), a.size), dtype=np.uint64)
-    for start in range(0, shingles.size, chunk):
-        x = shingles[start : start + chunk, None]
-        v = buf[: x.shape[0]]
-        np.multiply(x, a[None, :], out=v)  # in place: no temporaries per chunk
-        v += b[None, :]
-        v >>= _SHIFT32
-        np.minimum(sig, v.min(axis=0), out=sig)
-    return sig.astype(np.uint32)
+def oph_cells(shingles: np.ndarray, num_perm: int, key: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bin, value) of each shingle: the keyed hash's top 32 bits scaled to ``[0, num_perm)``
+    (multiply-shift range reduction, no modulo bias beyond 2^-32) and its low 32 bits."""
+    v = mix64(np.asarray(shingles, dtype=np.uint64) ^ np.uint64(key))
+    bins = ((v >> _SHIFT32) * np.uint64(num_perm)) >> _SHIFT32
+    return bins.astype(np.int64), (v & _LOW32).astype(np.uint32)
+
+
+def densify(sig: np.ndarray, filled: np.ndarray, num_perm: int, key: int) -> None:
+    """Fills, in place, the empty bins of ``sig`` (rows: documents, ``filled``: which bins got a
+    shingle): empty bin ``j`` takes the value of bin ``borrow_bin(j, t)`` for the first attempt
+    ``t = 1, 2, ...`` that lands on a filled bin. Rows with no filled bin stay as they are."""
+    rows = filled.any(axis=1)
+    empty = np.flatnonzero((~filled & rows[:, None]).ravel())
+    if empty.size == 0:
+        return
+    flat, filled_flat = sig.reshape(-1), filled.reshape(-1)
+    doc, j = np.divmod(empty, num_perm)
+    t = 1
+    while empty.size:  # each round resolves each bin with probability (filled bins / num_perm)
+        src = doc * num_perm + borrow_bin(j, t, num_perm, key)
+        ok = filled_flat[src]
+        flat[empty[ok]] = flat[src[ok]]
+        empty, doc, j = empty[~ok], doc[~ok], j[~ok]
+        t += 1
+
+
+def borrow_bin(j: np.ndarray, t: int, num_perm: int, key: int) -> np.ndarray:
+    """The bin that empty bin ``j`` looks at on attempt ``t`` (the same for every document)."""
+    x = (np.asarray(j, dtype=np.uint64) << _SHIFT32) | np.uint64(t)
+    v = mix64(x ^ np.uint64(key ^ _BORROW))
+    return (((v >> _SHIFT32) * np.uint64(num_perm)) >> _SHIFT32).astype(np.int64)
+
+
+def minhash_signature(shingles: np.ndarray, num_perm: int, key: int) -> np.ndarray:
+    """MinHash signature (uint32, ``num_perm`` values) of a set of uint64 shingle hashes; all
+    values 2^32 - 1 for the empty set."""
+    sig = np.full((1, num_perm), _U32_MAX, dtype=np.uint32)
+    filled = np.zeros((1, num_perm), dtype=bool)
+    if shingles.size:
+        bins, vals = oph_cells(shingles, num_perm, key)
+        np.minimum.at(sig[0], bins, vals)
+        filled[0, bins] = True
+        densify(sig, filled, num_perm, key)
+    return sig[0]
 
 
 def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5) -> tuple[int, int]:

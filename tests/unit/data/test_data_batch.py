@@ -70,18 +70,50 @@ def test_batched_quality_reasons_equal_per_document_reasons():
     assert any(r and r.startswith("duplicate_") and "gram" in r for r in reasons), reasons
 
 
-def test_batched_minhash_equals_per_document_signatures():
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser on a Python int (the reference for ``hashing.mix64``)."""
+    m = 2**64 - 1
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & m
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def _oph_reference(shingles, num_perm: int, key: int) -> list[int]:
+    """One-permutation MinHash with optimal densification, one shingle and one bin at a time in
+    plain Python: the definition ``dedup.minhash_signature`` and ``minhash_batch`` implement."""
+    best: dict[int, int] = {}
+    for x in map(int, shingles):
+        v = _mix64(x ^ key)
+        j = ((v >> 32) * num_perm) >> 32
+        best[j] = min(best.get(j, 2**32), v & 0xFFFFFFFF)
+    if not best:
+        return [2**32 - 1] * num_perm
+    out = []
+    for j in range(num_perm):
+        src, t = j, 0
+        while src not in best:  # an empty bin borrows from the first filled bin of its sequence
+            t += 1
+            v = _mix64(((j << 32) | t) ^ key ^ 0x5DEECE66D)
+            src = ((v >> 32) * num_perm) >> 32
+        out.append(best[src])
+    return out
+
+
+def test_batched_minhash_equals_per_document_signatures_and_the_reference():
     rng = random.Random(1)
-    a, b = minhash_params(64, seed=3)
+    params = minhash_params(64, seed=3)
     docs = [[rng.choice(VOCAB) for _ in range(rng.choice([0, 1, 3, 4, 5, 6, 50, 300]))] for _ in range(60)]  # fmt: skip
     whs = [word_hashes(d) for d in docs]
     offsets = np.zeros(len(docs) + 1, np.int64)
     np.cumsum([w.size for w in whs], out=offsets[1:])
-    for rows in (7, 1024):  # chunks that cut documents, and ones that do not
-        got = minhash_batch(np.concatenate(whs), offsets, 5, a, b, rows=rows)
-        for d, wh in enumerate(whs):
-            want = minhash_signature(shingle_hashes(wh, 5), a, b)
-            assert np.array_equal(got[d], want), (rows, d, len(docs[d]))
+    got = minhash_batch(np.concatenate(whs), offsets, 5, *params)
+    for d, wh in enumerate(whs):
+        want = minhash_signature(shingle_hashes(wh, 5), *params)
+        assert np.array_equal(got[d], want), (d, len(docs[d]))
+        assert want.tolist() == _oph_reference(shingle_hashes(wh, 5).tolist(), *params)
+    assert minhash_batch(np.zeros(0, np.uint64), np.zeros(1, np.int64), 5, *params).shape == (0, 64)
 
 
 def _eval_stages(tmp_path, n: int):

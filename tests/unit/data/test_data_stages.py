@@ -291,6 +291,25 @@ def test_minhash_estimates_jaccard():
     assert float((_signature(a, params) == _signature(c, params)).mean()) < 0.1
 
 
+def test_minhash_estimates_jaccard_over_many_pairs_and_lengths():
+    """Unbiased against the exact shingle Jaccard at every similarity and length, short
+    documents (most bins filled by densification) included."""
+    rng = random.Random(3)
+    params = minhash_params(128, seed=1)
+    errors = []
+    for trial in range(60):
+        n = rng.choice([8, 20, 60, 200, 800])
+        words = [f"w{rng.randrange(10**6)}" for _ in range(n)]
+        other = list(words)
+        for i in rng.sample(range(n), rng.randint(0, n // 3)):
+            other[i] = f"x{trial}_{i}"
+        a, b = " ".join(words), " ".join(other)
+        est = float((_signature(a, params) == _signature(b, params)).mean())
+        errors.append(est - _jaccard(a, b))
+    assert abs(float(np.mean(errors))) < 0.03  # no bias
+    assert float(np.sqrt(np.mean(np.square(errors)))) < 0.08  # about sqrt(J(1-J)/128) or less
+
+
 def test_near_duplicate_one_word_in_200_removed_unrelated_kept(tmp_path):
     rng = random.Random(2)
     base = prose(rng, 200).split()
