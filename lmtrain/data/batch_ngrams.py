@@ -106,15 +106,11 @@ class NgramBatch:
         docs, dmax = docs[keep], dmax[keep]
         dmax_of = np.zeros(self.docs, dtype=counts.dtype)
         dmax_of[docs] = dmax
-        # The most frequent n-gram, ties to the smallest hash: the first group of the document
-        # (groups are sorted by hash within a document) with the document's top count.
-        top = np.flatnonzero(counts == dmax_of[gdoc])
-        first_top = top[np.searchsorted(gdoc[top], docs)]
-        top_key = np.zeros(self.docs, dtype=np.uint64)
-        top_key[docs] = gkey[first_top]
-        wanted = np.zeros(self.docs, dtype=bool)
-        wanted[docs] = True
-        hit = np.flatnonzero(wanted[doc] & (key == top_key[doc]))  # in position order
+        # The most frequent n-gram, ties to the one that occurs first (as Counter.most_common):
+        # the first position, per document, holding one of its groups with the top count.
+        top_keys = gkey[counts == dmax_of[gdoc]]  # sorted, as the groups are
+        at = np.minimum(np.searchsorted(top_keys, key), top_keys.size - 1)
+        hit = np.flatnonzero(top_keys[at] == key)  # in position order
         start = pos[hit[np.searchsorted(doc[hit], docs)]]
         window = wl_cumsum[start + n] - wl_cumsum[start]
         total = wl_cumsum[self.offsets[docs + 1]] - wl_cumsum[self.offsets[docs]]

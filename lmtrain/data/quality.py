@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import re
 import string
-from itertools import chain
+from collections.abc import Callable
 
 import numpy as np
 
 from lmtrain.data.batch_ngrams import NgramBatch
-from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes
+from lmtrain.data.batch_words import Words, char_lengths
+from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes, word_hashes
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
+_STOP_HASHES = np.sort(word_hashes(sorted(STOP_WORDS)))
 BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "—")
 ELLIPSES = ("...", "…")
 # A whitespace-delimited word with no letter (digits, punctuation, symbols only).
@@ -81,16 +83,16 @@ def top_ngram_chars_fraction(
     h = ngram_hashes(wh, n) if h is None else h
     if h.size == 0:
         return 0.0
-    # A plain sort (SIMD) instead of np.unique's stable argsort: the same top n-gram (the most
-    # frequent, ties to the smallest hash) and its first position.
+    # A plain sort (SIMD) instead of np.unique's stable argsort; the top n-gram is the most
+    # frequent, ties to the one that occurs first (as Counter.most_common).
     s = np.sort(h)
     starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
     counts = np.diff(np.append(starts, s.size))
-    top = int(np.argmax(counts))
-    if counts[top] < 2:
+    top = int(counts.max())
+    if top < 2:
         return 0.0
-    start = int(np.argmax(h == s[starts[top]]))
-    return float(wl[start : start + n].sum() * counts[top]) / max(float(wl.sum()), 1.0)
+    start = int(np.argmax(np.isin(h, s[starts[counts == top]])))
+    return float(wl[start : start + n].sum() * top) / max(float(wl.sum()), 1.0)
 
 
 def duplicate_ngram_chars_fraction(
@@ -154,24 +156,30 @@ def quality_reason(
 
 def quality_reasons_batch(
     texts: list[str],
-    words: list[list[str]],
-    lower_words: list[list[str]],
+    words: Words,
     wh: np.ndarray,
-    offsets: np.ndarray,
     q: dict,
     blocklist: frozenset = frozenset(),
 ) -> list[str | None]:
-    """``quality_reason`` of every document of a batch; ``wh`` the word hashes of all documents
-    back to back, document ``d`` at ``wh[offsets[d]:offsets[d + 1]]`` (``batch_ngrams``). The
-    n-gram filters run over the whole batch at once."""
-    reasons = [text_reason(t, w, q, lw) for t, w, lw in zip(texts, words, lower_words)]
+    """``quality_reason`` of every document of a batch. ``words``: ``batch_words.find_words(texts)``;
+    ``wh`` the hashes of the lower-cased words of all documents back to back, document ``d`` at
+    ``wh[words.offsets[d]:words.offsets[d + 1]]`` (``batch_ngrams``). The word counts, lengths and
+    stop words come from the batch's bytes, and the n-gram filters run over the whole batch at
+    once."""
+    offsets = words.offsets
+    wl = char_lengths(words)
+    cs = np.zeros(wl.size + 1, dtype=np.int64)
+    np.cumsum(wl, out=cs[1:])
+    sizes, chars = np.diff(offsets), cs[offsets[1:]] - cs[offsets[:-1]]
+    stops = _stop_words_found(wh, offsets)
+    reasons = [
+        _text_reason(t, int(n), int(c), q, int(k), t.split)
+        for t, n, c, k in zip(texts, sizes, chars, stops)
+    ]
     alive = np.array([r is None for r in reasons], dtype=bool)
     top = [(int(k), lim) for k, lim in q["max_top_ngram_chars_fraction"] if _on(lim)]
     dup = [(int(k), lim) for k, lim in q["max_duplicate_ngram_chars_fraction"] if _on(lim)]
     if alive.any() and (top or dup):
-        wl = np.fromiter(map(len, chain.from_iterable(words)), dtype=np.int64, count=int(wh.size))
-        cs = np.zeros(wl.size + 1, dtype=np.int64)
-        np.cumsum(wl, out=cs[1:])
         grams = NgramBatch(wh, offsets)
         for k, limit in top:
             failed = np.flatnonzero(alive & (grams.top_fractions(k, cs) > limit))
@@ -189,22 +197,46 @@ def quality_reasons_batch(
                 )
     for d, r in enumerate(reasons):
         if r is None and blocklist:
-            reasons[d] = blocklist_reason(words[d], q, blocklist)
+            reasons[d] = blocklist_reason(texts[d].split(), q, blocklist)
     return reasons
+
+
+def _stop_words_found(wh: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per document: how many distinct stop words occur as bare lower-case words (by hash)."""
+    docs = offsets.size - 1
+    at = np.flatnonzero(np.isin(wh, _STOP_HASHES))
+    if at.size == 0:
+        return np.zeros(docs, dtype=np.int64)
+    doc = np.searchsorted(offsets, at, side="right") - 1
+    which = np.searchsorted(_STOP_HASHES, wh[at])
+    pairs = np.unique(doc * _STOP_HASHES.size + which)
+    return np.bincount(pairs // _STOP_HASHES.size, minlength=docs)
 
 
 def text_reason(
     text: str, words: list[str], q: dict, lower_words: list[str] | None = None
 ) -> str | None:
     """The filters on words, lines and paragraphs (all but the n-gram and blocklist ones)."""
-    n = len(words)
+    stops = 0
+    if _on(q["min_stop_words"]) and q["min_stop_words"] > 0:
+        low = lower_words if lower_words is not None else text.lower().split()
+        stops = len(STOP_WORDS.intersection(low))
+    return _text_reason(text, len(words), sum(map(len, words)), q, stops, lambda: words)
+
+
+def _text_reason(
+    text: str, n: int, chars: int, q: dict, stops: int, words: Callable[[], list[str]]
+) -> str | None:
+    """:func:`text_reason` from the document's word count ``n``, the characters of its words
+    ``chars``, the distinct bare lower-case stop words ``stops``; ``words()`` gives
+    ``text.split()`` for the rare checks that need the words themselves."""
     if _on(q["min_words"]) and n < q["min_words"]:
         return "too_few_words"
     if _on(q["max_words"]) and q["max_words"] > 0 and n > q["max_words"]:
         return "too_many_words"
     if n == 0:
         return "too_few_words"
-    mean_len = sum(map(len, words)) / n  # == float(np.mean(lengths)): an exact sum, one division
+    mean_len = chars / n  # == float(np.mean(lengths)): an exact sum, one division
     if _on(q["min_mean_word_length"]) and mean_len < q["min_mean_word_length"]:
         return "mean_word_length_low"
     if _on(q["max_mean_word_length"]) and mean_len > q["max_mean_word_length"]:
@@ -229,16 +261,14 @@ def text_reason(
         if text.isascii():  # exact for ASCII, and a C-speed scan
             alpha = _ascii_alpha_words(text)
         else:
-            alpha = sum(any(c.isalpha() for c in w) for w in words)
+            alpha = sum(any(c.isalpha() for c in w) for w in words())
         if alpha / n < q["min_alpha_words_fraction"]:
             return "alpha_words_fraction"
     if _on(q["min_stop_words"]) and q["min_stop_words"] > 0:
-        low = lower_words if lower_words is not None else text.lower().split()
-        found = STOP_WORDS.intersection(low)  # fast path: bare stop words
-        if len(found) < q["min_stop_words"]:
-            found = STOP_WORDS.intersection(w.lower().strip(string.punctuation) for w in words)
-        if len(found) < q["min_stop_words"]:
-            return "stop_words"
+        if stops < q["min_stop_words"]:  # bare stop words first, then with punctuation stripped
+            found = STOP_WORDS.intersection(w.lower().strip(string.punctuation) for w in words())
+            if len(found) < q["min_stop_words"]:
+                return "stop_words"
     if lines and (
         _on(q["max_duplicate_lines_fraction"]) or _on(q["max_duplicate_line_chars_fraction"])
     ):

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from itertools import chain
 from time import thread_time
 from typing import NamedTuple
 
 import numpy as np
 
 from lmtrain.data.batch_ngrams import minhash_batch
+from lmtrain.data.batch_words import find_words, hash_words, lower_words
 from lmtrain.data.contamination import EvalGate, eval_candidates, matches
 from lmtrain.data.dedup import minhash_params
 from lmtrain.data.default_corpus import extract_docstrings
@@ -96,8 +96,9 @@ class Stages:
             ]
         t2 = thread_time()
         if words is None:
-            words = [t.split() for t in texts]
-        keys = [hash64(" ".join(w)) for w in words]
+            keys = [hash64(" ".join(t.split())) for t in texts]
+        else:
+            keys = [hash64(" ".join(w)) for w in words]
         cpu["minhash"] += t1 - t0
         cpu["contamination_ngrams"] += t2 - t1
         cpu["content_hash"] += thread_time() - t2
@@ -109,16 +110,15 @@ class Stages:
     def clean(self, doc, counts: dict[str, Counter], removed: list, policy: ErrorPolicy):
         """``(text, word hashes, time key)`` of a kept document, or None (the reason appended to
         ``removed`` as ``(id, stage, reason)``, counted in ``counts``, bad input to ``policy``)."""
-        out = self.clean_batch([doc], counts, removed, policy)[0]
-        return None if out is None else out[:3]
+        return self.clean_batch([doc], counts, removed, policy)[0]
 
     def clean_batch(
         self, docs: list, counts: dict[str, Counter], removed: list, policy: ErrorPolicy
     ) -> list:
-        """:meth:`clean` of each document, plus its words (``text.split()``): ``(text, word
-        hashes, time key, words)`` or None. ``removed`` and ``policy`` see the documents in
-        order, as if each went through :meth:`clean` in turn; the quality filters' n-gram
-        statistics run over the whole batch at once."""
+        """:meth:`clean` of each document: ``(text, word hashes, time key)`` or None. ``removed``
+        and ``policy`` see the documents in order, as if each went through :meth:`clean` in turn;
+        the words, their hashes and the quality filters' statistics come from the whole batch
+        at once."""
         cfg, cpu = self.cfg, self.cpu
         # What happens to a removed document's record and error message, replayed in order.
         events: list = [None] * len(docs)
@@ -126,14 +126,12 @@ class Stages:
         t3 = thread_time()
         idx = [i for i, t in enumerate(texts) if t is not None]
         kept = [texts[i] for i in idx]
-        words = [t.split() for t in kept]
-        low = [t.lower().split() for t in kept]
-        offsets = _offsets(list(map(len, low)))
-        wh = word_hashes(list(chain.from_iterable(low)))
+        # The words of the whole batch from its bytes (batch_words): no Python object per word.
+        words = find_words(kept)
+        wh = hash_words(lower_words(words, kept))
+        offsets = words.offsets
         if cfg["quality"]["enabled"]:
-            reasons = quality_reasons_batch(
-                kept, words, low, wh, offsets, cfg["quality"], self.blocklist
-            )
+            reasons = quality_reasons_batch(kept, words, wh, cfg["quality"], self.blocklist)
         else:
             reasons = [None] * len(kept)
         t4 = thread_time()
@@ -145,16 +143,15 @@ class Stages:
                 counts["quality"][reason] += 1
                 events[i] = ((docs[i].id, "quality", reason), None)
                 continue
-            text, w, h = kept[j], words[j], wh[offsets[j] : offsets[j + 1]]
+            text, h = kept[j], wh[offsets[j] : offsets[j + 1]]
             if self.pii is not None:
                 new, c = self.pii.scrub(text)
                 if c:
                     counts["pii"].update(c)
                     counts["pii"]["documents_changed"] += 1
                     text = new
-                    w = text.split()
                     h = word_hashes(text.lower().split())
-            out[i] = (text, h, math.nan, w)
+            out[i] = (text, h, math.nan)
         if self.pii is not None:
             cpu["pii"] += thread_time() - t4
         for i, doc in enumerate(docs):
@@ -166,7 +163,7 @@ class Stages:
             elif out[i] is not None and self.by_time:
                 field = cfg["split"]["time_field"]
                 try:
-                    out[i] = (out[i][0], out[i][1], time_key(doc.time), out[i][3])
+                    out[i] = (out[i][0], out[i][1], time_key(doc.time))
                 except (ValueError, TypeError):
                     what = "missing" if doc.time is None else f"unreadable ({doc.time!r})"
                     policy(

@@ -12,6 +12,7 @@ import numpy as np
 
 from lmtrain.data import quality
 from lmtrain.data.batch_ngrams import minhash_batch
+from lmtrain.data.batch_words import find_words
 from lmtrain.data.dedup import minhash_params, minhash_signature, shingle_hashes
 from lmtrain.data.hashing import word_hashes
 from lmtrain.data.prepare_config import default_config, resolve, source, to_plain
@@ -47,27 +48,51 @@ def _quality_config() -> dict:
     return q
 
 
-def test_batched_quality_reasons_equal_per_document_reasons():
-    rng = random.Random(0)
-    q = _quality_config()
-    texts = [_doc(rng) for _ in range(400)]
-    words = [t.split() for t in texts]
+def _check_batch_against_per_document(texts: list[str], q: dict) -> Counter:
     low = [t.lower().split() for t in texts]
-    offsets = np.zeros(len(texts) + 1, np.int64)
-    np.cumsum(list(map(len, low)), out=offsets[1:])
     wh = word_hashes(list(chain.from_iterable(low)))
+    want = None
     for block in ([q, frozenset()], [q, frozenset({"stone"})]):
-        got = quality.quality_reasons_batch(texts, words, low, wh, offsets, *block)
+        got = quality.quality_reasons_batch(texts, find_words(texts), wh, *block)
         want = [
-            quality.quality_reason(t, w, word_hashes(lw), block[0], block[1], lw)
-            for t, w, lw in zip(texts, words, low)
+            quality.quality_reason(t, t.split(), word_hashes(lw), block[0], block[1], lw)
+            for t, lw in zip(texts, low)
         ]
         assert got == want
-    reasons = Counter(want)
+    return Counter(want)
+
+
+def test_batched_quality_reasons_equal_per_document_reasons():
+    rng = random.Random(0)
+    reasons = _check_batch_against_per_document([_doc(rng) for _ in range(400)], _quality_config())
     # the batch really exercised the n-gram filters, each way
     assert None in reasons and reasons["blocklist"], reasons
     assert any(r and r.startswith("top_") for r in reasons), reasons
     assert any(r and r.startswith("duplicate_") and "gram" in r for r in reasons), reasons
+
+
+def test_batched_word_filters_equal_per_document_reasons():
+    """The filters whose word counts, lengths, letters and stop words come from the batch's
+    bytes, on texts with non-ASCII letters and spaces, punctuation and symbols."""
+    rng = random.Random(5)
+    q = to_plain(default_config())["quality"]
+    q["min_words"], q["min_stop_words"] = 3, 3
+    odd = ["ЖУК", "Straße", "naïve", "12", "…", "#", "--", "The,", "to.", "AND", "\u2003", "\xa0"]
+    vocab = VOCAB + ["have", "with", "be", "that", "x", "longerwordsthanmost"] + odd
+    texts = []
+    for _ in range(400):
+        words = [rng.choice(vocab[: rng.randint(3, len(vocab))]) for _ in range(rng.randint(1, 80))]
+        texts.append(" ".join(words).replace(" \u2003 ", "\u2003").replace(" \xa0 ", "\xa0"))
+    reasons = _check_batch_against_per_document(texts, q)
+    for r in (
+        "too_few_words",
+        "mean_word_length_low",
+        "symbol_word_ratio",
+        "alpha_words_fraction",
+        "stop_words",
+        None,
+    ):
+        assert reasons[r], (r, reasons)
 
 
 def _mix64(x: int) -> int:
