@@ -39,6 +39,7 @@ class NgramBatch:
         self.word_doc = doc_index(self.offsets)
         self.word_end = self.offsets[1:][self.word_doc]  # end of each word's document
         self._grams: dict[int, tuple] = {}
+        self._top_count: dict[int, np.ndarray] = {}  # n: per document, a bound on the top count
         self._lazy = LazyNgramHashes(wh)
         bits = (self.docs - 1).bit_length() if self.docs > 1 else 0
         self.bits = np.uint64(bits)
@@ -89,32 +90,52 @@ class NgramBatch:
                 out[0] = True
         return out
 
-    def top_fractions(self, n: int, wl_cumsum: np.ndarray) -> np.ndarray:
-        """``quality.top_ngram_chars_fraction`` of every document; ``wl_cumsum``: the running
-        sum of the word lengths, starting with 0 (``len(wh) + 1`` entries)."""
-        out = np.zeros(self.docs, dtype=np.float64)
+    def top_over(
+        self, n: int, wl_cumsum: np.ndarray, limit: float, docs: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Per document: whether ``quality.top_ngram_chars_fraction`` exceeds ``limit``;
+        ``wl_cumsum``: the running sum of the word lengths, starting with 0 (``len(wh) + 1``
+        entries); ``docs``: the documents to check (bool mask; default all)."""
+        out = np.zeros(self.docs, dtype=bool)
         key, pos, doc = self.keys(n)
         if key.size == 0:
             return out
-        gkey, counts, gdoc = self._groups(key)
-        gstart = np.flatnonzero(np.concatenate(([True], gdoc[1:] != gdoc[:-1])))
-        docs = gdoc[gstart]  # the documents with at least one n-gram
-        dmax = np.maximum.reduceat(counts, gstart)
-        keep = dmax >= 2  # a top n-gram seen once covers nothing
-        if not keep.any():
+        check = np.ones(self.docs, dtype=bool) if docs is None else docs.copy()
+        total = wl_cumsum[self.offsets[1:]] - wl_cumsum[self.offsets[:-1]]
+        total = np.maximum(total.astype(np.float64), 1.0)
+        # Upper bounds first: the document's longest n-gram (in characters) times a bound on
+        # its top count: the top count of a shorter n-gram when known (an n-gram occurs at most
+        # as often as its prefix). Only the documents not cleared are grouped.
+        window = wl_cumsum[pos + n] - wl_cumsum[pos]
+        longest = np.zeros(self.docs, dtype=np.int64)
+        start = np.flatnonzero(np.concatenate(([True], doc[1:] != doc[:-1])))
+        longest[doc[start]] = np.maximum.reduceat(window, start)
+        known = [m for m in self._top_count if m < n]
+        cap = self._top_count[max(known)] if known else np.full(self.docs, np.inf)
+        with np.errstate(invalid="ignore"):  # 0 * inf: no n-gram, nothing to check
+            check &= longest * cap / total > limit
+        top_count = np.zeros(self.docs, dtype=np.int64)
+        sel = np.flatnonzero(check[doc])
+        if sel.size:
+            key, pos, doc, window = key[sel], pos[sel], doc[sel], window[sel]
+            gkey, counts, gdoc = self._groups(key)
+            gstart = np.flatnonzero(np.concatenate(([True], gdoc[1:] != gdoc[:-1])))
+            top_count[gdoc[gstart]] = np.maximum.reduceat(counts, gstart)
+        self._top_count[n] = np.where(check, top_count, cap)  # exact where grouped
+        # A top n-gram seen once covers nothing.
+        want = check & (top_count >= 2) & ((longest * top_count) / total > limit)
+        if not want.any():
             return out
-        docs, dmax = docs[keep], dmax[keep]
-        dmax_of = np.zeros(self.docs, dtype=counts.dtype)
-        dmax_of[docs] = dmax
         # The most frequent n-gram, ties to the one that occurs first (as Counter.most_common):
         # the first position, per document, holding one of its groups with the top count.
-        top_keys = gkey[counts == dmax_of[gdoc]]  # sorted, as the groups are
-        at = np.minimum(np.searchsorted(top_keys, key), top_keys.size - 1)
-        hit = np.flatnonzero(top_keys[at] == key)  # in position order
-        start = pos[hit[np.searchsorted(doc[hit], docs)]]
-        window = wl_cumsum[start + n] - wl_cumsum[start]
-        total = wl_cumsum[self.offsets[docs + 1]] - wl_cumsum[self.offsets[docs]]
-        out[docs] = (window * dmax).astype(np.float64) / np.maximum(total.astype(np.float64), 1.0)
+        top_keys = gkey[(counts == top_count[gdoc]) & want[gdoc]]  # sorted, as the groups are
+        sel = np.flatnonzero(want[doc])
+        at = np.minimum(np.searchsorted(top_keys, key[sel]), top_keys.size - 1)
+        hit = sel[top_keys[at] == key[sel]]  # in position order
+        docs_ = np.flatnonzero(want)
+        first = hit[np.searchsorted(doc[hit], docs_)]
+        frac = (window[first] * top_count[docs_]).astype(np.float64) / total[docs_]
+        out[docs_] = frac > limit
         return out
 
 

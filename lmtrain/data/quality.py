@@ -182,7 +182,7 @@ def quality_reasons_batch(
     if alive.any() and (top or dup):
         grams = NgramBatch(wh, offsets)
         for k, limit in top:
-            failed = np.flatnonzero(alive & (grams.top_fractions(k, cs) > limit))
+            failed = np.flatnonzero(grams.top_over(k, cs, limit, alive))
             for d in failed:
                 reasons[d] = f"top_{k}gram_chars"
             alive[failed] = False
