@@ -22,6 +22,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _EXOTIC_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
+_ASCII_NOT_CONTROL = bytes(i for i in range(128) if not _CONTROL.match(chr(i)))  # to delete
 
 
 class DecodeResult:
@@ -58,20 +59,27 @@ def normalize_text(text: str, *, nfc: bool = True, max_blank_lines: int = 1) -> 
     counts: Counter = Counter()
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if _SURROGATE.search(text):
+    # ASCII text (most of it) has no surrogates, exotic spaces or decompositions, and its
+    # control characters are found by one bytes.translate: the regex scans are skipped.
+    ascii_ = text.isascii()
+    if not ascii_ and _SURROGATE.search(text):
         text, n = _SURROGATE.subn("\ufffd", text)
         counts["surrogates_replaced"] += n
-    text, n = _CONTROL.subn("", text)
+    if ascii_ and not text.encode("ascii").translate(None, _ASCII_NOT_CONTROL):
+        n = 0
+    else:
+        text, n = _CONTROL.subn("", text)
     if n:
         counts["control_chars_removed"] += n
         counts["documents_with_control_chars"] += 1
     if text.startswith("\ufeff"):
         text = text[1:]
-    if nfc and not unicodedata.is_normalized("NFC", text):
+    if nfc and not ascii_ and not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
         counts["nfc_changed"] += 1
     before = text
-    text = _EXOTIC_SPACE.sub(" ", text)
+    if not ascii_:
+        text = _EXOTIC_SPACE.sub(" ", text)
     if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):  # else nothing to strip
         text = _TRAILING.sub("", text)
     limit = "\n" * (max_blank_lines + 1)

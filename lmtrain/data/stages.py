@@ -137,6 +137,7 @@ class Stages:
         t4 = thread_time()
         cpu["quality_and_word_hashes"] += t4 - t3
         out: list = [None] * len(docs)
+        maybe_pii = self.pii.candidates(kept) if self.pii is not None else None
         for j, i in enumerate(idx):
             reason = reasons[j]
             if reason is not None:
@@ -144,7 +145,7 @@ class Stages:
                 events[i] = ((docs[i].id, "quality", reason), None)
                 continue
             text, h = kept[j], wh[offsets[j] : offsets[j + 1]]
-            if self.pii is not None:
+            if self.pii is not None and maybe_pii[j]:
                 new, c = self.pii.scrub(text)
                 if c:
                     counts["pii"].update(c)

@@ -46,6 +46,44 @@ def prose(rng: random.Random, n_words: int) -> str:
 # ---- stage 1: decoding and normalisation -------------------------------------------------------
 
 
+def _normalize_reference(text: str, max_blank_lines: int = 1) -> tuple[str, Counter]:
+    """Every rule of ``normalize_text`` applied in turn with no shortcut for ASCII text."""
+    import re
+
+    counts: Counter = Counter()
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text, n = re.subn(r"[\ud800-\udfff]", "\ufffd", text)
+    if n:
+        counts["surrogates_replaced"] += n
+    text, n = re.subn(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", "", text)
+    if n:
+        counts["control_chars_removed"] += n
+        counts["documents_with_control_chars"] += 1
+    text = text.removeprefix("\ufeff")
+    if unicodedata.normalize("NFC", text) != text:
+        text = unicodedata.normalize("NFC", text)
+        counts["nfc_changed"] += 1
+    before = text
+    text = re.sub(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]", " ", text)
+    text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
+    text = re.sub("\n{" + str(max_blank_lines + 2) + ",}", "\n" * (max_blank_lines + 1), text)
+    text = text.lstrip("\n").rstrip()
+    if text != before:
+        counts["whitespace_changed"] += 1
+    return text, counts
+
+
+def test_normalize_equals_the_rules_applied_in_turn():
+    rng = random.Random(4)
+    pieces = ["word", " ", "\t", "\n", "\r\n", "\r", "\x00", "\x07", "\x1b", "\x7f", "\x85",
+              "\x9f", "\xa0", "\u3000", "\ufeff", "e\u0301", "é", "\ud800", "\n\n\n\n"]  # fmt: skip
+    for _ in range(3000):
+        k = rng.randint(0, 12)
+        parts = [rng.choice(pieces[:11] if rng.random() < 0.6 else pieces) for _ in range(k)]
+        text = "".join(parts)
+        assert normalize_text(text) == _normalize_reference(text), repr(text)
+
+
 def test_invalid_utf8_policies_locate_the_bad_byte():
     data = "línea uno\nzwei \xff drei".encode("latin-1")  # latin-1 bytes are invalid UTF-8
     rep = decode_utf8(data, "replace")
@@ -260,6 +298,49 @@ def test_luhn_invalid_numbers_private_ips_and_versions_are_kept():
 def test_pii_kinds_can_be_switched_off_and_placeholder_changed():
     out, counts = PiiScrubber("[{kind}]", kinds=("EMAIL",)).scrub("a@b.org and 93.184.216.34")
     assert out == "[EMAIL] and 93.184.216.34" and counts == Counter({"EMAIL": 1})
+
+
+def test_pii_batch_candidates_never_miss_a_change():
+    """A text that ``candidates`` rules out is one ``scrub`` leaves unchanged; plain prose is
+    ruled out, so the scrubber runs on few texts."""
+    rng = random.Random(7)
+    pii = [
+        "mail jane.doe@example.com now",
+        "call +44 20 7946 0958",
+        "(555) 123-4567",
+        "card 4111 1111 1111 1111",
+        "at 93.184.216.34",
+        "at 2001:db8:85a3::8a2e:370:7334",
+        "AKIAIOSFODNN7EXAMPLE",
+        "AKIAABCDEFGHIJKLMNOP ok",
+        "aws_secret_access_key = " + "wJalrXUtnFEMIbKxK7MDENGbPxRfiCYEXAMPLEKEYa"[:40],
+        "AWS_SECRET_KEY: " + "A" * 40,
+        "token ghp_" + "a" * 36,
+        "github_pat_" + "b" * 60,
+        "api_key = 'sk1live9x8y7z6w5v'",
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----",
+        "SeCrEt",
+        "café 10.0.0.1",
+        "naïve ∑ @",
+        "Ünïcödé 555.123.4567",
+    ]
+    texts = []
+    for _ in range(300):
+        parts = [prose(rng, rng.randint(3, 30))]
+        if rng.random() < 0.4:
+            parts.insert(rng.randint(0, 1), rng.choice(pii))
+        texts.append(" ".join(parts))
+    for scrubber in (PiiScrubber(), PiiScrubber(keep_nonpublic_ips=False)):
+        for batch in (texts, texts[:1], [], [t for t in texts if t.isascii()][:50]):
+            maybe = scrubber.candidates(batch)
+            assert maybe.shape == (len(batch),)
+            for t, m in zip(batch, maybe):
+                if not m:
+                    assert scrubber.scrub(t) == (t, Counter()), t
+        changed = [scrubber.scrub(t)[1] != Counter() for t in texts]
+        maybe = scrubber.candidates(texts)
+        assert maybe[np.array(changed)].all() and sum(changed) > 50
+        assert (~maybe).sum() > 150  # the plain prose is ruled out
 
 
 # ---- stage 5: dedup ---------------------------------------------------------------------------------
