@@ -99,7 +99,10 @@ def _poly_hashes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
 
 
 def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
-    """Hashes of all word n-grams (order-sensitive); empty when there are fewer than n words."""
+    """Hashes of all word n-grams (order-sensitive): ``sum_k wh[i + k] * PRIME^(n - 1 - k)``
+    (wrapping uint64), no final mixing since the word hashes are mixed already and every use
+    (equality, sorting, the top bits, MinHash's keyed mix) needs none; empty when there are
+    fewer than n words."""
     m = wh.size - n + 1
     if m <= 0:
         return np.zeros(0, dtype=np.uint64)
@@ -107,7 +110,7 @@ def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
     for k in range(1, n):
         h *= _PRIME
         h += wh[k : k + m]
-    return mix64(h)
+    return h
 
 
 def ngram_hashes_range(wh: np.ndarray, ns) -> dict[int, np.ndarray]:
@@ -131,7 +134,7 @@ def ngram_hashes_range(wh: np.ndarray, ns) -> dict[int, np.ndarray]:
             h *= _PRIME
             h += wh[k : k + m]
         done = n
-        out[n] = mix64(h)
+        out[n] = h.copy()  # h is updated in place for the next n
     return out
 
 
@@ -161,6 +164,6 @@ class LazyNgramHashes:
                 h *= _PRIME
                 h += self.wh[k : k + m]
             self.h, self.done = h, n
-            out = mix64(h)
+            out = h.copy()  # self.h is updated in place for the next n
         self.cache[n] = out
         return out

@@ -39,6 +39,7 @@ STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 _STOP_HASHES = np.sort(word_hashes(sorted(STOP_WORDS)))
 BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "—")
 ELLIPSES = ("...", "…")
+_ASCII_BULLETS = tuple(b for b in BULLETS if b.isascii())
 # A whitespace-delimited word with no letter (digits, punctuation, symbols only).
 _NO_LETTER_WORD = re.compile(r"(?<!\S)(?:(?!\s)[\W\d_])+(?!\S)")
 # Lines (as split on "\n") that start with a bullet after whitespace / end with an ellipsis
@@ -241,7 +242,8 @@ def _text_reason(
         return "mean_word_length_low"
     if _on(q["max_mean_word_length"]) and mean_len > q["max_mean_word_length"]:
         return "mean_word_length_high"
-    dots, ellipses = text.count("..."), text.count("…")
+    ascii_ = text.isascii()  # then no "…" and no non-ASCII bullet: fewer scans
+    dots, ellipses = text.count("..."), 0 if ascii_ else text.count("…")
     if _on(q["max_symbol_word_ratio"]):
         symbols = text.count("#") + dots + ellipses
         if symbols / n > q["max_symbol_word_ratio"]:
@@ -250,7 +252,8 @@ def _text_reason(
     if lines and _on(q["max_bullet_lines_fraction"]):
         # The line scan only when some bullet character occurs at all (a few fast substring
         # searches): most documents have none.
-        bullets = len(_BULLET_LINE.findall(text)) if any(map(text.__contains__, BULLETS)) else 0
+        marks = _ASCII_BULLETS if ascii_ else BULLETS
+        bullets = len(_BULLET_LINE.findall(text)) if any(map(text.__contains__, marks)) else 0
         if bullets / len(lines) > q["max_bullet_lines_fraction"]:
             return "bullet_lines"
     if lines and _on(q["max_ellipsis_lines_fraction"]):
@@ -258,7 +261,7 @@ def _text_reason(
         if ell / len(lines) > q["max_ellipsis_lines_fraction"]:
             return "ellipsis_lines"
     if _on(q["min_alpha_words_fraction"]):
-        if text.isascii():  # exact for ASCII, and a C-speed scan
+        if ascii_:  # exact for ASCII, and a C-speed scan
             alpha = _ascii_alpha_words(text)
         else:
             alpha = sum(any(c.isalpha() for c in w) for w in words())
