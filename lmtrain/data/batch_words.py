@@ -90,3 +90,25 @@ def char_lengths(words: Words) -> np.ndarray:
     c = np.zeros(len(words.data) + 1, dtype=np.int64)
     np.cumsum(np.frombuffer(words.data.translate(_CHAR_START), dtype=np.uint8), out=c[1:])
     return c[words.ends] - c[words.starts]
+
+
+def collapsed(words: Words) -> tuple[bytes, np.ndarray]:
+    """Every text's words joined by single spaces (``" ".join(text.split())`` as UTF-8), back to
+    back in one bytes object; text d is ``out[bounds[d]:bounds[d + 1]]``. One mask and one
+    compress over the batch's bytes."""
+    buf = np.frombuffer(words.data, dtype=np.uint8)
+    inside = np.zeros(buf.size + 1, dtype=np.int8)
+    inside[words.starts] += 1
+    inside[words.ends] -= 1
+    keep = np.cumsum(inside[:-1], dtype=np.int8).view(bool)
+    # The byte after each word but a text's last becomes the one space between words.
+    last = np.zeros(words.starts.size, dtype=bool)
+    sizes = np.diff(words.offsets)
+    last[(words.offsets[1:] - 1)[sizes > 0]] = True
+    sep = words.ends[~last]
+    out = buf.copy()
+    out[sep] = 32
+    keep[sep] = True
+    chars = np.zeros(words.starts.size + 1, dtype=np.int64)
+    np.cumsum(words.ends - words.starts + ~last, out=chars[1:])
+    return out[keep].tobytes(), chars[words.offsets]

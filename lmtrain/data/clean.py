@@ -67,8 +67,10 @@ class Cleaner:
             for doc, c in zip(docs, self.stages.clean_batch(docs, counts, removed, policy))
             if c is not None
         ]
-        feats = self.stages.features_batch([c[0] for _, c in cleaned], [c[1] for _, c in cleaned])
-        for (doc, (text, _, t)), f in zip(cleaned, feats):
+        feats = self.stages.features_batch(
+            [c[0] for _, c in cleaned], [c[1] for _, c in cleaned], keys=[c[3] for _, c in cleaned]
+        )
+        for (doc, (text, _, t, _)), f in zip(cleaned, feats):
             if f.sig is not None:
                 sigs.append(f.sig)
             if f.matches.size:

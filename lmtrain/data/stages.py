@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lmtrain.data.batch_ngrams import minhash_batch
-from lmtrain.data.batch_words import find_words, hash_words, lower_words
+from lmtrain.data.batch_words import collapsed, find_words, hash_words, lower_words
 from lmtrain.data.contamination import EvalGate, eval_candidates, matches
 from lmtrain.data.dedup import minhash_params
 from lmtrain.data.default_corpus import extract_docstrings
@@ -67,11 +67,15 @@ class Stages:
         return self.features_batch([text], [wh])[0]
 
     def features_batch(
-        self, texts: list[str], whs: list[np.ndarray], words: list[list[str]] | None = None
+        self,
+        texts: list[str],
+        whs: list[np.ndarray],
+        words: list[list[str]] | None = None,
+        keys: list[int] | None = None,
     ) -> list[Features]:
         """Features of cleaned documents (``whs``: their word hashes; ``words``: their
-        ``text.split()`` if the caller has them). MinHash and the contamination pre-filter run
-        over the whole batch at once."""
+        ``text.split()``, ``keys``: their content hashes, if the caller has them). MinHash and
+        the contamination pre-filter run over the whole batch at once."""
         cpu, t0 = self.cpu, thread_time()
         sigs = None
         if self.minhash is not None:
@@ -95,10 +99,12 @@ class Stages:
                 for t, m in zip(texts, maybe)
             ]
         t2 = thread_time()
-        if words is None:
-            keys = [hash64(" ".join(t.split())) for t in texts]
-        else:
-            keys = [hash64(" ".join(w)) for w in words]
+        if keys is None:
+            keys = (
+                [content_key(t) for t in texts]
+                if words is None
+                else [hash64(" ".join(w)) for w in words]
+            )
         cpu["minhash"] += t1 - t0
         cpu["contamination_ngrams"] += t2 - t1
         cpu["content_hash"] += thread_time() - t2
@@ -110,15 +116,17 @@ class Stages:
     def clean(self, doc, counts: dict[str, Counter], removed: list, policy: ErrorPolicy):
         """``(text, word hashes, time key)`` of a kept document, or None (the reason appended to
         ``removed`` as ``(id, stage, reason)``, counted in ``counts``, bad input to ``policy``)."""
-        return self.clean_batch([doc], counts, removed, policy)[0]
+        out = self.clean_batch([doc], counts, removed, policy)[0]
+        return None if out is None else out[:3]
 
     def clean_batch(
         self, docs: list, counts: dict[str, Counter], removed: list, policy: ErrorPolicy
     ) -> list:
-        """:meth:`clean` of each document: ``(text, word hashes, time key)`` or None. ``removed``
-        and ``policy`` see the documents in order, as if each went through :meth:`clean` in turn;
-        the words, their hashes and the quality filters' statistics come from the whole batch
-        at once."""
+        """:meth:`clean` of each document, plus its content hash (:func:`content_key`):
+        ``(text, word hashes, time key, content hash)`` or None. ``removed`` and ``policy`` see
+        the documents in order, as if each went through :meth:`clean` in turn; the words, their
+        hashes, the quality filters' statistics and the content hashes come from the whole
+        batch at once."""
         cfg, cpu = self.cfg, self.cpu
         # What happens to a removed document's record and error message, replayed in order.
         events: list = [None] * len(docs)
@@ -153,8 +161,19 @@ class Stages:
                     text = new
                     h = word_hashes(text.lower().split())
             out[i] = (text, h, math.nan)
+        t5 = thread_time()
         if self.pii is not None:
-            cpu["pii"] += thread_time() - t4
+            cpu["pii"] += t5 - t4
+        if any(o is not None for o in out):
+            # Whitespace-collapsed texts from the batch's bytes; a text PII changed is redone.
+            flat, bounds = collapsed(words)
+            b = bounds.tolist()
+            for j, i in enumerate(idx):
+                if out[i] is not None:
+                    text = out[i][0]
+                    key = hash64(flat[b[j] : b[j + 1]]) if text is kept[j] else content_key(text)
+                    out[i] = (*out[i], key)
+        cpu["content_hash"] += thread_time() - t5
         for i, doc in enumerate(docs):
             if events[i] is not None:
                 record, call = events[i]
@@ -164,7 +183,7 @@ class Stages:
             elif out[i] is not None and self.by_time:
                 field = cfg["split"]["time_field"]
                 try:
-                    out[i] = (out[i][0], out[i][1], time_key(doc.time))
+                    out[i] = (out[i][0], out[i][1], time_key(doc.time), out[i][3])
                 except (ValueError, TypeError):
                     what = "missing" if doc.time is None else f"unreadable ({doc.time!r})"
                     policy(
@@ -231,6 +250,11 @@ class Stages:
             events[i] = ((doc.id, "normalize", "empty"), None)
             return None
         return text
+
+
+def content_key(text: str) -> int:
+    """The exact-dedup and split key: 64-bit hash of the whitespace-collapsed text."""
+    return hash64(" ".join(text.split()))
 
 
 def _offsets(sizes) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 from lmtrain.data.batch_words import (
     NON_ASCII_SPACE,
     char_lengths,
+    collapsed,
     find_words,
     hash_words,
     lower_words,
@@ -81,3 +82,11 @@ def test_ascii_batch_and_empty_batch():
     assert hash_words(lower_words(words, texts)).tolist() == [_word_hash(w) for w in lowered]
     empty = find_words([])
     assert empty.offsets.tolist() == [0] and hash_words(empty).size == 0
+
+
+def test_collapsed_texts_equal_split_and_join():
+    texts = ["", "  \n ", "one", " a\u3000b  c\n", "x\t\ty\n\nz ", "\u2028é  ü\x1f", "end"]
+    for batch in (texts, texts[:1], [t for t in texts if t.isascii()]):
+        flat, bounds = collapsed(find_words(batch))
+        got = [flat[bounds[d] : bounds[d + 1]] for d in range(len(batch))]
+        assert got == [" ".join(t.split()).encode() for t in batch]
