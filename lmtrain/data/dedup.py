@@ -67,18 +67,27 @@ def densify(sig: np.ndarray, filled: np.ndarray, num_perm: int, key: int) -> Non
         return
     flat, filled_flat = sig.reshape(-1), filled.reshape(-1)
     doc, j = np.divmod(empty, num_perm)
-    t = 1
-    while empty.size:  # each round resolves each bin with probability (filled bins / num_perm)
-        src = doc * num_perm + borrow_bin(j, t, num_perm, key)
+    # Attempts in rounds of doubling length: a document with few filled bins needs hundreds of
+    # attempts for its last empty bins, one with many needs one or two.
+    t, step = 1, 4
+    while empty.size:
+        src = doc[:, None] * num_perm + borrow_bin(
+            j[:, None], np.arange(t, t + step), num_perm, key
+        )
         ok = filled_flat[src]
-        flat[empty[ok]] = flat[src[ok]]
-        empty, doc, j = empty[~ok], doc[~ok], j[~ok]
-        t += 1
+        done = np.flatnonzero(ok.any(axis=1))
+        first = ok[done].argmax(axis=1)
+        flat[empty[done]] = flat[src[done, first]]
+        left = np.ones(empty.size, dtype=bool)
+        left[done] = False
+        empty, doc, j = empty[left], doc[left], j[left]
+        t, step = t + step, min(step * 2, 1024)
 
 
-def borrow_bin(j: np.ndarray, t: int, num_perm: int, key: int) -> np.ndarray:
-    """The bin that empty bin ``j`` looks at on attempt ``t`` (the same for every document)."""
-    x = (np.asarray(j, dtype=np.uint64) << _SHIFT32) | np.uint64(t)
+def borrow_bin(j: np.ndarray, t, num_perm: int, key: int) -> np.ndarray:
+    """The bin that empty bin ``j`` looks at on attempt ``t`` (the same for every document;
+    ``j`` and ``t`` broadcast)."""
+    x = (np.asarray(j, dtype=np.uint64) << _SHIFT32) | np.asarray(t, dtype=np.uint64)
     v = mix64(x ^ np.uint64(key ^ _BORROW))
     return (((v >> _SHIFT32) * np.uint64(num_perm)) >> _SHIFT32).astype(np.int64)
 
