@@ -97,27 +97,34 @@ class NgramBatch:
         ``wl_cumsum``: the running sum of the word lengths, starting with 0 (``len(wh) + 1``
         entries); ``docs``: the documents to check (bool mask; default all)."""
         out = np.zeros(self.docs, dtype=bool)
-        key, pos, doc = self.keys(n)
-        if key.size == 0:
+        m = self.wh.size - n + 1
+        if m <= 0:
             return out
         check = np.ones(self.docs, dtype=bool) if docs is None else docs.copy()
         total = wl_cumsum[self.offsets[1:]] - wl_cumsum[self.offsets[:-1]]
         total = np.maximum(total.astype(np.float64), 1.0)
         # Upper bounds first: the document's longest n-gram (in characters) times a bound on
         # its top count: the top count of a shorter n-gram when known (an n-gram occurs at most
-        # as often as its prefix). Only the documents not cleared are grouped.
-        window = wl_cumsum[pos + n] - wl_cumsum[pos]
-        longest = np.zeros(self.docs, dtype=np.int64)
-        start = np.flatnonzero(np.concatenate(([True], doc[1:] != doc[:-1])))
-        longest[doc[start]] = np.maximum.reduceat(window, start)
-        known = [m for m in self._top_count if m < n]
+        # as often as its prefix). Only the n-grams of the documents not cleared are hashed
+        # and grouped.
+        valid = self.word_end[:m] - n >= np.arange(m)  # the n-gram stays in its document
+        window = np.where(valid, wl_cumsum[n : n + m] - wl_cumsum[:m], 0)
+        longest = np.maximum.reduceat(window, np.minimum(self.offsets[:-1], m - 1))
+        longest[np.diff(self.offsets) < n] = 0  # no n-gram (reduceat gave a neighbour's)
+        known = [k for k in self._top_count if k < n]
         cap = self._top_count[max(known)] if known else np.full(self.docs, np.inf)
         with np.errstate(invalid="ignore"):  # 0 * inf: no n-gram, nothing to check
             check &= longest * cap / total > limit
         top_count = np.zeros(self.docs, dtype=np.int64)
-        sel = np.flatnonzero(check[doc])
-        if sel.size:
-            key, pos, doc, window = key[sel], pos[sel], doc[sel], window[sel]
+        self._top_count[n] = cap
+        if not check.any():
+            return out
+        pos = np.flatnonzero(valid & check[self.word_doc[:m]])
+        doc, window = self.word_doc[pos], window[pos]
+        key = self._lazy[n][pos]
+        if self.docs > 1:
+            key = (doc.astype(np.uint64) << self.shift) | (key >> self.bits)
+        if pos.size:
             gkey, counts, gdoc = self._groups(key)
             gstart = np.flatnonzero(np.concatenate(([True], gdoc[1:] != gdoc[:-1])))
             top_count[gdoc[gstart]] = np.maximum.reduceat(counts, gstart)
