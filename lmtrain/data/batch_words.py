@@ -35,6 +35,7 @@ class Words(NamedTuple):
     ends: np.ndarray  # int64 end (exclusive) of each word
     offsets: np.ndarray  # int64, texts + 1: the words of text d are offsets[d]:offsets[d + 1]
     ascii: bool  # every text is ASCII
+    spans: np.ndarray  # int64, texts + 1: text d is data[spans[d]:spans[d + 1] - 1]
 
 
 def _encode(text: str) -> bytes:
@@ -63,7 +64,7 @@ def _words_in(data: bytes, text_start: np.ndarray, ascii_: bool) -> Words:
     edges = np.flatnonzero(space[1:] != space[:-1]) + 1
     starts, ends = edges[0::2], edges[1::2]
     offsets = np.searchsorted(starts, text_start - 1)
-    return Words(data, starts, ends, offsets, ascii_)
+    return Words(data, starts, ends, offsets, ascii_, text_start)
 
 
 def lower_words(words: Words, texts: list[str]) -> Words:

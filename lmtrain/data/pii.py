@@ -135,6 +135,26 @@ def _docs_with(data: bytes, word: bytes, start: np.ndarray, out: np.ndarray) -> 
         at = data.find(word, int(start[d + 1]))
 
 
+def candidates_in(
+    data: bytes, start: np.ndarray, lower: bytes, lower_start: np.ndarray
+) -> np.ndarray:
+    """:meth:`PiiScrubber.candidates` of the texts whose UTF-8 bytes are in ``data`` (text d
+    from ``start[d]``, in increasing order, separated by at least one byte; non-ASCII spaces
+    may have been made ASCII) and whose lower-cased texts' bytes are in ``lower`` (from
+    ``lower_start[d]``)."""
+    out = np.zeros(start.size, dtype=bool)
+    hits = np.flatnonzero(np.frombuffer(data.translate(_TRIGGER_BYTES), dtype=np.uint8))
+    out[np.searchsorted(start, hits, side="right") - 1] = True
+    buf = np.frombuffer(data, dtype=np.uint8)
+    for at in np.flatnonzero(buf == ord("A")):
+        if data[at : at + 4] in _AWS_PREFIX_BYTES:
+            out[np.searchsorted(start, at, side="right") - 1] = True
+    _docs_with(data, b"PRIVATE KEY", start, out)
+    # bytes.lower() maps A-Z only; no non-ASCII character lower-cases to one of "secrt".
+    _docs_with(lower, b"secret", lower_start, out)
+    return out
+
+
 def luhn_valid(digits: str) -> bool:
     """The Luhn (mod 10) checksum used by payment card numbers."""
     total = 0
@@ -180,17 +200,7 @@ class PiiScrubber:
         start = np.zeros(len(parts), dtype=np.int64)
         np.cumsum([len(p) + 1 for p in parts[:-1]], out=start[1:])
         data = b"\n".join(parts)
-        out = np.zeros(len(parts), dtype=bool)
-        buf = np.frombuffer(data, dtype=np.uint8)
-        hits = np.flatnonzero(np.frombuffer(data.translate(_TRIGGER_BYTES), dtype=np.uint8))
-        out[np.searchsorted(start, hits, side="right") - 1] = True
-        for at in np.flatnonzero(buf == ord("A")):
-            if data[at : at + 4] in _AWS_PREFIX_BYTES:
-                out[np.searchsorted(start, at, side="right") - 1] = True
-        _docs_with(data, b"PRIVATE KEY", start, out)
-        # bytes.lower() maps A-Z only; no non-ASCII character lower-cases to one of "secrt".
-        _docs_with(data.lower(), b"secret", start, out)
-        return out
+        return candidates_in(data, start, data.lower(), start)
 
     def scrub(self, text: str) -> tuple[str, Counter]:
         counts: Counter = Counter()

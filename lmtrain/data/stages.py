@@ -25,7 +25,7 @@ from lmtrain.data.default_corpus import extract_docstrings
 from lmtrain.data.hashing import hash64, word_hashes
 from lmtrain.data.markup import html_to_text, markdown_to_text, sniff_format
 from lmtrain.data.normalize import decode_utf8, normalize_text
-from lmtrain.data.pii import PiiScrubber
+from lmtrain.data.pii import PiiScrubber, candidates_in
 from lmtrain.data.quality import load_blocklist, quality_reasons_batch
 from lmtrain.data.sources import ErrorPolicy
 from lmtrain.data.split import time_key
@@ -136,7 +136,8 @@ class Stages:
         kept = [texts[i] for i in idx]
         # The words of the whole batch from its bytes (batch_words): no Python object per word.
         words = find_words(kept)
-        wh = hash_words(lower_words(words, kept))
+        low = lower_words(words, kept)
+        wh = hash_words(low)
         offsets = words.offsets
         if cfg["quality"]["enabled"]:
             reasons = quality_reasons_batch(kept, words, wh, cfg["quality"], self.blocklist)
@@ -145,7 +146,8 @@ class Stages:
         t4 = thread_time()
         cpu["quality_and_word_hashes"] += t4 - t3
         out: list = [None] * len(docs)
-        maybe_pii = self.pii.candidates(kept) if self.pii is not None else None
+        if self.pii is not None:  # the texts that may have PII, from the batch's bytes
+            maybe_pii = candidates_in(words.data, words.spans[:-1], low.data, low.spans[:-1])
         for j, i in enumerate(idx):
             reason = reasons[j]
             if reason is not None:

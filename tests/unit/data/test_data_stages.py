@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from lmtrain.data.batch_words import find_words, lower_words
 from lmtrain.data.contamination import EvalSets, matches
 from lmtrain.data.dedup import (
     SignatureFile,
@@ -23,7 +24,7 @@ from lmtrain.data.dedup import (
 from lmtrain.data.hashing import hash64, ngram_hashes, ngram_hashes_range, word_hashes
 from lmtrain.data.markup import html_to_text, markdown_to_text
 from lmtrain.data.normalize import decode_utf8, normalize_text
-from lmtrain.data.pii import PiiScrubber, luhn_valid
+from lmtrain.data.pii import PiiScrubber, candidates_in, luhn_valid
 from lmtrain.data.prepare_config import default_config, resolve
 from lmtrain.data.quality import (
     duplicate_ngram_chars_fraction,
@@ -340,6 +341,11 @@ def test_pii_batch_candidates_never_miss_a_change():
         changed = [scrubber.scrub(t)[1] != Counter() for t in texts]
         maybe = scrubber.candidates(texts)
         assert maybe[np.array(changed)].all() and sum(changed) > 50
+        # the same from the bytes the word finder already holds (as the cleaning stage does)
+        words = find_words(texts)
+        low = lower_words(words, texts)
+        spans = (words.spans[:-1], low.spans[:-1])
+        assert np.array_equal(candidates_in(words.data, spans[0], low.data, spans[1]), maybe)
         assert (~maybe).sum() > 150  # the plain prose is ruled out
 
 
