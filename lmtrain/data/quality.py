@@ -36,7 +36,8 @@ from lmtrain.data.batch_words import Words, char_lengths
 from lmtrain.data.hashing import LazyNgramHashes, ngram_hashes, word_hashes
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
-_STOP_HASHES = np.sort(word_hashes(sorted(STOP_WORDS)))
+_STOP_HASHES = np.sort(word_hashes(sorted(STOP_WORDS)))  # 8: one bit each in a uint8
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 BULLETS = ("-", "*", "•", "‣", "◦", "▪", "●", "○", "■", "–", "—")
 ELLIPSES = ("...", "…")
 _ASCII_BULLETS = tuple(b for b in BULLETS if b.isascii())
@@ -203,15 +204,16 @@ def quality_reasons_batch(
 
 
 def _stop_words_found(wh: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per document: how many distinct stop words occur as bare lower-case words (by hash)."""
+    """Per document: how many distinct stop words occur as bare lower-case words (by hash):
+    one bit per stop word, or-ed per document, then counted."""
     docs = offsets.size - 1
     at = np.flatnonzero(np.isin(wh, _STOP_HASHES))
-    if at.size == 0:
-        return np.zeros(docs, dtype=np.int64)
-    doc = np.searchsorted(offsets, at, side="right") - 1
-    which = np.searchsorted(_STOP_HASHES, wh[at])
-    pairs = np.unique(doc * _STOP_HASHES.size + which)
-    return np.bincount(pairs // _STOP_HASHES.size, minlength=docs)
+    bits = np.zeros(docs, dtype=np.uint8)
+    if at.size:
+        doc = np.searchsorted(offsets, at, side="right") - 1
+        which = np.searchsorted(_STOP_HASHES, wh[at]).astype(np.uint8)
+        np.bitwise_or.at(bits, doc, np.left_shift(np.uint8(1), which))
+    return _POPCOUNT[bits]
 
 
 def text_reason(
