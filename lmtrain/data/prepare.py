@@ -285,9 +285,11 @@ def _encode_and_write(cfg: dict, tmp: Path, work: Path, tok, scan, split_ids, wo
         ids = encode_batch(tok, [doc[3] for _, doc, _ in pending], workers)
         encode_cpu[0] += time.process_time() - t0
         by_split: dict[str, list] = {s: [] for s in SPLITS}
+        sums = {s: [0, 0, 0] for s in SPLITS}  # documents, chars, tokens: one update per batch
         for (_, doc, s), toks in zip(pending, ids):
             by_split[s].append(toks)
-            per_split[s].update(documents=1, chars=len(doc[3]), tokens=len(toks))
+            c = sums[s]
+            c[0], c[1], c[2] = c[0] + 1, c[1] + len(doc[3]), c[2] + len(toks)
             per_source[(doc[1], doc[2], s)] += 1
             if lists:
                 lists[s].write(
@@ -305,6 +307,9 @@ def _encode_and_write(cfg: dict, tmp: Path, work: Path, tok, scan, split_ids, wo
                 )
         for s, docs in by_split.items():
             writers[s].add_many(docs)
+            n, chars, tokens = sums[s]
+            if n:
+                per_split[s].update(documents=n, chars=chars, tokens=tokens)
         pending.clear()
 
     size = 0
@@ -335,7 +340,7 @@ def _read_and_clean(cfg: dict, work: Path, sources, policy, evals, removed, stat
                 docs_read[d.source] += 1
                 bytes_read[d.source] += (
                     len(d.data)
-                    if isinstance(d.data, bytes)
+                    if isinstance(d.data, bytes) or d.data.isascii()  # isascii: a flag, O(1)
                     else len(d.data.encode("utf-8", "replace"))
                 )
             yield index, batch
