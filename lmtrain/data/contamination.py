@@ -113,8 +113,23 @@ def eval_candidates(texts: list[str], n: int, gate: EvalGate) -> np.ndarray:
         return out
     doc_start = np.zeros(len(parts), dtype=np.int64)
     np.cumsum([len(p) + 1 for p in parts[:-1]], out=doc_start[1:])
-    doc = np.searchsorted(doc_start, starts, side="right") - 1
-    runs, k = _in(h, gate.words), n
+    # each word's document: the first word of each document found, then repeated
+    first = np.searchsorted(starts, doc_start)
+    doc = np.repeat(np.arange(len(parts)), np.diff(first, append=starts.size))
+    runs = _in(h, gate.words)
+    if n > 1:
+        # n consecutive known words in one document first: only the documents with such a
+        # run need their word pairs hashed and looked up.
+        c = np.zeros(runs.size + 1, dtype=np.int64)
+        np.cumsum(runs, out=c[1:])
+        win = np.flatnonzero((c[n:] - c[:-n] == n) & (doc[n - 1 :] == doc[: doc.size - n + 1]))
+        if win.size == 0:
+            return out
+        maybe = np.zeros(len(texts), dtype=bool)
+        maybe[doc[win]] = True
+        sel = np.flatnonzero(maybe[doc])
+        h, doc, runs = h[sel], doc[sel], runs[sel]
+    k = n
     if n > 1:
         same = doc[1:] == doc[:-1]  # both words of the pair in one document
         runs, k = same & runs[:-1] & runs[1:] & _in(_pair(h[:-1], h[1:]), gate.pairs), n - 1

@@ -210,7 +210,7 @@ def _stop_words_found(wh: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     at = np.flatnonzero(np.isin(wh, _STOP_HASHES))
     bits = np.zeros(docs, dtype=np.uint8)
     if at.size:
-        doc = np.searchsorted(offsets, at, side="right") - 1
+        doc = np.repeat(np.arange(docs), np.diff(offsets))[at]
         which = np.searchsorted(_STOP_HASHES, wh[at]).astype(np.uint8)
         np.bitwise_or.at(bits, doc, np.left_shift(np.uint8(1), which))
     return _POPCOUNT[bits]
