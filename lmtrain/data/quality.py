@@ -175,7 +175,7 @@ def quality_reasons_batch(
     sizes, chars = np.diff(offsets), cs[offsets[1:]] - cs[offsets[:-1]]
     stops = _stop_words_found(wh, offsets)
     reasons = [
-        _text_reason(t, int(n), int(c), q, int(k), t.split)
+        _text_reason(t, int(n), int(c), q, int(k), _split_once(t))
         for t, n, c, k in zip(texts, sizes, chars, stops)
     ]
     alive = np.array([r is None for r in reasons], dtype=bool)
@@ -201,6 +201,18 @@ def quality_reasons_batch(
         if r is None and blocklist:
             reasons[d] = blocklist_reason(texts[d].split(), q, blocklist)
     return reasons
+
+
+def _split_once(text: str) -> Callable[[], list[str]]:
+    """``text.split()``, computed on the first call only."""
+    done: list = []
+
+    def words() -> list[str]:
+        if not done:
+            done.append(text.split())
+        return done[0]
+
+    return words
 
 
 def _stop_words_found(wh: np.ndarray, offsets: np.ndarray) -> np.ndarray:
