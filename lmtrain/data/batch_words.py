@@ -26,6 +26,7 @@ NON_ASCII_SPACE = "\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _NON_ASCII_SPACE = re.compile(f"[{NON_ASCII_SPACE}]")
 # Byte tables for bytes.translate (a C loop, faster than indexing a numpy table with the bytes).
 _SPACE = bytes(1 if i in (9, 10, 11, 12, 13, 28, 29, 30, 31, 32) else 0 for i in range(256))
+_TO_SPACE = bytes(32 if s else i for i, s in enumerate(_SPACE))
 _CHAR_START = bytes(1 if (i & 0xC0) != 0x80 else 0 for i in range(256))  # not a continuation
 
 
@@ -62,7 +63,7 @@ def _words_in(data: bytes, text_start: np.ndarray, ascii_: bool) -> Words:
     space = np.frombuffer(data.translate(_SPACE), dtype=np.uint8)
     # ``data`` starts and ends with a space: the changes alternate word start, word end.
     edges = np.flatnonzero(space[1:] != space[:-1]) + 1
-    starts, ends = edges[0::2], edges[1::2]
+    starts, ends = edges[0::2].copy(), edges[1::2].copy()  # contiguous: gathered from often
     offsets = np.searchsorted(starts, text_start - 1)
     return Words(data, starts, ends, offsets, ascii_, text_start)
 
@@ -95,21 +96,15 @@ def char_lengths(words: Words) -> np.ndarray:
 
 def collapsed(words: Words) -> tuple[bytes, np.ndarray]:
     """Every text's words joined by single spaces (``" ".join(text.split())`` as UTF-8), back to
-    back in one bytes object; text d is ``out[bounds[d]:bounds[d + 1]]``. One mask and one
-    compress over the batch's bytes."""
-    buf = np.frombuffer(words.data, dtype=np.uint8)
-    inside = np.zeros(buf.size + 1, dtype=np.int8)
-    inside[words.starts] += 1
-    inside[words.ends] -= 1
-    keep = np.cumsum(inside[:-1], dtype=np.int8).view(bool)
-    # The byte after each word but a text's last becomes the one space between words.
+    back in one bytes object; text d is ``out[bounds[d]:bounds[d + 1]]``. Every whitespace byte
+    becomes a space, then the bytes of the words and the one byte after each word but a text's
+    last are kept."""
+    flat = np.frombuffer(words.data.translate(_TO_SPACE), dtype=np.uint8)
+    keep = flat != 32
     last = np.zeros(words.starts.size, dtype=bool)
     sizes = np.diff(words.offsets)
     last[(words.offsets[1:] - 1)[sizes > 0]] = True
-    sep = words.ends[~last]
-    out = buf.copy()
-    out[sep] = 32
-    keep[sep] = True
+    keep[words.ends[~last]] = True
     chars = np.zeros(words.starts.size + 1, dtype=np.int64)
     np.cumsum(words.ends - words.starts + ~last, out=chars[1:])
-    return out[keep].tobytes(), chars[words.offsets]
+    return flat[keep].tobytes(), chars[words.offsets]
