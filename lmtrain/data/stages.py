@@ -130,7 +130,7 @@ class Stages:
         cfg, cpu = self.cfg, self.cpu
         # What happens to a removed document's record and error message, replayed in order.
         events: list = [None] * len(docs)
-        texts = [self._text(doc, counts, events, i) for i, doc in enumerate(docs)]
+        texts = self._texts(docs, counts, events)
         t3 = thread_time()
         idx = [i for i, t in enumerate(texts) if t is not None]
         kept = [texts[i] for i in idx]
@@ -196,35 +196,60 @@ class Stages:
                     out[i] = None
         return out
 
-    def _text(self, doc, counts: dict[str, Counter], events: list, i: int) -> str | None:
-        """Decode, markup and normalise one document; None when it is removed (its record and
-        error message go to ``events[i]``)."""
+    def _texts(self, docs: list, counts: dict[str, Counter], events: list) -> list:
+        """Decode, markup and normalise each document; None for a removed one (its record and
+        error message go to ``events[i]``). Stage by stage over the batch, so the CPU clock is
+        read a few times per batch rather than per document."""
         cfg, cpu = self.cfg, self.cpu
         t0 = thread_time()
-        data = doc.data
-        if isinstance(data, bytes):
-            res = decode_utf8(data, cfg["normalize"]["invalid_utf8"], first_line=max(doc.line, 1))
-            if res.status == "repaired":
-                counts["decode"]["invalid_utf8_repaired"] += 1
-            elif res.status == "dropped":
-                counts["decode"]["invalid_utf8_dropped"] += 1
-                events[i] = ((doc.id, "decode", "invalid_utf8"), None)
-                return None
-            elif res.status == "invalid":
-                events[i] = (
-                    (doc.id, "errors", "invalid_utf8"),
-                    (
-                        "invalid_utf8",
-                        f"{doc.path}:{res.line}: invalid UTF-8 (byte 0x{res.byte:02x} at column {res.column}); "
-                        "re-encode the file as UTF-8 or set normalize.invalid_utf8='replace' (repair) or 'drop'",
-                    ),
-                )
-                return None
-            text = res.text
-        else:
-            text = data
+        texts = [self._decode(doc, counts, events, i) for i, doc in enumerate(docs)]
         t1 = thread_time()
         cpu["decode"] += t1 - t0
+        texts = [
+            None if t is None else self._markup(doc, t, counts, events, i)
+            for i, (doc, t) in enumerate(zip(docs, texts))
+        ]
+        t2 = thread_time()
+        cpu["markup"] += t2 - t1
+        n = cfg["normalize"]
+        for i, text in enumerate(texts):
+            if text is None:
+                continue
+            if n["enabled"]:
+                text, c = normalize_text(text, nfc=n["nfc"], max_blank_lines=n["max_blank_lines"])
+                counts["normalize"].update(c)
+            if not text.strip():
+                counts["normalize"]["empty_dropped"] += 1
+                events[i] = ((docs[i].id, "normalize", "empty"), None)
+                text = None
+            texts[i] = text
+        cpu["normalize"] += thread_time() - t2
+        return texts
+
+    def _decode(self, doc, counts: dict[str, Counter], events: list, i: int) -> str | None:
+        data = doc.data
+        if not isinstance(data, bytes):
+            return data
+        res = decode_utf8(data, self.cfg["normalize"]["invalid_utf8"], first_line=max(doc.line, 1))
+        if res.status == "repaired":
+            counts["decode"]["invalid_utf8_repaired"] += 1
+        elif res.status == "dropped":
+            counts["decode"]["invalid_utf8_dropped"] += 1
+            events[i] = ((doc.id, "decode", "invalid_utf8"), None)
+            return None
+        elif res.status == "invalid":
+            events[i] = (
+                (doc.id, "errors", "invalid_utf8"),
+                (
+                    "invalid_utf8",
+                    f"{doc.path}:{res.line}: invalid UTF-8 (byte 0x{res.byte:02x} at column {res.column}); "
+                    "re-encode the file as UTF-8 or set normalize.invalid_utf8='replace' (repair) or 'drop'",
+                ),
+            )
+            return None
+        return res.text
+
+    def _markup(self, doc, text: str, counts: dict[str, Counter], events: list, i: int):
         fmt = doc.fmt
         if fmt == "pydoc":
             text = extract_docstrings(text)
@@ -234,23 +259,9 @@ class Stages:
                 return None
         elif fmt == "auto":
             fmt = sniff_format(text)
-        if cfg["markup"]["enabled"] and fmt in ("html", "markdown"):
+        if self.cfg["markup"]["enabled"] and fmt in ("html", "markdown"):
             text = html_to_text(text) if fmt == "html" else markdown_to_text(text)
             counts["markup"][f"{fmt}_converted"] += 1
-        t2 = thread_time()
-        cpu["markup"] += t2 - t1
-        if cfg["normalize"]["enabled"]:
-            text, c = normalize_text(
-                text,
-                nfc=cfg["normalize"]["nfc"],
-                max_blank_lines=cfg["normalize"]["max_blank_lines"],
-            )
-            counts["normalize"].update(c)
-        cpu["normalize"] += thread_time() - t2
-        if not text.strip():
-            counts["normalize"]["empty_dropped"] += 1
-            events[i] = ((doc.id, "normalize", "empty"), None)
-            return None
         return text
 
 
