@@ -26,10 +26,11 @@ filesystem layer) and are read back where a step needs them.
   and are refused); contamination: the evaluation n-grams are a side input of the cleaning step.
 * tokenizer: trained on one worker on the same deterministic sample (at most
   ``tokenizer.max_train_chars`` characters, in corpus order).
-* tokenisation in parallel batches (token ids spilled); each split's stream layout (a
-  document's token offset) is computed from the per-document token counts on one worker, as is
-  each split's ``documents.jsonl`` (bound: a few hundred bytes per document), then references to
-  token ranges are grouped by shard and every shard is written by its own worker.
+* tokenisation in parallel batches (token ids spilled); the encoded documents are grouped by
+  (split, input file), which gives each file's token ranges and its part of the split's
+  ``documents.jsonl``; the files' token totals (one number per file) place every file in its
+  split's stream; references to token ranges are grouped by shard and every shard is written by
+  its own worker; one worker concatenates each split's ``documents.jsonl`` parts.
 * counts: ``CombinePerKey(sum)`` over per-file and per-document counters; ``removed`` records are
   written as ``removed-SSSSS-of-NNNNN.jsonl`` shards (lines sorted within a shard). Progress: the
   Beam counters ``lmtrain/documents_read`` and ``lmtrain/bytes_read`` (live in the Dataflow/Flink
@@ -68,6 +69,7 @@ from lmtrain.data.beam_spill import (
     pack_order,
     token_file,
     unit_file,
+    unit_of,
 )
 from lmtrain.data.contamination import EvalSets
 from lmtrain.data.datasheet import write_datasheet
@@ -499,28 +501,48 @@ def _encode(items: list, payload: dict, out: str):
     yield from rows
 
 
-def _layout(lengths) -> dict:
-    """Token offset of every document in its split's stream (corpus order)."""
+def _unit_layout(kv, out: str, lists: bool):
+    """One read unit's documents of one split, in corpus order: their token ranges relative to
+    the unit's start, the unit's token total, and (``document_lists``) its part of the split's
+    ``documents.jsonl``: (split, unit, tokens, part file, ranges)."""
     t0 = thread_time()
-    out: dict = {s: {} for s in range(len(SPLITS))}
-    for sid in out:
-        pos = 0
-        for g, n in sorted((g, n) for s, g, n in lengths if s == sid):
-            out[sid][g] = pos
-            pos += n
+    (sid, unit), rows = kv
+    rows = sorted(rows, key=lambda e: e[1])
+    pos, ranges = 0, []
+    for e in rows:
+        ranges.append((pos, e[2], e[3], e[4], e[9]))  # (start in unit, file, offset, n, itemsize)
+        pos += e[4]
+    part = ""
+    if lists:
+        part = f"{out}/{SPILL_DIR}/lists/{sid}-{unit:012d}.jsonl"
+        fs.write_text(part, "".join(e[5] + "\n" for e in rows))
     _cpu("write", thread_time() - t0)
-    return out
+    yield (sid, unit, pos, part, ranges)
 
 
-def _pieces(enc, layout: dict, shard_tokens: int):
-    sid, g, path, off, n, itemsize = enc[0], enc[1], enc[2], enc[3], enc[4], enc[9]
-    start = layout[sid][g]
-    pos = 0
-    while pos < n:
-        shard, at = divmod(start + pos, shard_tokens)
-        take = min(n - pos, shard_tokens - at)
-        yield ((sid, shard), (at, path, off + pos, take, itemsize))
-        pos += take
+def _unit_starts(totals) -> dict:
+    """Token offset of every (split, unit) in its split's stream: units in corpus order."""
+    starts: dict = {}
+    for sid in range(len(SPLITS)):
+        pos = 0
+        for unit, n in sorted((u, n) for s, u, n, _ in totals if s == sid):
+            starts[(sid, unit)] = pos
+            pos += n
+    return starts
+
+
+def _pieces(u, starts: dict, shard_tokens: int):
+    t0 = thread_time()
+    sid, unit, _, _, ranges = u
+    base = starts[(sid, unit)]
+    for rel, path, off, n, itemsize in ranges:
+        start, pos = base + rel, 0
+        while pos < n:
+            shard, at = divmod(start + pos, shard_tokens)
+            take = min(n - pos, shard_tokens - at)
+            yield ((sid, shard), (at, path, off + pos, take, itemsize))
+            pos += take
+    _cpu("write", thread_time() - t0)
 
 
 def _write_shard(kv, out: str, chunk_tokens: int):
@@ -563,13 +585,17 @@ def _write_removed(kv, out: str):
     yield shard
 
 
-def _write_lists(lines, out: str):
+def _write_lists(totals, out: str):
+    """Each split's ``documents.jsonl``: the units' parts concatenated in corpus order."""
     t0 = thread_time()
     for sid, s in enumerate(SPLITS):
-        rows = sorted((o, line) for k, o, line in lines if k == sid)
-        fs.write_text(f"{out}/{s}/documents.jsonl", "".join(line + "\n" for _, line in rows))
+        with SpillWriter(f"{out}/{s}/documents.jsonl") as w:
+            for _, part in sorted((u, part) for k, u, _, part in totals if k == sid):
+                with fs.open_read(part) as f:
+                    while chunk := f.read(1 << 22):
+                        w.write(chunk)
     _cpu("write", thread_time() - t0)
-    yield len(lines)
+    yield len(totals)
 
 
 def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
@@ -623,9 +649,6 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
     stat_parts.append(enc | "SplitStats" >> beam.FlatMap(lambda e: [
         (("split_documents", e[0]), 1), (("split_chars", e[0]), e[8]),
         (("split_tokens", e[0]), e[4] - 1), (("per_source", e[6], e[7], e[0]), 1)]))  # fmt: skip
-    if cfg["output"]["document_lists"]:
-        (enc | "ListLines" >> beam.Map(lambda e: (e[0], e[1], e[5]))
-         | "AllLines" >> beam.combiners.ToList() | "WriteLists" >> beam.FlatMap(_write_lists, out))  # fmt: skip
     (tuple(removed_parts) | "AllRemoved" >> beam.Flatten()
      | "RemovedShard" >> beam.Map(lambda line: (zlib.crc32(line.encode()) % REMOVED_SHARDS, line))
      | "GroupRemoved" >> beam.GroupByKey()
@@ -701,15 +724,21 @@ def _encode_and_shard(kept, train, train_chars, cfg: dict, out: str):
     )
     shard_tokens = max(1, cfg["output"]["shard_tokens"] // cfg["output"]["chunk_tokens"]) * cfg[
         "output"]["chunk_tokens"]  # fmt: skip
-    layout = (
+    units = (
         enc
-        | "Lengths" >> beam.Map(lambda e: (e[0], e[1], e[4]))
-        | "LengthList" >> beam.combiners.ToList()
-        | "Layout" >> beam.Map(_layout)
+        | "ByUnit" >> beam.Map(lambda e: ((e[0], unit_of(e[1])), e))
+        | "GroupUnit" >> beam.GroupByKey()
+        | "UnitLayout" >> beam.FlatMap(_unit_layout, out, cfg["output"]["document_lists"])
     )
+    totals = units | "Totals" >> beam.Map(lambda u: u[:4]) | "TotalList" >> beam.combiners.ToList()
+    if cfg["output"]["document_lists"]:
+        _ = totals | "WriteLists" >> beam.FlatMap(_write_lists, out)
     shards = (
-        enc
-        | "Pieces" >> beam.FlatMap(_pieces, AsSingleton(layout), shard_tokens)
+        units
+        | "Pieces"
+        >> beam.FlatMap(
+            _pieces, AsSingleton(totals | "Starts" >> beam.Map(_unit_starts)), shard_tokens
+        )
         | "GroupShard" >> beam.GroupByKey()
         | "WriteShard" >> beam.FlatMap(_write_shard, out, cfg["output"]["chunk_tokens"])
     )

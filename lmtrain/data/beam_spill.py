@@ -47,6 +47,11 @@ def unpack_order(g: int) -> tuple[int, int, int]:
     )
 
 
+def unit_of(g: int) -> int:
+    """The read unit (source and file) of document ``g``, as one int in corpus order."""
+    return g >> _DOC_BITS
+
+
 def unit_file(root: str, g: int, ext: str) -> str:
     """The spill file (``txt`` or ``sig``) of the read unit that holds document ``g``."""
     si, fi, _ = unpack_order(g)
