@@ -177,6 +177,9 @@ def _read_clean(unit, cfg: dict, out: str, lsh: tuple, eval_ngrams, eval_vocab):
     sig_w = SpillWriter(unit_file(out, g0, "sig")) if lsh else None
     n = nbytes = 0
     batch, size = [], 0
+    # CPU of this step only: the time spent downstream while a batch's outputs are handed on
+    # (the runner's fused steps) is left out.
+    handed = 0.0
     try:
         for k, d in enumerate(docs):
             n += 1
@@ -186,16 +189,23 @@ def _read_clean(unit, cfg: dict, out: str, lsh: tuple, eval_ngrams, eval_vocab):
             batch.append((k, d))
             size += len(d.data)
             if len(batch) >= cfg["batch_docs"] or size >= cfg["batch_bytes"]:
-                yield from _clean_batch(
-                    batch, stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats
+                outs = list(
+                    _clean_batch(batch, stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats)
                 )
+                t = thread_time()
+                yield from outs
+                handed += thread_time() - t
                 batch, size = [], 0
         if batch:
-            yield from _clean_batch(batch, stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats)
+            outs = list(_clean_batch(batch, stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats))
+            t = thread_time()
+            yield from outs
+            handed += thread_time() - t
     finally:
         text_w.close()
         if sig_w is not None:
             sig_w.close()
+    own = thread_time() - t_start - handed
     Metrics.counter("lmtrain", "documents_read").inc(n)
     Metrics.counter("lmtrain", "bytes_read").inc(nbytes)
     name = spec["name"]
@@ -204,15 +214,15 @@ def _read_clean(unit, cfg: dict, out: str, lsh: tuple, eval_ngrams, eval_vocab):
     stats.update({("source_decode", name, r): c for r, c in Counter(src.decode_counts).items()})
     for stage, c in counts.items():
         stats.update({("stage", stage, k): v for k, v in c.items()})
+    spent = {k: v - cpu0.get(k, 0.0) for k, v in stages.cpu.items()}
+    for k, v in spent.items():
+        _cpu(f"clean:{k}", v)
+    _cpu("read_and_spill", own - sum(spent.values()))
     for s in stats.items():
         yield pvalue.TaggedOutput("stat", s)
     for j, m in enumerate(policy.examples):
         yield pvalue.TaggedOutput("example", ((0, si, fi, j), m))
     yield pvalue.TaggedOutput("files", ((si, fi), src.files))
-    spent = {k: v - cpu0.get(k, 0.0) for k, v in stages.cpu.items()}
-    for k, v in spent.items():
-        _cpu(f"clean:{k}", v)
-    _cpu("read_and_spill", thread_time() - t_start - sum(spent.values()))
 
 
 def _clean_batch(batch, stages: Stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats):
@@ -262,16 +272,21 @@ def _exact(kv):
 
     t0 = thread_time()
     group = sorted(kv[1], key=lambda d: d.g)
-    yield group[0]
+    outs = [group[0]]
     for d in group[1:]:
-        yield pvalue.TaggedOutput("removed", _record(d.id, "dedup", "exact_duplicate", group[0].id))
-        yield pvalue.TaggedOutput("stat", (("exact_duplicates",), 1))
+        outs.append(
+            pvalue.TaggedOutput("removed", _record(d.id, "dedup", "exact_duplicate", group[0].id))
+        )
+    if len(group) > 1:
+        outs.append(pvalue.TaggedOutput("stat", (("exact_duplicates",), len(group) - 1)))
     _cpu("exact_dedup", thread_time() - t0)
+    yield from outs
 
 
 def _band_shards(recs: list, bands: int):
     """(shard, (band, key, position, slot) arrays) of a batch of records, one item per shard."""
     t0 = thread_time()
+    outs = []
     if recs:
         keys = np.frombuffer(b"".join(r.bands for r in recs), np.uint64)
         band = np.tile(np.arange(bands, dtype=np.int16), len(recs))
@@ -280,9 +295,10 @@ def _band_shards(recs: list, bands: int):
         shard = (keys % np.uint64(NEAR_SHARDS)).astype(np.int64)
         o = np.argsort(shard, kind="stable")
         cuts = np.flatnonzero(np.diff(shard[o])) + 1
-        for part in np.split(o, cuts):
-            yield (int(shard[part[0]]), (band[part], keys[part], g[part], slot[part]))
+        outs = [(int(shard[part[0]]), (band[part], keys[part], g[part], slot[part]))
+                for part in np.split(o, cuts)]  # fmt: skip
     _cpu("near_dedup", thread_time() - t0)
+    yield from outs
 
 
 def _bucket_pairs(kv):
@@ -294,6 +310,7 @@ def _bucket_pairs(kv):
     o = np.lexsort((g, key, band))
     band, key, g, slot = band[o], key[o], g[o], slot[o]
     same = (band[1:] == band[:-1]) & (key[1:] == key[:-1])
+    outs = []
     if same.any():
         start = np.concatenate([[True], ~same])
         starts = np.maximum.accumulate(np.where(start, np.arange(g.size), 0))
@@ -301,9 +318,9 @@ def _bucket_pairs(kv):
         a = np.concatenate([starts[idx], idx - 1])
         b = np.concatenate([idx, idx])
         pairs = np.unique(np.stack([g[a], g[b], slot[a], slot[b]], axis=1), axis=0)
-        for ga, gb, sa, sb in pairs.tolist():
-            yield ((ga, gb), (sa, sb))
+        outs = [((ga, gb), (sa, sb)) for ga, gb, sa, sb in pairs.tolist()]
     _cpu("near_dedup", thread_time() - t0)
+    yield from outs
 
 
 def _verify(pairs: list, out: str, threshold: float, num_perm: int):
@@ -312,15 +329,17 @@ def _verify(pairs: list, out: str, threshold: float, num_perm: int):
 
     t0 = thread_time()
     row = num_perm * 4
+    confirmed = []
     with SpillReader() as reader:
         for (ga, gb), slots in pairs:
             sa, sb = next(iter(slots))
             a = np.frombuffer(reader.read(unit_file(out, ga, "sig"), sa * row, row), np.uint32)
             b = np.frombuffer(reader.read(unit_file(out, gb, "sig"), sb * row, row), np.uint32)
-            yield pvalue.TaggedOutput("candidate", 1)
             if float((a == b).mean()) >= threshold:
-                yield (ga, gb)
+                confirmed.append((ga, gb))
     _cpu("near_dedup", thread_time() - t0)
+    yield pvalue.TaggedOutput("candidate", len(pairs))
+    yield from confirmed
 
 
 def _clusters(pairs) -> dict:
@@ -535,14 +554,16 @@ def _pieces(u, starts: dict, shard_tokens: int):
     t0 = thread_time()
     sid, unit, _, _, ranges = u
     base = starts[(sid, unit)]
+    outs = []
     for rel, path, off, n, itemsize in ranges:
         start, pos = base + rel, 0
         while pos < n:
             shard, at = divmod(start + pos, shard_tokens)
             take = min(n - pos, shard_tokens - at)
-            yield ((sid, shard), (at, path, off + pos, take, itemsize))
+            outs.append(((sid, shard), (at, path, off + pos, take, itemsize)))
             pos += take
     _cpu("write", thread_time() - t0)
+    yield from outs
 
 
 def _write_shard(kv, out: str, chunk_tokens: int):
@@ -686,7 +707,7 @@ def _near_dedup(p, docs, cfg: dict, out: str, bands: int, stat_parts: list, remo
         .with_outputs("candidate", main="pairs")
     )  # fmt: skip
     near = checked.pairs | "Clusters" >> beam.combiners.ToList() | beam.Map(_clusters)
-    candidates = checked.candidate | "CountCandidates" >> beam.combiners.Count.Globally()
+    candidates = checked.candidate | "CountCandidates" >> beam.CombineGlobally(sum)
     dropped = docs | "DropNear" >> beam.FlatMap(_drop_near, AsSingleton(near)).with_outputs(
         "ids", main="docs")  # fmt: skip
     removed_parts.append(
