@@ -14,16 +14,19 @@ filesystem layer) and are read back where a step needs them.
   element), so files are read and cleaned in parallel, in batches of ``batch_docs`` /
   ``batch_bytes``; every document carries its corpus position ``(source, file, document)``
   packed into one int, which decides "first" wherever the local runner says so.
-* exact dedup: ``GroupByKey`` on the content hash, the earliest document kept.
-* near dedup: the kept documents' LSH band keys, batched into ``NEAR_SHARDS`` arrays by key,
+* exact dedup: content hashes batched into ``KEY_SHARDS`` arrays by hash, grouped by shard;
+  each shard gives (duplicate, earliest document with that hash) pairs; the duplicates are
+  dropped with that map as a side input (bound: it holds every exact duplicate).
+* near dedup: the kept documents' LSH band keys, batched into ``KEY_SHARDS`` arrays by key,
   grouped by shard; each bucket (same band and key) gives the same candidate pairs as the local
   runner (each member with the bucket's first and with the previous member); distinct pairs
   (``GroupByKey``) are verified with both signatures read back from the spill; confirmed pairs
   are joined into clusters (union-find) on one worker. Bounds: a shard worker holds
-  ``documents x bands / NEAR_SHARDS`` keys (24 bytes each), the cluster worker every confirmed
+  ``documents x bands / KEY_SHARDS`` keys (26 bytes each), the cluster worker every confirmed
   pair.
 * split: the same deterministic hash of the content (``position`` splits need a global order
-  and are refused); contamination: the evaluation n-grams are a side input of the cleaning step.
+  and are refused); contamination: the evaluation n-grams travel with the cleaning step (its
+  ``Stages`` are built once per worker).
 * tokenizer: trained on one worker on the same deterministic sample (at most
   ``tokenizer.max_train_chars`` characters, in corpus order).
 * tokenisation in parallel batches (token ids spilled); the encoded documents are grouped by
@@ -86,7 +89,7 @@ from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.errors import ConfigError, DataError
 
 REMOVED_SHARDS = 4
-NEAR_SHARDS = 256  # groups of LSH band keys: one worker each
+KEY_SHARDS = 256  # groups of content hashes / LSH band keys: one worker each
 SUMMARY = f"{SPILL_DIR}/summary.json"
 CPU_COUNTERS = "lmtrain_cpu_us"  # Beam counter namespace: CPU microseconds per step
 
@@ -267,20 +270,43 @@ def _record(doc_id, stage, reason, dup_of=None) -> str:
     return json.dumps(rec)
 
 
-def _exact(kv):
-    from apache_beam import pvalue
+def _by_shard(shard: np.ndarray, *cols: np.ndarray) -> list:
+    """(shard, columns of its rows) for every shard present."""
+    o = np.argsort(shard, kind="stable")
+    cuts = np.flatnonzero(np.diff(shard[o])) + 1
+    return [(int(shard[part[0]]), tuple(c[part] for c in cols)) for part in np.split(o, cuts)]
 
+
+def _key_shards(recs: list):
+    """(shard, (content hash, position) arrays) of a batch of records, one item per shard."""
     t0 = thread_time()
-    group = sorted(kv[1], key=lambda d: d.g)
-    outs = [group[0]]
-    for d in group[1:]:
-        outs.append(
-            pvalue.TaggedOutput("removed", _record(d.id, "dedup", "exact_duplicate", group[0].id))
-        )
-    if len(group) > 1:
-        outs.append(pvalue.TaggedOutput("stat", (("exact_duplicates",), len(group) - 1)))
+    outs = []
+    if recs:
+        key = np.array([r.key for r in recs], np.uint64)
+        g = np.array([r.g for r in recs], np.int64)
+        outs = _by_shard((key % np.uint64(KEY_SHARDS)).astype(np.int64), key, g)
     _cpu("exact_dedup", thread_time() - t0)
     yield from outs
+
+
+def _exact_pairs(kv):
+    """(duplicate, earliest document with the same content hash) for one shard's hashes."""
+    t0 = thread_time()
+    parts = list(kv[1])
+    key, g = (np.concatenate([p[i] for p in parts]) for i in range(2))
+    o = np.lexsort((g, key))
+    key, g = key[o], g[o]
+    first = np.concatenate([[True], key[1:] != key[:-1]])
+    starts = np.maximum.accumulate(np.where(first, np.arange(g.size), 0))
+    outs = list(zip(g[~first].tolist(), g[starts[~first]].tolist()))
+    _cpu("exact_dedup", thread_time() - t0)
+    yield from outs
+
+
+def _dup_map(pairs) -> dict:
+    """The exact duplicates as one value: {duplicate: representative} and the representatives."""
+    dup_of = dict(pairs)
+    return {"dup_of": dup_of, "reps": set(dup_of.values())}
 
 
 def _band_shards(recs: list, bands: int):
@@ -292,11 +318,8 @@ def _band_shards(recs: list, bands: int):
         band = np.tile(np.arange(bands, dtype=np.int16), len(recs))
         g = np.repeat(np.array([r.g for r in recs], np.int64), bands)
         slot = np.repeat(np.array([r.slot for r in recs], np.int64), bands)
-        shard = (keys % np.uint64(NEAR_SHARDS)).astype(np.int64)
-        o = np.argsort(shard, kind="stable")
-        cuts = np.flatnonzero(np.diff(shard[o])) + 1
-        outs = [(int(shard[part[0]]), (band[part], keys[part], g[part], slot[part]))
-                for part in np.split(o, cuts)]  # fmt: skip
+        shard = (keys % np.uint64(KEY_SHARDS)).astype(np.int64)
+        outs = _by_shard(shard, band, keys, g, slot)
     _cpu("near_dedup", thread_time() - t0)
     yield from outs
 
@@ -374,27 +397,27 @@ def _clusters(pairs) -> dict:
             "clusters": len(roots)}  # fmt: skip
 
 
-def _drop_near(r: Rec, near: dict):
-    """Drops near duplicates; their ids and their representatives' go to ``ids`` (by
-    representative) for the removed records."""
+def _drop_dups(r: Rec, dups: dict):
+    """Drops duplicates; their ids and their representatives' go to ``ids`` (by representative)
+    for the removed records."""
     from apache_beam import pvalue
 
-    rep = near["dup_of"].get(r.g)
+    rep = dups["dup_of"].get(r.g)
     if rep is not None:
         yield pvalue.TaggedOutput("ids", (rep, (r.g, r.id)))
         return
-    if r.g in near["reps"]:
+    if r.g in dups["reps"]:
         yield pvalue.TaggedOutput("ids", (r.g, (r.g, r.id)))
     yield r
 
 
-def _near_records(kv):
+def _dup_records(kv, reason: str):
     rep, members = kv
     members = sorted(members)
     rep_id = next(i for g, i in members if g == rep)
     for g, i in members:
         if g != rep:
-            yield _record(i, "dedup", "near_duplicate", rep_id)
+            yield _record(i, "dedup", reason, rep_id)
 
 
 def _split_doc(d: Rec, cfg: dict):
@@ -643,15 +666,21 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
     removed_parts = [cleaned.removed]
     docs = cleaned.docs
     if d["exact"]:
-        ex = (
+        exact = (
             docs
-            | "ByHash" >> beam.Map(lambda x: (x.key, x))
-            | "GroupHash" >> beam.GroupByKey()
-            | "Exact" >> beam.FlatMap(_exact).with_outputs("removed", "stat", main="docs")
+            | "HashBatches" >> beam.BatchElements(min_batch_size=1024, max_batch_size=16384)
+            | "Hashes" >> beam.FlatMap(_key_shards)
+            | "GroupHashes" >> beam.GroupByKey()
+            | "ExactPairs" >> beam.FlatMap(_exact_pairs)
+            | "ExactList" >> beam.combiners.ToList()
+            | "ExactMap" >> beam.Map(_dup_map)
         )
+        ex = docs | "DropExact" >> beam.FlatMap(_drop_dups, AsSingleton(exact)).with_outputs(
+            "ids", main="docs")  # fmt: skip
         docs = ex.docs
-        stat_parts.append(ex.stat)
-        removed_parts.append(ex.removed)
+        removed_parts.append(ex.ids | "ByFirst" >> beam.GroupByKey()
+                             | "ExactRecords" >> beam.FlatMap(_dup_records, "exact_duplicate"))  # fmt: skip
+        stat_parts.append(exact | "ExactCount" >> beam.Map(lambda m: (("exact_duplicates",), len(m["dup_of"]))))  # fmt: skip
     docs, near, candidates = _near_dedup(p, docs, cfg, out, bands, stat_parts, removed_parts)
     split = docs | "Split" >> beam.FlatMap(_split_doc, cfg).with_outputs(
         "train_match", "removed", "stat", main="docs")  # fmt: skip
@@ -708,10 +737,12 @@ def _near_dedup(p, docs, cfg: dict, out: str, bands: int, stat_parts: list, remo
     )  # fmt: skip
     near = checked.pairs | "Clusters" >> beam.combiners.ToList() | beam.Map(_clusters)
     candidates = checked.candidate | "CountCandidates" >> beam.CombineGlobally(sum)
-    dropped = docs | "DropNear" >> beam.FlatMap(_drop_near, AsSingleton(near)).with_outputs(
+    dropped = docs | "DropNear" >> beam.FlatMap(_drop_dups, AsSingleton(near)).with_outputs(
         "ids", main="docs")  # fmt: skip
     removed_parts.append(
-        dropped.ids | "ByRepresentative" >> beam.GroupByKey() | beam.FlatMap(_near_records)
+        dropped.ids
+        | "ByRepresentative" >> beam.GroupByKey()
+        | "NearRecords" >> beam.FlatMap(_dup_records, "near_duplicate")
     )
     stat_parts.append(near | "NearCount" >> beam.Map(lambda n: (("near_duplicates",), len(n["dup_of"]))))  # fmt: skip
     return dropped.docs, near, candidates
