@@ -420,27 +420,34 @@ def _dup_records(kv, reason: str):
             yield _record(i, "dedup", reason, rep_id)
 
 
-def _split_doc(d: Rec, cfg: dict):
+def _split_batch(recs: list, cfg: dict):
+    """Each document's split (the same hash or time rule as the local runner), train documents
+    that share n-grams with the evaluation sets reported (and dropped when so configured)."""
     from apache_beam import pvalue
 
     t0 = thread_time()
     sp, con = cfg["split"], cfg["contamination"]
     fr = (sp["train"], sp["validation"], sp["test"])
-    sid = int(assign_splits(sp["method"], fr, content_hashes=np.array([d.key], np.uint64),
-                            kept=np.array([True]), seed=cfg["seed"], times=np.array([d.time]),
-                            cutoffs=tuple(sp["time_cutoffs"]))[0])  # fmt: skip
-    matches = np.frombuffer(d.matches, np.uint64)
+    sids = assign_splits(sp["method"], fr, content_hashes=np.array([d.key for d in recs], np.uint64),
+                         kept=np.ones(len(recs), bool), seed=cfg["seed"],
+                         times=np.array([d.time for d in recs], np.float64),
+                         cutoffs=tuple(sp["time_cutoffs"])).tolist()  # fmt: skip
+    outs: list = []
+    counts: Counter = Counter()
+    for d, sid in zip(recs, sids):
+        n = len(d.matches) // 8
+        if sid == 0 and n and n >= con["min_matches"]:
+            outs.append(pvalue.TaggedOutput("train_match", (d.g, d.matches)))
+            if con["drop"]:
+                outs.append(pvalue.TaggedOutput(
+                    "removed", _record(d.id, "contamination", "overlaps_eval_set")))  # fmt: skip
+                counts[("contamination_dropped",)] += 1
+                continue
+        counts[("split", sid)] += 1
+        outs.append((sid, d))
+    outs += [pvalue.TaggedOutput("stat", kv) for kv in counts.items()]
     _cpu("split", thread_time() - t0)
-    if sid == 0 and matches.size and matches.size >= con["min_matches"]:
-        yield pvalue.TaggedOutput("train_match", (d.g, d.matches))
-        if con["drop"]:
-            yield pvalue.TaggedOutput(
-                "removed", _record(d.id, "contamination", "overlaps_eval_set")
-            )
-            yield pvalue.TaggedOutput("stat", (("contamination_dropped",), 1))
-            return
-    yield pvalue.TaggedOutput("stat", (("split", sid), 1))
-    yield (sid, d)
+    yield from outs
 
 
 def _contamination(ms, evals, drop: bool):
@@ -448,19 +455,13 @@ def _contamination(ms, evals, drop: bool):
     return evals.report(matches, set(matches) if drop else set()) if evals else []
 
 
-def _sampled(item, cfg: dict, train_chars: int):
-    sid, d = item
-    if (
-        sid == 0
-        and sample_mask(cfg, np.array([True]), np.array([d.key], np.uint64), train_chars)[0]
-    ):
-        yield d
-
-
-def _sample_texts(recs: list, out: str):
+def _sample_texts(items: list, cfg: dict, train_chars: int, out: str):
+    """(position, text, chars) of the batch's train documents in the tokenizer's sample."""
     t0 = thread_time()
+    keys = np.array([r.key for _, r in items], np.uint64)
+    sel = sample_mask(cfg, np.ones(len(items), bool), keys, train_chars).tolist()
     with SpillReader() as reader:
-        rows = [(r.g, _text(reader, out, r), r.chars) for r in recs]
+        rows = [(r.g, _text(reader, out, r), r.chars) for (_, r), s in zip(items, sel) if s]
     _cpu("tokenizer_train", thread_time() - t0)
     yield from rows
 
@@ -517,6 +518,8 @@ def _encode(items: list, payload: dict, out: str):
     """Encodes a batch of kept documents, spilling their token ids (with the end-of-document
     id) to one file: (split, position, file, token offset, tokens, documents.jsonl line,
     source, licence, chars, token itemsize) per document."""
+    from apache_beam import pvalue
+
     t0 = thread_time()
     fp = payload["info"]["fingerprint"]
     tok = _TOKS.get(fp)
@@ -526,7 +529,8 @@ def _encode(items: list, payload: dict, out: str):
     dtype = token_dtype(tok.vocab_size)
     with SpillReader() as reader:
         texts = [_text(reader, out, d) for _, d in items]
-    rows = []
+    rows: list = []
+    counts: Counter = Counter()
     path = token_file(out)
     with SpillWriter(path) as w:
         for (sid, d), ids in zip(items, encode_batch(tok, texts, 1)):
@@ -539,8 +543,13 @@ def _encode(items: list, payload: dict, out: str):
                                "chars": d.chars, "tokens": int(ids.size)}, ensure_ascii=False)  # fmt: skip
             rows.append((sid, d.g, path, off, int(tokens.size), line, d.source, d.licence,
                          d.chars, dtype.itemsize))  # fmt: skip
+            counts.update({("split_documents", sid): 1, ("split_chars", sid): d.chars,
+                           ("split_tokens", sid): int(ids.size),
+                           ("per_source", d.source, d.licence, sid): 1})  # fmt: skip
     _cpu("encode", thread_time() - t0)
     yield from rows
+    for kv in counts.items():
+        yield pvalue.TaggedOutput("stat", kv)
 
 
 def _unit_layout(kv, out: str, lists: bool):
@@ -682,8 +691,12 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
                              | "ExactRecords" >> beam.FlatMap(_dup_records, "exact_duplicate"))  # fmt: skip
         stat_parts.append(exact | "ExactCount" >> beam.Map(lambda m: (("exact_duplicates",), len(m["dup_of"]))))  # fmt: skip
     docs, near, candidates = _near_dedup(p, docs, cfg, out, bands, stat_parts, removed_parts)
-    split = docs | "Split" >> beam.FlatMap(_split_doc, cfg).with_outputs(
-        "train_match", "removed", "stat", main="docs")  # fmt: skip
+    split = (
+        docs
+        | "SplitBatches" >> beam.BatchElements(min_batch_size=1024, max_batch_size=16384)
+        | "Split" >> beam.FlatMap(_split_batch, cfg).with_outputs(
+            "train_match", "removed", "stat", main="docs")
+    )  # fmt: skip
     stat_parts.append(split.stat)
     removed_parts.append(split.removed)
     drop = cfg["contamination"]["drop"]
@@ -696,9 +709,7 @@ def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
     train = kept | "Train" >> beam.Filter(lambda x: x[0] == 0)
     train_chars = train | "TrainChars" >> beam.Map(lambda x: x[1].chars) | "SumChars" >> beam.CombineGlobally(sum)  # fmt: skip
     tok, enc, shards = _encode_and_shard(kept, train, train_chars, cfg, out)
-    stat_parts.append(enc | "SplitStats" >> beam.FlatMap(lambda e: [
-        (("split_documents", e[0]), 1), (("split_chars", e[0]), e[8]),
-        (("split_tokens", e[0]), e[4] - 1), (("per_source", e[6], e[7], e[0]), 1)]))  # fmt: skip
+    stat_parts.append(enc.stat)
     (tuple(removed_parts) | "AllRemoved" >> beam.Flatten()
      | "RemovedShard" >> beam.Map(lambda line: (zlib.crc32(line.encode()) % REMOVED_SHARDS, line))
      | "GroupRemoved" >> beam.GroupByKey()
@@ -755,10 +766,9 @@ def _encode_and_shard(kept, train, train_chars, cfg: dict, out: str):
     from apache_beam.pvalue import AsSingleton
 
     samples = (
-        kept
-        | "Sample" >> beam.FlatMap(_sampled, cfg, AsSingleton(train_chars))
+        train
         | "SampleBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
-        | "SampleTexts" >> beam.FlatMap(_sample_texts, out)
+        | "SampleTexts" >> beam.FlatMap(_sample_texts, cfg, AsSingleton(train_chars), out)
         | "SampleList" >> beam.combiners.ToList()
     )
     want_chars = cfg["tokenizer"]["kind"] == "char" and not cfg["tokenizer"]["path"]
@@ -772,12 +782,12 @@ def _encode_and_shard(kept, train, train_chars, cfg: dict, out: str):
     enc = (
         kept
         | "EncodeBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
-        | "Encode" >> beam.FlatMap(_encode, AsSingleton(tok), out)
+        | "Encode" >> beam.FlatMap(_encode, AsSingleton(tok), out).with_outputs("stat", main="rows")
     )
     shard_tokens = max(1, cfg["output"]["shard_tokens"] // cfg["output"]["chunk_tokens"]) * cfg[
         "output"]["chunk_tokens"]  # fmt: skip
     units = (
-        enc
+        enc.rows
         | "ByUnit" >> beam.Map(lambda e: ((e[0], unit_of(e[1])), e))
         | "GroupUnit" >> beam.GroupByKey()
         | "UnitLayout" >> beam.FlatMap(_unit_layout, out, cfg["output"]["document_lists"])
