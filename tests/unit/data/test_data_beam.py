@@ -203,17 +203,29 @@ def test_beam_spill_references_through_gs_fake_and_removed(mixed_corpus, prepare
     assert not (bucket / "out" / "failed" / "_beam").exists()
 
 
-def test_beam_many_batches_and_shards_equal_local(mixed_corpus, tmp_path):  # noqa: F811
-    """Several cleaning batches per file (signature rows and text offsets past the first batch)
-    and several token shards per split (documents cut across shard boundaries): still the local
-    runner's bytes."""
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"batch_docs": 2, "tokenizer": {"max_train_chars": 4000}},
+        {"dedup": {"exact": False, "near": False}, "tokenizer": {"kind": "char"},
+         "output": {"chunk_tokens": 64, "shard_tokens": 128, "document_lists": False}},
+    ],
+    ids=["batches-sampled-tokenizer", "no-dedup-char-tokenizer"],
+)  # fmt: skip
+def test_beam_many_batches_and_shards_equal_local(mixed_corpus, tmp_path, over):  # noqa: F811
+    """Several cleaning batches per file (signature rows and text offsets past the first batch),
+    a tokenizer sample smaller than the train split, several token shards per split (documents
+    cut across shard boundaries); and with dedup off and a character tokenizer (its alphabet
+    read back from the spill): still the local runner's bytes."""
     from lmtrain.data.beam_runner import prepare_beam
 
     raw, _ = mixed_corpus
-    cfg = config([raw], batch_docs=2, output={"chunk_tokens": 64, "shard_tokens": 128})
+    cfg = config([raw], **{"output": {"chunk_tokens": 64, "shard_tokens": 128}, **over})
     local_m = prepare(cfg, tmp_path / "local")
     m = prepare_beam(cfg, str(tmp_path / "beam"))
     assert _comparable(m) == _comparable(local_m)
+    if "max_train_chars" in over.get("tokenizer", {}):  # the sample is a strict subset
+        assert 0 < m["tokenizer"]["trained_on_chars"] < m["splits"]["train"]["chars"]
     files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*")
                    if p.is_file() and p.name not in ("manifest.json", "removed.jsonl"))  # fmt: skip
     assert sum(1 for f in files if f.name.startswith("shard-")) > 3
