@@ -478,7 +478,8 @@ def _charset_part(items: list, out: str, want_chars: bool):
 
 
 def _train_tokenizer(samples, cfg: dict, charset) -> dict:
-    t0 = thread_time()
+    # SentencePiece trains on its own threads: count the process's CPU for this one-element step.
+    t0 = time.process_time()
     t = cfg["tokenizer"]
     if not charset[1]:
         raise DataError(
@@ -497,7 +498,7 @@ def _train_tokenizer(samples, cfg: dict, charset) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tok.save(d)
         files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in Path(d).iterdir()}
-    _cpu("tokenizer_train", thread_time() - t0)
+    _cpu("tokenizer_train", time.process_time() - t0)
     return {"files": files, "info": info, "separable": bool(getattr(tok, "word_separable", False))}
 
 
