@@ -235,8 +235,17 @@ def _clean_batch(batch, stages: Stages, cfg, si, fi, text_w, sig_w, lsh, counts,
     removed: list = []
     outs = stages.clean_batch([d for _, d in batch], counts, removed, policy)
     kept = [(k, d, c) for (k, d), c in zip(batch, outs) if c is not None]
-    feats = stages.features_batch([c[0] for *_, c in kept], [c[1] for *_, c in kept],
-                                  [c[3] for *_, c in kept])  # fmt: skip
+    texts, whs, fourth = (
+        [c[0] for *_, c in kept],
+        [c[1] for *_, c in kept],
+        [c[3] for *_, c in kept],
+    )
+    # clean_batch's fourth item is what features_batch can reuse: the words (text.split()) or,
+    # where the batch's content hashes come with the cleaning, the content hash.
+    if fourth and isinstance(fourth[0], (int, np.integer)):
+        feats = stages.features_batch(texts, whs, keys=fourth)
+    else:
+        feats = stages.features_batch(texts, whs, fourth)
     keys = None
     slot0 = 0
     if sig_w is not None and kept:
