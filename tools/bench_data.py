@@ -11,7 +11,8 @@ lines with invalid UTF-8 (0.1%), plus an evaluation set whose passages are plant
 Then runs the full ``lmtrain data prepare`` pipeline (all stages on, SentencePiece BPE 4096) on it
 and prints documents/s, MB/s and the peak resident memory of the whole process tree (this process
 plus its worker processes, sampled every 50 ms from /proc), the per-stage counts, and (local
-runner) MB of text per CPU-second per stage, so the slow stage is named, with the end-to-end
+runner; on Beam from the pipeline's ``lmtrain_cpu_us`` counters, the rest being the runner's own
+work) MB of text per CPU-second per stage, so the slow stage is named, with the end-to-end
 figure without tokenizer training next to the full one.
 """
 
@@ -223,7 +224,7 @@ def main() -> None:
             if args.runner == "beam":
                 from lmtrain.data.beam_runner import prepare_beam
 
-                m = prepare_beam(cfg, str(out), bool(args.keep), args.beam_options)
+                m = prepare_beam(cfg, str(out), bool(args.keep), args.beam_options, stats=stats)
             else:
                 m = prepare(cfg, out, overwrite=bool(args.keep), stats=stats)
             wall = time.perf_counter() - t0
@@ -251,9 +252,11 @@ def main() -> None:
         stage_cpu = stats.get("cpu_s", {})
         if stage_cpu:
             # Worker processes' CPU minus what they report for cleaning is the hand-off cost
-            # (pickling batches and results): counted with reading.
+            # (pickling batches and results): counted with reading. On Beam the rest is the
+            # runner's own work (coders, shuffles, bundle handling) outside our steps.
             other = max(cpu - sum(stage_cpu.values()), 0.0)
-            rows = dict(stage_cpu, handoff_and_other=other)
+            rest = "beam_runner_and_other" if args.runner == "beam" else "handoff_and_other"
+            rows = dict(stage_cpu, **{rest: other})
             print("MB of text per CPU-second by stage (process tree; CPU s in brackets):")
             for name, sec in rows.items():
                 rate = f"{mb / sec:8.2f}" if sec > 0 else "     inf"

@@ -4,32 +4,46 @@
         --beam-options "--runner=DataflowRunner --project=P --region=R --temp_location=gs://..."
 
 The per-document stages are :class:`~lmtrain.data.stages.Stages` (the local runner's own), run in
-parallel ``DoFn``s; the global steps are shuffles:
+parallel on batches of documents; the global steps are shuffles of small per-document records
+(:class:`Rec`: corpus position, id, content hash, LSH band keys, a reference to the text). The
+cleaned text, MinHash signatures and token ids never enter a shuffle or a materialised
+collection: they go to temporary files under ``<out>/_beam/`` (``beam_spill.py``, through the
+filesystem layer) and are read back where a step needs them.
 
-* read: one element per input file (a ``default_corpus``/``tfds`` source is one element), so
-  files are read in parallel; every document carries its corpus-order key
-  ``(source, file, document)``, which decides "first" wherever the local runner says so.
-* exact dedup: ``GroupByKey`` on the content hash, the earliest document kept.
-* near dedup: ``GroupByKey`` on ``(band, LSH bucket key)``; each bucket emits the same candidate
-  pairs as the local runner (each member with the bucket's first and with the previous member),
-  verified there with both signatures; confirmed pairs are joined into clusters (union-find) on
-  one worker. Bound: that worker holds every confirmed pair (a few hundred bytes each).
+* read + clean: one element per input file (a ``default_corpus``/``tfds`` source is one
+  element), so files are read and cleaned in parallel, in batches of ``batch_docs`` /
+  ``batch_bytes``; every document carries its corpus position ``(source, file, document)``
+  packed into one int, which decides "first" wherever the local runner says so.
+* exact dedup: content hashes batched into ``KEY_SHARDS`` arrays by hash, grouped by shard;
+  each shard gives (duplicate, earliest document with that hash) pairs; the duplicates are
+  dropped with that map as a side input (bound: it holds every exact duplicate).
+* near dedup: the kept documents' LSH band keys, batched into ``KEY_SHARDS`` arrays by key,
+  grouped by shard; each bucket (same band and key) gives the same candidate pairs as the local
+  runner (each member with the bucket's first and with the previous member); distinct pairs
+  (``GroupByKey``) are verified with both signatures read back from the spill; confirmed pairs
+  are joined into clusters (union-find) on one worker. Bounds: a shard worker holds
+  ``documents x bands / KEY_SHARDS`` keys (26 bytes each), the cluster worker every confirmed
+  pair.
 * split: the same deterministic hash of the content (``position`` splits need a global order
-  and are refused); contamination: the evaluation n-grams are a side input of the cleaning step.
+  and are refused); contamination: the evaluation n-grams travel with the cleaning step (its
+  ``Stages`` are built once per worker).
 * tokenizer: trained on one worker on the same deterministic sample (at most
   ``tokenizer.max_train_chars`` characters, in corpus order).
-* tokenisation in parallel; each split's stream layout (a document's token offset) is computed
-  from the per-document token counts on one worker, as is each split's ``documents.jsonl``
-  (bound: a few hundred bytes per document), then token pieces are grouped by shard and every
-  shard is written by its own worker.
-* counts: ``CombinePerKey(sum)`` over per-document counters; ``removed`` records are written as
-  ``removed-SSSSS-of-NNNNN.jsonl`` shards (lines sorted within a shard). Progress: the Beam
-  counters ``lmtrain/documents_read`` and ``lmtrain/bytes_read`` (live in the Dataflow/Flink UI).
+* tokenisation in parallel batches (token ids spilled); the encoded documents are grouped by
+  (split, input file), which gives each file's token ranges and its part of the split's
+  ``documents.jsonl``; the files' token totals (one number per file) place every file in its
+  split's stream; references to token ranges are grouped by shard and every shard is written by
+  its own worker; one worker concatenates each split's ``documents.jsonl`` parts.
+* counts: ``CombinePerKey(sum)`` over per-file and per-document counters; ``removed`` records are
+  written as ``removed-SSSSS-of-NNNNN.jsonl`` shards (lines sorted within a shard). Progress: the
+  Beam counters ``lmtrain/documents_read`` and ``lmtrain/bytes_read`` (live in the Dataflow/Flink
+  UI); CPU seconds per step in the ``lmtrain_cpu_us`` counters.
 
 The driver then writes ``tokenizer/``, ``<split>/index.json``, ``manifest.json`` and
-``DATASHEET.md`` from the pipeline's ``_beam/summary.json``. For the same input and config the
-result equals the local runner's: shards, indexes, document lists, tokenizer and manifest counts
-byte for byte; removed records as the same set of lines (``manifest.json`` ``runner`` says so).
+``DATASHEET.md`` from the pipeline's ``_beam/summary.json`` and removes ``_beam/``. For the same
+input and config the result equals the local runner's: shards, indexes, document lists,
+tokenizer and manifest counts byte for byte; removed records as the same set of lines
+(``manifest.json`` ``runner`` says so).
 """
 
 from __future__ import annotations
@@ -45,11 +59,21 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
+from time import thread_time
 from typing import NamedTuple
 
 import numpy as np
 
 from lmtrain.data import fs
+from lmtrain.data.beam_spill import (
+    SPILL_DIR,
+    SpillReader,
+    SpillWriter,
+    pack_order,
+    token_file,
+    unit_file,
+    unit_of,
+)
 from lmtrain.data.contamination import EvalSets
 from lmtrain.data.datasheet import write_datasheet
 from lmtrain.data.dedup import band_keys, lsh_params
@@ -65,20 +89,26 @@ from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.errors import ConfigError, DataError
 
 REMOVED_SHARDS = 4
-SUMMARY = "_beam/summary.json"
+KEY_SHARDS = 256  # groups of content hashes / LSH band keys: one worker each
+SUMMARY = f"{SPILL_DIR}/summary.json"
+CPU_COUNTERS = "lmtrain_cpu_us"  # Beam counter namespace: CPU microseconds per step
 
 
-class Doc(NamedTuple):
-    order: tuple  # (source index, file index, document index): the corpus order
+class Rec(NamedTuple):
+    """What the global steps carry per cleaned document (the text stays in the spill)."""
+
+    g: int  # corpus position (beam_spill.pack_order)
     id: str
     source: str
     licence: str
-    text: str
-    key: int
+    key: int  # content hash
     chars: int
     time: float
-    sig: object  # np.ndarray | None
-    matches: object  # np.ndarray
+    matches: bytes  # uint64 n-grams shared with the evaluation sets, b"" for none
+    off: int  # the text's byte offset in its unit's .txt spill
+    size: int  # ... and its length in bytes
+    slot: int  # its row in the unit's .sig spill
+    bands: bytes  # uint64 LSH band keys, b"" when near dedup is off
 
 
 def _beam():
@@ -89,6 +119,13 @@ def _beam():
             "--runner beam needs Apache Beam: pip install 'lmtrain[beam]' (apache-beam>=2.77)"
         ) from None
     return beam
+
+
+def _cpu(step: str, seconds: float) -> None:
+    from apache_beam.metrics import Metrics
+
+    if seconds > 0:
+        Metrics.counter(CPU_COUNTERS, step).inc(int(seconds * 1e6))
 
 
 def _units(cfg: dict) -> tuple[list, list]:
@@ -106,9 +143,26 @@ def _units(cfg: dict) -> tuple[list, list]:
     return units, errors
 
 
-def _read_unit(unit, cfg):
-    from apache_beam import pvalue
+_STAGES: dict = {}  # per worker: Stages built once per (config, eval n-grams) object
 
+
+def _stages(cfg: dict, eval_ngrams, eval_vocab) -> Stages:
+    stages = _STAGES.get((id(cfg), id(eval_ngrams)))
+    if stages is None:
+        _STAGES.clear()
+        stages = _STAGES[(id(cfg), id(eval_ngrams))] = Stages(cfg, eval_ngrams, eval_vocab)
+    return stages
+
+
+def _read_clean(unit, cfg: dict, out: str, lsh: tuple, eval_ngrams, eval_vocab):
+    """Reads one unit and runs the shared per-document stages on it in batches: a :class:`Rec`
+    per kept document (text and signature spilled), per-unit counts, removed records, errors."""
+    from apache_beam import pvalue
+    from apache_beam.metrics import Metrics
+
+    t_start = thread_time()
+    stages = _stages(cfg, eval_ngrams, eval_vocab)
+    cpu0 = Counter(stages.cpu)
     si, fi, full, shown = unit
     spec = cfg["sources"][si]
     policy = ErrorPolicy(cfg["on_error"])
@@ -119,60 +173,102 @@ def _read_unit(unit, cfg):
     else:
         src = FileSource(spec, *args)
         docs = src.iter_file(full, shown)
+    g0 = pack_order(si, fi, 0)
+    stats: Counter = Counter()
+    counts = {s: Counter() for s in STAGES}
+    text_w = SpillWriter(unit_file(out, g0, "txt"))
+    sig_w = SpillWriter(unit_file(out, g0, "sig")) if lsh else None
     n = nbytes = 0
-    for k, d in enumerate(docs):
-        n += 1
-        nbytes += (
-            len(d.data) if isinstance(d.data, bytes) else len(d.data.encode("utf-8", "replace"))
-        )
-        yield ((si, fi, k), d)
-    from apache_beam.metrics import Metrics
-
+    batch, size = [], 0
+    # CPU of this step only: the time spent downstream while a batch's outputs are handed on
+    # (the runner's fused steps) is left out.
+    handed = 0.0
+    try:
+        for k, d in enumerate(docs):
+            n += 1
+            nbytes += (
+                len(d.data) if isinstance(d.data, bytes) else len(d.data.encode("utf-8", "replace"))
+            )
+            batch.append((k, d))
+            size += len(d.data)
+            if len(batch) >= cfg["batch_docs"] or size >= cfg["batch_bytes"]:
+                outs = list(
+                    _clean_batch(batch, stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats)
+                )
+                t = thread_time()
+                yield from outs
+                handed += thread_time() - t
+                batch, size = [], 0
+        if batch:
+            outs = list(_clean_batch(batch, stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats))
+            t = thread_time()
+            yield from outs
+            handed += thread_time() - t
+    finally:
+        text_w.close()
+        if sig_w is not None:
+            sig_w.close()
+    own = thread_time() - t_start - handed
     Metrics.counter("lmtrain", "documents_read").inc(n)
     Metrics.counter("lmtrain", "bytes_read").inc(nbytes)
     name = spec["name"]
-    stats = [(("read_documents", name), n), (("read_bytes", name), nbytes)]
-    stats += [(("errors", r), c) for r, c in policy.counts.items()]
-    stats += [(("source_decode", name, r), c) for r, c in Counter(src.decode_counts).items()]
-    for s in stats:
+    stats.update({("read_documents", name): n, ("read_bytes", name): nbytes})
+    stats.update({("errors", r): c for r, c in policy.counts.items()})
+    stats.update({("source_decode", name, r): c for r, c in Counter(src.decode_counts).items()})
+    for stage, c in counts.items():
+        stats.update({("stage", stage, k): v for k, v in c.items()})
+    spent = {k: v - cpu0.get(k, 0.0) for k, v in stages.cpu.items()}
+    for k, v in spent.items():
+        _cpu(f"clean:{k}", v)
+    _cpu("read_and_spill", own - sum(spent.values()))
+    for s in stats.items():
         yield pvalue.TaggedOutput("stat", s)
     for j, m in enumerate(policy.examples):
         yield pvalue.TaggedOutput("example", ((0, si, fi, j), m))
     yield pvalue.TaggedOutput("files", ((si, fi), src.files))
 
 
-_STAGES: dict = {}  # per worker: Stages built once per (config, eval n-grams) object
-
-
-def _clean(item, cfg: dict, eval_ngrams, eval_vocab):
-    """The shared per-document stages on one raw document."""
+def _clean_batch(batch, stages: Stages, cfg, si, fi, text_w, sig_w, lsh, counts, stats):
     from apache_beam import pvalue
 
-    stages = _STAGES.get((id(cfg), id(eval_ngrams)))
-    if stages is None:
-        _STAGES.clear()
-        stages = _STAGES[(id(cfg), id(eval_ngrams))] = Stages(cfg, eval_ngrams, eval_vocab)
-    order, doc = item
-    counts = {s: Counter() for s in STAGES}
-    removed: list = []
     policy = ErrorPolicy(cfg["on_error"])
-    out = stages.clean(doc, counts, removed, policy)
-    for stage, c in counts.items():
-        for k, n in c.items():
-            yield pvalue.TaggedOutput("stat", (("stage", stage, k), n))
-    for r, n in policy.counts.items():
-        yield pvalue.TaggedOutput("stat", (("errors", r), n))
+    removed: list = []
+    outs = stages.clean_batch([d for _, d in batch], counts, removed, policy)
+    kept = [(k, d, c) for (k, d), c in zip(batch, outs) if c is not None]
+    texts, whs, fourth = (
+        [c[0] for *_, c in kept],
+        [c[1] for *_, c in kept],
+        [c[3] for *_, c in kept],
+    )
+    # clean_batch's fourth item is what features_batch can reuse: the words (text.split()) or,
+    # where the batch's content hashes come with the cleaning, the content hash.
+    if fourth and isinstance(fourth[0], (int, np.integer)):
+        feats = stages.features_batch(texts, whs, keys=fourth)
+    else:
+        feats = stages.features_batch(texts, whs, fourth)
+    keys = None
+    slot0 = 0
+    if sig_w is not None and kept:
+        sigs = np.ascontiguousarray(np.stack([f.sig for f in feats]), dtype=np.uint32)
+        slot0 = sig_w.write(sigs.tobytes()) // (sigs.shape[1] * 4)
+        keys = band_keys(sigs, *lsh)
+    for i, ((k, d, c), f) in enumerate(zip(kept, feats)):
+        data = c[0].encode("utf-8", "surrogatepass")
+        yield Rec(pack_order(si, fi, k), d.id, d.source, d.licence, int(f.key), f.chars, c[2],
+                  f.matches.tobytes() if f.matches.size else b"", text_w.write(data), len(data),
+                  slot0 + i, keys[i].tobytes() if keys is not None else b"")  # fmt: skip
+    stats[("cleaned_documents",)] += len(kept)
+    stats[("cleaned_chars",)] += sum(f.chars for f in feats)
+    for r, c in policy.counts.items():
+        stats[("errors", r)] += c
     for j, m in enumerate(policy.examples):
-        yield pvalue.TaggedOutput("example", ((1, *order, j), m))
+        yield pvalue.TaggedOutput("example", ((1, pack_order(si, fi, batch[0][0]), j), m))
     for doc_id, stage, reason in removed:
         yield pvalue.TaggedOutput("removed", _record(doc_id, stage, reason))
-    if out is None:
-        return
-    text, wh, t = out
-    f = stages.features(text, wh)
-    yield pvalue.TaggedOutput("stat", (("cleaned_documents",), 1))
-    yield pvalue.TaggedOutput("stat", (("cleaned_chars",), f.chars))
-    yield Doc(order, doc.id, doc.source, doc.licence, text, f.key, f.chars, t, f.sig, f.matches)
+
+
+def _text(reader: SpillReader, out: str, r: Rec) -> str:
+    return reader.read(unit_file(out, r.g, "txt"), r.off, r.size).decode("utf-8", "surrogatepass")
 
 
 def _record(doc_id, stage, reason, dup_of=None) -> str:
@@ -183,39 +279,106 @@ def _record(doc_id, stage, reason, dup_of=None) -> str:
     return json.dumps(rec)
 
 
-def _exact(kv):
+def _by_shard(shard: np.ndarray, *cols: np.ndarray) -> list:
+    """(shard, columns of its rows) for every shard present."""
+    o = np.argsort(shard, kind="stable")
+    cuts = np.flatnonzero(np.diff(shard[o])) + 1
+    return [(int(shard[part[0]]), tuple(c[part] for c in cols)) for part in np.split(o, cuts)]
+
+
+def _key_shards(recs: list):
+    """(shard, (content hash, position) arrays) of a batch of records, one item per shard."""
+    t0 = thread_time()
+    outs = []
+    if recs:
+        key = np.array([r.key for r in recs], np.uint64)
+        g = np.array([r.g for r in recs], np.int64)
+        outs = _by_shard((key % np.uint64(KEY_SHARDS)).astype(np.int64), key, g)
+    _cpu("exact_dedup", thread_time() - t0)
+    yield from outs
+
+
+def _exact_pairs(kv):
+    """(duplicate, earliest document with the same content hash) for one shard's hashes."""
+    t0 = thread_time()
+    parts = list(kv[1])
+    key, g = (np.concatenate([p[i] for p in parts]) for i in range(2))
+    o = np.lexsort((g, key))
+    key, g = key[o], g[o]
+    first = np.concatenate([[True], key[1:] != key[:-1]])
+    starts = np.maximum.accumulate(np.where(first, np.arange(g.size), 0))
+    outs = list(zip(g[~first].tolist(), g[starts[~first]].tolist()))
+    _cpu("exact_dedup", thread_time() - t0)
+    yield from outs
+
+
+def _dup_map(pairs) -> dict:
+    """The exact duplicates as one value: {duplicate: representative} and the representatives."""
+    dup_of = dict(pairs)
+    return {"dup_of": dup_of, "reps": set(dup_of.values())}
+
+
+def _band_shards(recs: list, bands: int):
+    """(shard, (band, key, position, slot) arrays) of a batch of records, one item per shard."""
+    t0 = thread_time()
+    outs = []
+    if recs:
+        keys = np.frombuffer(b"".join(r.bands for r in recs), np.uint64)
+        band = np.tile(np.arange(bands, dtype=np.int16), len(recs))
+        g = np.repeat(np.array([r.g for r in recs], np.int64), bands)
+        slot = np.repeat(np.array([r.slot for r in recs], np.int64), bands)
+        shard = (keys % np.uint64(KEY_SHARDS)).astype(np.int64)
+        outs = _by_shard(shard, band, keys, g, slot)
+    _cpu("near_dedup", thread_time() - t0)
+    yield from outs
+
+
+def _bucket_pairs(kv):
+    """Candidate pairs of one shard's buckets, as the local runner forms them (each member with
+    its bucket's first and with the previous member, in corpus order): ((a, b), (slot a, slot b))."""
+    t0 = thread_time()
+    parts = list(kv[1])
+    band, key, g, slot = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    o = np.lexsort((g, key, band))
+    band, key, g, slot = band[o], key[o], g[o], slot[o]
+    same = (band[1:] == band[:-1]) & (key[1:] == key[:-1])
+    outs = []
+    if same.any():
+        start = np.concatenate([[True], ~same])
+        starts = np.maximum.accumulate(np.where(start, np.arange(g.size), 0))
+        idx = np.flatnonzero(~start)
+        a = np.concatenate([starts[idx], idx - 1])
+        b = np.concatenate([idx, idx])
+        pairs = np.unique(np.stack([g[a], g[b], slot[a], slot[b]], axis=1), axis=0)
+        outs = [((ga, gb), (sa, sb)) for ga, gb, sa, sb in pairs.tolist()]
+    _cpu("near_dedup", thread_time() - t0)
+    yield from outs
+
+
+def _verify(pairs: list, out: str, threshold: float, num_perm: int):
+    """The distinct candidate pairs of a batch, each verified with both signatures."""
     from apache_beam import pvalue
 
-    group = sorted(kv[1], key=lambda d: d.order)
-    yield group[0]
-    for d in group[1:]:
-        yield pvalue.TaggedOutput("removed", _record(d.id, "dedup", "exact_duplicate", group[0].id))
-        yield pvalue.TaggedOutput("stat", (("exact_duplicates",), 1))
-
-
-def _band_items(d: Doc, bands: int, rows: int):
-    keys = band_keys(np.asarray(d.sig, np.uint32)[None, :], bands, rows)[0]
-    return [((b, int(k)), (d.order, d.id, d.sig)) for b, k in enumerate(keys)]
-
-
-def _bucket(kv, threshold: float):
-    """The local runner's candidate pairs of one bucket (star + chain in corpus order), verified."""
-    from apache_beam import pvalue
-
-    members = sorted(kv[1], key=lambda m: m[0])
-    for i in range(1, len(members)):
-        b = members[i]
-        for a in {members[0][0]: members[0], members[i - 1][0]: members[i - 1]}.values():
-            yield pvalue.TaggedOutput("candidate", (a[0], b[0]))
-            if float((a[2] == b[2]).mean()) >= threshold:
-                yield (a[0], a[1], b[0], b[1])
+    t0 = thread_time()
+    row = num_perm * 4
+    confirmed = []
+    with SpillReader() as reader:
+        for (ga, gb), slots in pairs:
+            sa, sb = next(iter(slots))
+            a = np.frombuffer(reader.read(unit_file(out, ga, "sig"), sa * row, row), np.uint32)
+            b = np.frombuffer(reader.read(unit_file(out, gb, "sig"), sb * row, row), np.uint32)
+            if float((a == b).mean()) >= threshold:
+                confirmed.append((ga, gb))
+    _cpu("near_dedup", thread_time() - t0)
+    yield pvalue.TaggedOutput("candidate", len(pairs))
+    yield from confirmed
 
 
 def _clusters(pairs) -> dict:
     """Union-find over confirmed pairs; every node points at its component's earliest node."""
+    t0 = thread_time()
     pairs = sorted(set(pairs))
     parent: dict = {}
-    ids: dict = {}
 
     def find(x):
         root = x
@@ -225,11 +388,10 @@ def _clusters(pairs) -> dict:
             parent[x], x = root, parent[x]
         return root
 
-    for oa, ia, ob, ib in pairs:
-        for o, i in ((oa, ia), (ob, ib)):
-            if o not in parent:
-                parent[o], ids[o] = o, i
-        ra, rb = find(oa), find(ob)
+    for a, b in pairs:
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
+        ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     dup_of = {}
@@ -238,39 +400,95 @@ def _clusters(pairs) -> dict:
         r = find(o)
         roots.add(r)
         if r != o:
-            dup_of[o] = (ids[o], ids[r])
-    return {"dup_of": dup_of, "confirmed_pairs": len({(p[0], p[2]) for p in pairs}),
+            dup_of[o] = r
+    _cpu("near_dedup", thread_time() - t0)
+    return {"dup_of": dup_of, "reps": set(dup_of.values()), "confirmed_pairs": len(pairs),
             "clusters": len(roots)}  # fmt: skip
 
 
-def _split_doc(d: Doc, cfg: dict):
+def _drop_dups(r: Rec, dups: dict):
+    """Drops duplicates; their ids and their representatives' go to ``ids`` (by representative)
+    for the removed records."""
     from apache_beam import pvalue
 
+    rep = dups["dup_of"].get(r.g)
+    if rep is not None:
+        yield pvalue.TaggedOutput("ids", (rep, (r.g, r.id)))
+        return
+    if r.g in dups["reps"]:
+        yield pvalue.TaggedOutput("ids", (r.g, (r.g, r.id)))
+    yield r
+
+
+def _dup_records(kv, reason: str):
+    rep, members = kv
+    members = sorted(members)
+    rep_id = next(i for g, i in members if g == rep)
+    for g, i in members:
+        if g != rep:
+            yield _record(i, "dedup", reason, rep_id)
+
+
+def _split_batch(recs: list, cfg: dict):
+    """Each document's split (the same hash or time rule as the local runner), train documents
+    that share n-grams with the evaluation sets reported (and dropped when so configured)."""
+    from apache_beam import pvalue
+
+    t0 = thread_time()
     sp, con = cfg["split"], cfg["contamination"]
     fr = (sp["train"], sp["validation"], sp["test"])
-    sid = int(assign_splits(sp["method"], fr, content_hashes=np.array([d.key], np.uint64),
-                            kept=np.array([True]), seed=cfg["seed"], times=np.array([d.time]),
-                            cutoffs=tuple(sp["time_cutoffs"]))[0])  # fmt: skip
-    if sid == 0 and d.matches.size and d.matches.size >= con["min_matches"]:
-        yield pvalue.TaggedOutput("train_match", (d.order, d.matches))
-        if con["drop"]:
-            yield pvalue.TaggedOutput(
-                "removed", _record(d.id, "contamination", "overlaps_eval_set")
-            )
-            yield pvalue.TaggedOutput("stat", (("contamination_dropped",), 1))
-            return
-    yield pvalue.TaggedOutput("stat", (("split", sid), 1))
-    yield (sid, d)
+    sids = assign_splits(sp["method"], fr, content_hashes=np.array([d.key for d in recs], np.uint64),
+                         kept=np.ones(len(recs), bool), seed=cfg["seed"],
+                         times=np.array([d.time for d in recs], np.float64),
+                         cutoffs=tuple(sp["time_cutoffs"])).tolist()  # fmt: skip
+    outs: list = []
+    counts: Counter = Counter()
+    for d, sid in zip(recs, sids):
+        n = len(d.matches) // 8
+        if sid == 0 and n and n >= con["min_matches"]:
+            outs.append(pvalue.TaggedOutput("train_match", (d.g, d.matches)))
+            if con["drop"]:
+                outs.append(pvalue.TaggedOutput(
+                    "removed", _record(d.id, "contamination", "overlaps_eval_set")))  # fmt: skip
+                counts[("contamination_dropped",)] += 1
+                continue
+        counts[("split", sid)] += 1
+        outs.append((sid, d))
+    outs += [pvalue.TaggedOutput("stat", kv) for kv in counts.items()]
+    _cpu("split", thread_time() - t0)
+    yield from outs
 
 
-def _sampled(item, cfg: dict, train_chars: int):
-    sid, d = item
-    sel = sample_mask(cfg, np.array([True]), np.array([d.key], np.uint64), train_chars)
-    if sid == 0 and sel[0]:
-        yield (d.order, d.text, d.chars)
+def _contamination(ms, evals, drop: bool):
+    matches = {g: np.frombuffer(m, np.uint64) for g, m in ms}
+    return evals.report(matches, set(matches) if drop else set()) if evals else []
+
+
+def _sample_texts(items: list, cfg: dict, train_chars: int, out: str):
+    """(position, text, chars) of the batch's train documents in the tokenizer's sample."""
+    t0 = thread_time()
+    keys = np.array([r.key for _, r in items], np.uint64)
+    sel = sample_mask(cfg, np.ones(len(items), bool), keys, train_chars).tolist()
+    with SpillReader() as reader:
+        rows = [(r.g, _text(reader, out, r), r.chars) for (_, r), s in zip(items, sel) if s]
+    _cpu("tokenizer_train", thread_time() - t0)
+    yield from rows
+
+
+def _charset_part(items: list, out: str, want_chars: bool):
+    """(characters, documents, chars) of a batch of train documents; the characters are only
+    read back for a character-level tokenizer."""
+    chars: set = set()
+    if want_chars:
+        with SpillReader() as reader:
+            for _, r in items:
+                chars |= set(_text(reader, out, r))
+    return (chars, len(items), sum(r.chars for _, r in items))
 
 
 def _train_tokenizer(samples, cfg: dict, charset) -> dict:
+    # SentencePiece trains on its own threads: count the process's CPU for this one-element step.
+    t0 = time.process_time()
     t = cfg["tokenizer"]
     if not charset[1]:
         raise DataError(
@@ -289,6 +507,7 @@ def _train_tokenizer(samples, cfg: dict, charset) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tok.save(d)
         files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in Path(d).iterdir()}
+    _cpu("tokenizer_train", time.process_time() - t0)
     return {"files": files, "info": info, "separable": bool(getattr(tok, "word_separable", False))}
 
 
@@ -305,50 +524,102 @@ def _load_tok(payload: dict):
 _TOKS: dict = {}  # per worker: the tokenizer, loaded once per fingerprint
 
 
-def _encode(item, payload: dict):
-    sid, d = item
+def _encode(items: list, payload: dict, out: str):
+    """Encodes a batch of kept documents, spilling their token ids (with the end-of-document
+    id) to one file: (split, position, file, token offset, tokens, documents.jsonl line,
+    source, licence, chars, token itemsize) per document."""
+    from apache_beam import pvalue
+
+    t0 = thread_time()
     fp = payload["info"]["fingerprint"]
     tok = _TOKS.get(fp)
     if tok is None:
         _TOKS.clear()
         tok = _TOKS[fp] = _load_tok(payload)
-    ids = np.asarray(encode_batch(tok, [d.text], 1)[0], dtype=np.int64)
     dtype = token_dtype(tok.vocab_size)
-    if ids.size and (ids.min() < 0 or ids.max() >= np.iinfo(dtype).max + 1):
-        raise DataError(f"token id out of range for {dtype} shards")
-    tokens = np.concatenate([ids, [tok.eos_id]]).astype(dtype)
-    line = json.dumps({"id": d.id, "source": d.source, "licence": d.licence, "chars": d.chars,
-                       "tokens": int(ids.size)}, ensure_ascii=False)  # fmt: skip
-    yield (sid, d.order, tokens, line, d.source, d.licence, d.chars)
+    with SpillReader() as reader:
+        texts = [_text(reader, out, d) for _, d in items]
+    rows: list = []
+    counts: Counter = Counter()
+    path = token_file(out)
+    with SpillWriter(path) as w:
+        for (sid, d), ids in zip(items, encode_batch(tok, texts, 1)):
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= np.iinfo(dtype).max + 1):
+                raise DataError(f"token id out of range for {dtype} shards")
+            tokens = np.concatenate([ids, [tok.eos_id]]).astype(dtype)
+            off = w.write(tokens.tobytes()) // dtype.itemsize
+            line = json.dumps({"id": d.id, "source": d.source, "licence": d.licence,
+                               "chars": d.chars, "tokens": int(ids.size)}, ensure_ascii=False)  # fmt: skip
+            rows.append((sid, d.g, path, off, int(tokens.size), line, d.source, d.licence,
+                         d.chars, dtype.itemsize))  # fmt: skip
+            counts.update({("split_documents", sid): 1, ("split_chars", sid): d.chars,
+                           ("split_tokens", sid): int(ids.size),
+                           ("per_source", d.source, d.licence, sid): 1})  # fmt: skip
+    _cpu("encode", thread_time() - t0)
+    yield from rows
+    for kv in counts.items():
+        yield pvalue.TaggedOutput("stat", kv)
 
 
-def _layout(lengths) -> dict:
-    """Token offset of every document in its split's stream (corpus order)."""
-    out: dict = {s: {} for s in range(len(SPLITS))}
-    for sid in out:
+def _unit_layout(kv, out: str, lists: bool):
+    """One read unit's documents of one split, in corpus order: their token ranges relative to
+    the unit's start, the unit's token total, and (``document_lists``) its part of the split's
+    ``documents.jsonl``: (split, unit, tokens, part file, ranges)."""
+    t0 = thread_time()
+    (sid, unit), rows = kv
+    rows = sorted(rows, key=lambda e: e[1])
+    pos, ranges = 0, []
+    for e in rows:
+        ranges.append((pos, e[2], e[3], e[4], e[9]))  # (start in unit, file, offset, n, itemsize)
+        pos += e[4]
+    part = ""
+    if lists:
+        part = f"{out}/{SPILL_DIR}/lists/{sid}-{unit:012d}.jsonl"
+        fs.write_text(part, "".join(e[5] + "\n" for e in rows))
+    _cpu("write", thread_time() - t0)
+    yield (sid, unit, pos, part, ranges)
+
+
+def _unit_starts(totals) -> dict:
+    """Token offset of every (split, unit) in its split's stream: units in corpus order."""
+    starts: dict = {}
+    for sid in range(len(SPLITS)):
         pos = 0
-        for order, n in sorted((o, n) for s, o, n in lengths if s == sid):
-            out[sid][order] = pos
+        for unit, n in sorted((u, n) for s, u, n, _ in totals if s == sid):
+            starts[(sid, unit)] = pos
             pos += n
-    return out
+    return starts
 
 
-def _pieces(enc, layout: dict, shard_tokens: int):
-    sid, order, tokens = enc[0], enc[1], enc[2]
-    start = layout[sid][order]
-    pos = 0
-    while pos < tokens.size:
-        shard, off = divmod(start + pos, shard_tokens)
-        take = min(tokens.size - pos, shard_tokens - off)
-        yield ((sid, shard), (off, tokens[pos : pos + take]))
-        pos += take
+def _pieces(u, starts: dict, shard_tokens: int):
+    t0 = thread_time()
+    sid, unit, _, _, ranges = u
+    base = starts[(sid, unit)]
+    outs = []
+    for rel, path, off, n, itemsize in ranges:
+        start, pos = base + rel, 0
+        while pos < n:
+            shard, at = divmod(start + pos, shard_tokens)
+            take = min(n - pos, shard_tokens - at)
+            outs.append(((sid, shard), (at, path, off + pos, take, itemsize)))
+            pos += take
+    _cpu("write", thread_time() - t0)
+    yield from outs
 
 
 def _write_shard(kv, out: str, chunk_tokens: int):
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    t0 = thread_time()
     (sid, shard), pieces = kv
-    stream = np.concatenate([p[1] for p in sorted(pieces, key=lambda p: p[0])])
+    pieces = sorted(pieces)
+    dtype = np.dtype(f"<u{pieces[0][4]}")
+    with SpillReader() as reader:
+        stream = np.concatenate([
+            np.frombuffer(reader.read(path, off * dtype.itemsize, take * dtype.itemsize), dtype)
+            for _, path, off, take, _ in pieces
+        ])  # fmt: skip
     name = f"shard-{shard:05d}.array_record"
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, name)
@@ -361,24 +632,198 @@ def _write_shard(kv, out: str, chunk_tokens: int):
         with open(local, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         fs.upload_file(local, f"{out}/{SPLITS[sid]}/{name}")
+    _cpu("write", thread_time() - t0)
     yield (sid, shard, {"file": name, "num_records": records, "num_tokens": int(stream.size),
                         "sha256": sha})  # fmt: skip
 
 
 def _write_removed(kv, out: str):
+    t0 = thread_time()
     shard, lines = kv
     fs.write_text(
         f"{out}/removed-{shard:05d}-of-{REMOVED_SHARDS:05d}.jsonl",
         "".join(line + "\n" for line in sorted(lines)),
     )
+    _cpu("write", thread_time() - t0)
     yield shard
 
 
-def _write_lists(lines, out: str):
+def _write_lists(totals, out: str):
+    """Each split's ``documents.jsonl``: the units' parts concatenated in corpus order."""
+    t0 = thread_time()
     for sid, s in enumerate(SPLITS):
-        rows = sorted((o, line) for k, o, line in lines if k == sid)
-        fs.write_text(f"{out}/{s}/documents.jsonl", "".join(line + "\n" for _, line in rows))
-    yield len(lines)
+        with SpillWriter(f"{out}/{s}/documents.jsonl") as w:
+            for _, part in sorted((u, part) for k, u, _, part in totals if k == sid):
+                with fs.open_read(part) as f:
+                    while chunk := f.read(1 << 22):
+                        w.write(chunk)
+    _cpu("write", thread_time() - t0)
+    yield len(totals)
+
+
+def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
+    """Adds the data stage to the Beam pipeline ``p``, writing under ``out``."""
+    beam = _beam()
+    from apache_beam.pvalue import AsList, AsSingleton
+
+    d = cfg["dedup"]
+    units, list_errors = _units(cfg)
+    bands, rows = (d["bands"], d["rows"]) if d["bands"] and d["rows"] else lsh_params(
+        d["threshold"], d["num_perm"])  # fmt: skip
+    lsh = (bands, rows) if d["near"] else ()
+    cleaned = (
+        p
+        | "Units" >> beam.Create(units)
+        | "SpreadUnits" >> beam.Reshuffle()
+        | "ReadClean" >> beam.FlatMap(_read_clean, cfg, out, lsh, *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
+        .with_outputs("stat", "example", "removed", "files", main="docs")
+    )  # fmt: skip
+    stat_parts = [cleaned.stat, p | "ListErrors" >> beam.Create(
+        [e for e in list_errors if e[0][0] == "errors"])]  # fmt: skip
+    example_parts = [cleaned.example, p | "ListExamples" >> beam.Create(
+        [(k[1], m) for k, m in list_errors if k[0] == "example"])]  # fmt: skip
+    removed_parts = [cleaned.removed]
+    docs = cleaned.docs
+    if d["exact"]:
+        exact = (
+            docs
+            | "HashBatches" >> beam.BatchElements(min_batch_size=1024, max_batch_size=16384)
+            | "Hashes" >> beam.FlatMap(_key_shards)
+            | "GroupHashes" >> beam.GroupByKey()
+            | "ExactPairs" >> beam.FlatMap(_exact_pairs)
+            | "ExactList" >> beam.combiners.ToList()
+            | "ExactMap" >> beam.Map(_dup_map)
+        )
+        ex = docs | "DropExact" >> beam.FlatMap(_drop_dups, AsSingleton(exact)).with_outputs(
+            "ids", main="docs")  # fmt: skip
+        docs = ex.docs
+        removed_parts.append(ex.ids | "ByFirst" >> beam.GroupByKey()
+                             | "ExactRecords" >> beam.FlatMap(_dup_records, "exact_duplicate"))  # fmt: skip
+        stat_parts.append(exact | "ExactCount" >> beam.Map(lambda m: (("exact_duplicates",), len(m["dup_of"]))))  # fmt: skip
+    docs, near, candidates = _near_dedup(p, docs, cfg, out, bands, stat_parts, removed_parts)
+    split = (
+        docs
+        | "SplitBatches" >> beam.BatchElements(min_batch_size=1024, max_batch_size=16384)
+        | "Split" >> beam.FlatMap(_split_batch, cfg).with_outputs(
+            "train_match", "removed", "stat", main="docs")
+    )  # fmt: skip
+    stat_parts.append(split.stat)
+    removed_parts.append(split.removed)
+    drop = cfg["contamination"]["drop"]
+    contamination = (
+        split.train_match
+        | "Matches" >> beam.combiners.ToList()
+        | "Report" >> beam.Map(_contamination, evals, drop)
+    )
+    kept = split.docs
+    train = kept | "Train" >> beam.Filter(lambda x: x[0] == 0)
+    train_chars = train | "TrainChars" >> beam.Map(lambda x: x[1].chars) | "SumChars" >> beam.CombineGlobally(sum)  # fmt: skip
+    tok, enc, shards = _encode_and_shard(kept, train, train_chars, cfg, out)
+    stat_parts.append(enc.stat)
+    (tuple(removed_parts) | "AllRemoved" >> beam.Flatten()
+     | "RemovedShard" >> beam.Map(lambda line: (zlib.crc32(line.encode()) % REMOVED_SHARDS, line))
+     | "GroupRemoved" >> beam.GroupByKey()
+     | "WriteRemoved" >> beam.FlatMap(_write_removed, out))  # fmt: skip
+    stats = tuple(stat_parts) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
+    examples = tuple(example_parts) | "AllExamples" >> beam.Flatten() | beam.combiners.Top.Smallest(20)  # fmt: skip
+    files = cleaned.files
+    (p | "One" >> beam.Create([None]) | "Summary" >> beam.FlatMap(
+        _summary, out, AsList(stats), AsSingleton(examples), AsList(files), AsSingleton(near),
+        AsSingleton(candidates), AsSingleton(contamination), AsSingleton(tok), AsList(shards)))  # fmt: skip
+
+
+def _near_dedup(p, docs, cfg: dict, out: str, bands: int, stat_parts: list, removed_parts: list):
+    """Near-duplicate removal (MinHash LSH buckets, confirmed pairs, clusters): (docs kept,
+    the clusters as one value, the count of candidate pairs); stats and removed records are
+    appended to the lists."""
+    beam = _beam()
+    from apache_beam.pvalue import AsSingleton
+
+    d = cfg["dedup"]
+    empty_near = {"dup_of": {}, "reps": set(), "confirmed_pairs": 0, "clusters": 0}
+    if not d["near"]:
+        near = p | "NoNear" >> beam.Create([empty_near])
+        candidates = p | "NoCandidates" >> beam.Create([0])
+        return docs, near, candidates
+    checked = (
+        docs
+        | "BandBatches" >> beam.BatchElements(min_batch_size=1024, max_batch_size=16384)
+        | "Bands" >> beam.FlatMap(_band_shards, bands)
+        | "GroupBands" >> beam.GroupByKey()
+        | "Pairs" >> beam.FlatMap(_bucket_pairs)
+        | "DistinctPairs" >> beam.GroupByKey()
+        | "PairBatches" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
+        | "Verify" >> beam.FlatMap(_verify, out, d["threshold"], d["num_perm"])
+        .with_outputs("candidate", main="pairs")
+    )  # fmt: skip
+    near = checked.pairs | "Clusters" >> beam.combiners.ToList() | beam.Map(_clusters)
+    candidates = checked.candidate | "CountCandidates" >> beam.CombineGlobally(sum)
+    dropped = docs | "DropNear" >> beam.FlatMap(_drop_dups, AsSingleton(near)).with_outputs(
+        "ids", main="docs")  # fmt: skip
+    removed_parts.append(
+        dropped.ids
+        | "ByRepresentative" >> beam.GroupByKey()
+        | "NearRecords" >> beam.FlatMap(_dup_records, "near_duplicate")
+    )
+    stat_parts.append(near | "NearCount" >> beam.Map(lambda n: (("near_duplicates",), len(n["dup_of"]))))  # fmt: skip
+    return dropped.docs, near, candidates
+
+
+def _encode_and_shard(kept, train, train_chars, cfg: dict, out: str):
+    """The tokenizer trained on a sample of the train split, every kept document encoded, and
+    the token shards written: (tokenizer, encoded documents, shards)."""
+    beam = _beam()
+    from apache_beam.pvalue import AsSingleton
+
+    samples = (
+        train
+        | "SampleBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
+        | "SampleTexts" >> beam.FlatMap(_sample_texts, cfg, AsSingleton(train_chars), out)
+        | "SampleList" >> beam.combiners.ToList()
+    )
+    want_chars = cfg["tokenizer"]["kind"] == "char" and not cfg["tokenizer"]["path"]
+    charset = (
+        train
+        | "TrainBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+        | "Chars" >> beam.Map(_charset_part, out, want_chars)
+        | "Charset" >> beam.CombineGlobally(_union)
+    )
+    tok = samples | "Tokenizer" >> beam.Map(_train_tokenizer, cfg, AsSingleton(charset))
+    enc = (
+        kept
+        | "EncodeBatches" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
+        | "Encode" >> beam.FlatMap(_encode, AsSingleton(tok), out).with_outputs("stat", main="rows")
+    )
+    shard_tokens = max(1, cfg["output"]["shard_tokens"] // cfg["output"]["chunk_tokens"]) * cfg[
+        "output"]["chunk_tokens"]  # fmt: skip
+    units = (
+        enc.rows
+        | "ByUnit" >> beam.Map(lambda e: ((e[0], unit_of(e[1])), e))
+        | "GroupUnit" >> beam.GroupByKey()
+        | "UnitLayout" >> beam.FlatMap(_unit_layout, out, cfg["output"]["document_lists"])
+    )
+    totals = units | "Totals" >> beam.Map(lambda u: u[:4]) | "TotalList" >> beam.combiners.ToList()
+    if cfg["output"]["document_lists"]:
+        _ = totals | "WriteLists" >> beam.FlatMap(_write_lists, out)
+    shards = (
+        units
+        | "Pieces"
+        >> beam.FlatMap(
+            _pieces, AsSingleton(totals | "Starts" >> beam.Map(_unit_starts)), shard_tokens
+        )
+        | "GroupShard" >> beam.GroupByKey()
+        | "WriteShard" >> beam.FlatMap(_write_shard, out, cfg["output"]["chunk_tokens"])
+    )
+    return tok, enc, shards
+
+
+def _union(xs):
+    chars, docs, n = set(), 0, 0
+    for c, k, m in xs:
+        chars |= set(c)
+        docs += k
+        n += m
+    return (chars, docs, n)
 
 
 def _summary(_, out, stats, examples, files, near, candidates, contamination, tok, shards):
@@ -399,164 +844,23 @@ def _summary(_, out, stats, examples, files, near, candidates, contamination, to
     yield 1
 
 
-def build_pipeline(p, cfg: dict, out: str, evals: EvalSets | None):
-    """Adds the data stage to the Beam pipeline ``p``, writing under ``out``."""
-    beam = _beam()
-    from apache_beam.pvalue import AsList, AsSingleton
-
-    d = cfg["dedup"]
-    units, list_errors = _units(cfg)
-    read = (
-        p
-        | "Units" >> beam.Create(units)
-        | "SpreadUnits" >> beam.Reshuffle()
-        | "Read"
-        >> beam.FlatMap(_read_unit, cfg).with_outputs("stat", "example", "files", main="docs")
-    )
-    cleaned = (
-        read.docs
-        | "SpreadDocs" >> beam.Reshuffle()
-        | "Clean" >> beam.FlatMap(_clean, cfg, *((evals.all_ngrams, evals.vocab) if evals else (None, None)))
-        .with_outputs("stat", "example", "removed", main="docs")
-    )  # fmt: skip
-    stat_parts = [read.stat, cleaned.stat, p | "ListErrors" >> beam.Create(
-        [e for e in list_errors if e[0][0] == "errors"])]  # fmt: skip
-    example_parts = [read.example, cleaned.example, p | "ListExamples" >> beam.Create(
-        [(k[1], m) for k, m in list_errors if k[0] == "example"])]  # fmt: skip
-    removed_parts = [cleaned.removed]
-    docs = cleaned.docs
-    if d["exact"]:
-        ex = (
-            docs
-            | "ByHash" >> beam.Map(lambda x: (x.key, x))
-            | "GroupHash" >> beam.GroupByKey()
-            | "Exact" >> beam.FlatMap(_exact).with_outputs("removed", "stat", main="docs")
-        )
-        docs = ex.docs
-        stat_parts.append(ex.stat)
-        removed_parts.append(ex.removed)
-    bands, rows = (d["bands"], d["rows"]) if d["bands"] and d["rows"] else lsh_params(
-        d["threshold"], d["num_perm"])  # fmt: skip
-    docs, near, candidates = _near_dedup(p, docs, d, bands, rows, stat_parts, removed_parts)
-    split = docs | "Split" >> beam.FlatMap(_split_doc, cfg).with_outputs(
-        "train_match", "removed", "stat", main="docs")  # fmt: skip
-    stat_parts.append(split.stat)
-    removed_parts.append(split.removed)
-    drop = cfg["contamination"]["drop"]
-    contamination = (
-        split.train_match
-        | "Matches" >> beam.combiners.ToList()
-        | "Report" >> beam.Map(lambda ms: evals.report(dict(ms), set(dict(ms)) if drop else set())
-                               if evals else [])
-    )  # fmt: skip
-    kept = split.docs
-    train = kept | "Train" >> beam.Filter(lambda x: x[0] == 0)
-    train_chars = train | "TrainChars" >> beam.Map(lambda x: x[1].chars) | "SumChars" >> beam.CombineGlobally(sum)  # fmt: skip
-    tok, enc, shards = _encode_and_shard(kept, train, train_chars, cfg, out)
-    stat_parts.append(enc | "SplitStats" >> beam.FlatMap(lambda e: [
-        (("split_documents", e[0]), 1), (("split_chars", e[0]), e[6]),
-        (("split_tokens", e[0]), int(e[2].size) - 1), (("per_source", e[4], e[5], e[0]), 1)]))  # fmt: skip
-    if cfg["output"]["document_lists"]:
-        (enc | "ListLines" >> beam.Map(lambda e: (e[0], e[1], e[3]))
-         | "AllLines" >> beam.combiners.ToList() | "WriteLists" >> beam.FlatMap(_write_lists, out))  # fmt: skip
-    (tuple(removed_parts) | "AllRemoved" >> beam.Flatten()
-     | "RemovedShard" >> beam.Map(lambda line: (zlib.crc32(line.encode()) % REMOVED_SHARDS, line))
-     | "GroupRemoved" >> beam.GroupByKey()
-     | "WriteRemoved" >> beam.FlatMap(_write_removed, out))  # fmt: skip
-    stats = tuple(stat_parts) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
-    examples = tuple(example_parts) | "AllExamples" >> beam.Flatten() | beam.combiners.Top.Smallest(20)  # fmt: skip
-    files = read.files
-    (p | "One" >> beam.Create([None]) | "Summary" >> beam.FlatMap(
-        _summary, out, AsList(stats), AsSingleton(examples), AsList(files), AsSingleton(near),
-        AsSingleton(candidates), AsSingleton(contamination), AsSingleton(tok), AsList(shards)))  # fmt: skip
-
-
-def _near_dedup(p, docs, d: dict, bands: int, rows: int, stat_parts: list, removed_parts: list):
-    """Near-duplicate removal (MinHash LSH buckets, confirmed pairs, clusters): (docs kept,
-    the clusters as one value, the count of candidate pairs); stats and removed records are
-    appended to the lists."""
-    beam = _beam()
-    from apache_beam.pvalue import AsSingleton
-
-    empty_near = {"dup_of": {}, "confirmed_pairs": 0, "clusters": 0}
-    if d["near"]:
-        buckets = (
-            docs
-            | "Bands" >> beam.FlatMap(_band_items, bands, rows)
-            | "GroupBucket" >> beam.GroupByKey()
-            | "Pairs" >> beam.FlatMap(_bucket, d["threshold"]).with_outputs("candidate", main="pairs")
-        )  # fmt: skip
-        near = buckets.pairs | "Clusters" >> beam.combiners.ToList() | beam.Map(_clusters)
-        candidates = (
-            buckets.candidate
-            | "DistinctCandidates" >> beam.Distinct()
-            | "CountCandidates" >> beam.combiners.Count.Globally()
-        )
-        near_side = AsSingleton(near)
-        docs = docs | "DropNear" >> beam.Filter(lambda x, n: x.order not in n["dup_of"], near_side)
-        removed_parts.append(near | "NearRecords" >> beam.FlatMap(lambda n: [
-            _record(i, "dedup", "near_duplicate", rep) for i, rep in n["dup_of"].values()]))  # fmt: skip
-        stat_parts.append(near | "NearCount" >> beam.Map(lambda n: (("near_duplicates",), len(n["dup_of"]))))  # fmt: skip
-    else:
-        near = p | "NoNear" >> beam.Create([empty_near])
-        candidates = p | "NoCandidates" >> beam.Create([0])
-    return docs, near, candidates
-
-
-def _encode_and_shard(kept, train, train_chars, cfg: dict, out: str):
-    """The tokenizer trained on a sample of the train split, every kept document encoded, and
-    the token shards written: (tokenizer, encoded documents, shards)."""
-    beam = _beam()
-    from apache_beam.pvalue import AsSingleton
-
-    samples = (
-        kept
-        | "Sample" >> beam.FlatMap(_sampled, cfg, AsSingleton(train_chars))
-        | "SampleList" >> beam.combiners.ToList()
-    )
-    charset = (
-        train
-        | "Chars" >> beam.Map(lambda x: (set(x[1].text), 1, x[1].chars))
-        | "Charset" >> beam.CombineGlobally(lambda xs: _union(xs))
-    )
-    tok = samples | "Tokenizer" >> beam.Map(_train_tokenizer, cfg, AsSingleton(charset))
-    enc = kept | "Encode" >> beam.FlatMap(_encode, AsSingleton(tok))
-    shard_tokens = max(1, cfg["output"]["shard_tokens"] // cfg["output"]["chunk_tokens"]) * cfg[
-        "output"]["chunk_tokens"]  # fmt: skip
-    layout = (
-        enc
-        | "Lengths" >> beam.Map(lambda e: (e[0], e[1], int(e[2].size)))
-        | "LengthList" >> beam.combiners.ToList()
-        | "Layout" >> beam.Map(_layout)
-    )
-    shards = (
-        enc
-        | "Pieces" >> beam.FlatMap(_pieces, AsSingleton(layout), shard_tokens)
-        | "GroupShard" >> beam.GroupByKey()
-        | "WriteShard" >> beam.FlatMap(_write_shard, out, cfg["output"]["chunk_tokens"])
-    )
-    return tok, enc, shards
-
-
-def _union(xs):
-    chars, docs, n = set(), 0, 0
-    for c, k, m in xs:
-        chars |= set(c)
-        docs += k
-        n += m
-    return (chars, docs, n)
-
-
 class _Shim:
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
 
-def prepare_beam(config, out_dir: str, overwrite: bool = False, beam_options: str = "") -> dict:
-    """Runs the Beam pipeline, then writes the tokenizer, indexes and manifest; returns it."""
-    beam = _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
+def prepare_beam(
+    config,
+    out_dir: str,
+    overwrite: bool = False,
+    beam_options: str = "",
+    stats: dict | None = None,
+) -> dict:
+    """Runs the Beam pipeline, then writes the tokenizer, indexes and manifest; returns it.
 
+    ``stats``, when given, receives the CPU seconds per step from the pipeline's counters
+    (``cpu_s``, and ``clean_cpu_s`` per cleaning stage) where the runner reports them."""
+    _beam()
     cfg = resolve(config)
     if cfg["split"]["method"] == "position":
         raise ConfigError(
@@ -574,34 +878,64 @@ def prepare_beam(config, out_dir: str, overwrite: bool = False, beam_options: st
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     try:
-        con = cfg["contamination"]
-        evals = EvalSets(con["eval_sets"], con["ngram"]) if con["eval_sets"] else None
-        args = shlex.split(beam_options or "")
-        if not any(a.startswith("--runner") for a in args):
-            args.append("--runner=DirectRunner")
         t0 = time.monotonic()
-        try:
-            with beam.Pipeline(options=PipelineOptions(args)) as p:
-                build_pipeline(p, cfg, stage, evals)
-        except DataError:
-            raise
-        except Exception as e:  # Beam wraps worker exceptions; keep our one-line messages
-            msg = str(e)
-            if "DataError" in msg or "lmtrain.errors" in msg:
-                raise DataError(msg.strip().splitlines()[-1][:2000]) from None
-            raise
+        cpu = _run(cfg, stage, beam_options)
+        t1 = thread_time()
         manifest = _finish(cfg, stage, json.loads(fs.read_bytes(f"{stage}/{SUMMARY}")))
-        fs.as_path(f"{stage}/_beam").rmtree()
+        fs.as_path(f"{stage}/{SPILL_DIR}").rmtree()
         fs.write_text(f"{stage}/manifest.json",
                       json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")  # fmt: skip
         if not remote:
             commit_output(Path(stage), out)
+        if stats is not None and cpu:
+            stats["cpu_s"] = {k: v for k, v in cpu.items() if not k.startswith("clean:")}
+            stats["cpu_s"]["clean_workers"] = sum(
+                v for k, v in cpu.items() if k.startswith("clean:")
+            )
+            stats["cpu_s"]["driver_finish"] = thread_time() - t1
+            stats["clean_cpu_s"] = {k[6:]: v for k, v in cpu.items() if k.startswith("clean:")}
         print(f"[data] beam pipeline finished in {time.monotonic() - t0:.1f} s")
     except BaseException:
         if not remote:
             shutil.rmtree(stage, ignore_errors=True)
+        elif fs.as_path(f"{stage}/{SPILL_DIR}").exists():  # keep no temporary files behind
+            fs.as_path(f"{stage}/{SPILL_DIR}").rmtree()
         raise
     return manifest
+
+
+def _run(cfg: dict, stage: str, beam_options: str) -> dict:
+    """Builds and runs the pipeline; CPU seconds per step from its counters ({} if the runner
+    reports none)."""
+    beam = _beam()
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    con = cfg["contamination"]
+    evals = EvalSets(con["eval_sets"], con["ngram"]) if con["eval_sets"] else None
+    args = shlex.split(beam_options or "")
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=DirectRunner")
+    try:
+        p = beam.Pipeline(options=PipelineOptions(args))
+        build_pipeline(p, cfg, stage, evals)
+        result = p.run()
+        result.wait_until_finish()
+    except DataError:
+        raise
+    except Exception as e:  # Beam wraps worker exceptions; keep our one-line messages
+        msg = str(e)
+        if "DataError" in msg or "lmtrain.errors" in msg:
+            raise DataError(msg.strip().splitlines()[-1][:2000]) from None
+        raise
+    cpu: Counter = Counter()
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(CPU_COUNTERS))["counters"]
+    except Exception:  # not every runner reports metrics; the counts do not depend on them
+        return {}
+    for c in counters:
+        cpu[c.key.metric.name] += (c.committed if c.committed is not None else c.attempted) / 1e6
+    return dict(cpu)
 
 
 def _sources_read(cfg: dict, summary: dict, stats: Counter):

@@ -168,3 +168,98 @@ def test_bad_input_same_counts_and_messages_on_both_runners(tmp_path):
     with pytest.raises(DataError, match=r"a\.jsonl:4: malformed JSON"):
         prepare_beam(config([raw]), str(tmp_path / "stop"))
     assert not (tmp_path / "stop").exists()
+
+
+def test_beam_spill_references_through_gs_fake_and_removed(mixed_corpus, prepared, tmp_path):  # noqa: F811
+    """Output as a gs:// URI (the scheme faked onto a local directory): the texts, signatures
+    and token ids the Beam steps pass by reference are written to and read back from the
+    bucket's ``_beam/`` (spill and token files), which is gone at the end; the dataset equals
+    the local runner's. A failed run removes its temporary files too."""
+    from lmtrain.data.beam_runner import prepare_beam
+    from lmtrain.errors import DataError
+
+    raw, _ = mixed_corpus
+    local_out, local_m = prepared
+    bucket = tmp_path / "buckets"
+    seen: list[str] = []
+    with fake_gcs(bucket, seen):
+        m = prepare_beam(config([raw]), "gs://out/ds")
+    out = bucket / "out" / "ds"
+    spill = [p for p in seen if p.startswith("gs://out/ds/_beam/spill/")]
+    assert {p.rsplit(".", 1)[1] for p in spill} == {"txt", "sig"}
+    assert any(p.startswith("gs://out/ds/_beam/tokens/") for p in seen)
+    assert not (out / "_beam").exists()
+    assert _comparable(m) == _comparable(local_m)
+    for p in local_out.rglob("*"):
+        if p.is_file() and p.name not in ("manifest.json", "removed.jsonl"):
+            assert (out / p.relative_to(local_out)).read_bytes() == p.read_bytes(), p
+    assert _removed_lines(out) == _removed_lines(local_out)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jsonl").write_text('{"text": "fine text here"}\n{bad json\n')
+    with fake_gcs(bucket, []), pytest.raises(DataError, match="malformed JSON"):
+        prepare_beam(config([bad]), "gs://out/failed")
+    assert not (bucket / "out" / "failed" / "_beam").exists()
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"batch_docs": 2, "tokenizer": {"max_train_chars": 4000}},
+        {"dedup": {"exact": False, "near": False}, "tokenizer": {"kind": "char"},
+         "output": {"chunk_tokens": 64, "shard_tokens": 128, "document_lists": False}},
+    ],
+    ids=["batches-sampled-tokenizer", "no-dedup-char-tokenizer"],
+)  # fmt: skip
+def test_beam_many_batches_and_shards_equal_local(mixed_corpus, tmp_path, over):  # noqa: F811
+    """Several cleaning batches per file (signature rows and text offsets past the first batch),
+    a tokenizer sample smaller than the train split, several token shards per split (documents
+    cut across shard boundaries); and with dedup off and a character tokenizer (its alphabet
+    read back from the spill): still the local runner's bytes."""
+    from lmtrain.data.beam_runner import prepare_beam
+
+    raw, _ = mixed_corpus
+    cfg = config([raw], **{"output": {"chunk_tokens": 64, "shard_tokens": 128}, **over})
+    local_m = prepare(cfg, tmp_path / "local")
+    m = prepare_beam(cfg, str(tmp_path / "beam"))
+    assert _comparable(m) == _comparable(local_m)
+    if "max_train_chars" in over.get("tokenizer", {}):  # the sample is a strict subset
+        assert 0 < m["tokenizer"]["trained_on_chars"] < m["splits"]["train"]["chars"]
+    files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*")
+                   if p.is_file() and p.name not in ("manifest.json", "removed.jsonl"))  # fmt: skip
+    assert sum(1 for f in files if f.name.startswith("shard-")) > 3
+    for rel in files:
+        assert (tmp_path / "beam" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes(), (
+            rel
+        )
+    assert _removed_lines(tmp_path / "beam") == _removed_lines(tmp_path / "local")
+
+
+def test_order_packing_sorts_like_the_tuple_and_refuses_overflow():
+    import random
+
+    from lmtrain.data.beam_spill import pack_order, unpack_order
+    from lmtrain.errors import DataError
+
+    rng = random.Random(0)
+    orders = [(rng.randrange(1 << 15), rng.randrange(1 << 20), rng.randrange(1 << 28)) for _ in range(500)]  # fmt: skip
+    assert sorted(orders) == sorted(orders, key=lambda o: pack_order(*o))
+    assert all(unpack_order(pack_order(*o)) == o for o in orders)
+    with pytest.raises(DataError, match="documents per file"):
+        pack_order(0, 0, 1 << 28)
+
+
+def test_spill_reader_reads_ranges_and_names_a_truncated_file(tmp_path):
+    from lmtrain.data.beam_spill import SpillReader, SpillWriter
+    from lmtrain.errors import DataError
+
+    path = str(tmp_path / "d" / "x.bin")
+    with SpillWriter(path) as w:
+        offs = [w.write(b) for b in (b"abc", "żółw".encode(), b"", b"xyz")]
+    assert offs == [0, 3, 10, 10]
+    with SpillReader(keep=1) as r:
+        assert r.read(path, 3, 7).decode() == "żółw"
+        assert r.read(path, 10, 3) == b"xyz"
+        with pytest.raises(DataError, match=r"x\.bin: temporary file is shorter"):
+            r.read(path, 11, 5)
