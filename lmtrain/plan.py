@@ -131,7 +131,10 @@ def activation_bytes(
     qkv = bt * (H + 2 * K) * Dh * c / t_heads
     attn_out = bt * H * Dh * c / t_heads
     block_in = bt * D * c
-    dots = qkv + bt * D * c + bt * 2 * F * c / t_mlp + bt * D * c  # qkv, o-proj, gate|up, down
+    # The saved matmul outputs: qkv, o-proj, gate|up. The down projection's output is not among
+    # them: its one use is the residual add that makes the block's output, whose backward needs
+    # neither operand, and that output is kept once, as the next block's input.
+    dots = qkv + bt * D * c + bt * 2 * F * c / t_mlp
     if attention == "xla":  # scores (float32) and probabilities
         scores = batch * (H / t_heads) * seq * seq * (4 + c)
     else:  # fused kernels keep the output and a float32 logsumexp per query
@@ -143,9 +146,8 @@ def activation_bytes(
         + scores
         + attn_out
         + bt * D * c  # o-proj output
-        + bt * 3 * F * c / t_mlp  # gate|up and the gated product
-        + bt * D * c  # down-proj output
-    )
+        + bt * 3 * F * c / t_mlp  # gate|up and the gated product (the down projection's
+    )  # output is not kept: see ``dots``
     kept_per_layer = {
         # Without a policy the matmuls' custom VJPs keep their low-precision operands, weights
         # included: every layer's gathered weights stay live until its backward.

@@ -215,3 +215,16 @@ def test_compiler_estimate_is_the_need_or_the_chip_where_xla_recomputes():
         c.model.remat = "full"
     m = plan.plan(c, *dev)["per_device_gib"]
     assert m["total"] < 16 and m["compiled_estimate"] == m["total"]
+
+
+def test_saved_dots_are_qkv_o_proj_and_gate_up_per_layer():
+    """save_dots keeps per layer, beyond full remat's block input, the qkv, o-proj and gate|up
+    outputs and the attention output; the down projection's output only feeds the residual add
+    whose result is the next block's input, so it is not kept a second time."""
+    m = ModelConfig.from_config(load_config("configs/llama_8b.py").model)
+    b, t, c = 2, 8192, 2
+    full = plan.activation_bytes(m, b, t, 1, "full", "splash")["kept"]
+    dots = plan.activation_bytes(m, b, t, 1, "save_dots_and_attn_out", "splash")["kept"]
+    D, F, H, K, Dh = m.d_model, m.d_ff, m.n_heads, m.n_kv_heads, m.kv_dim
+    per_layer = b * t * c * ((H + 2 * K) * Dh + D + 2 * F + H * Dh)
+    assert dots - full == per_layer * m.n_layers
