@@ -156,7 +156,10 @@ def activation_bytes(
         "dots": block_in + dots,
         "save_attn_out": block_in + attn_out,
         "save_dots_and_attn_out": block_in + dots + attn_out,
-        "offload": block_in,  # the dots go to host memory
+        # The dots get a host copy, yet stay on the chip: XLA:TPU starts the device-to-host
+        # copies only after the forward's last layer and the copies back right after them (the
+        # order in the compiled step), so every layer's dots live on the chip as under "dots".
+        "offload": block_in + dots,
     }
     if remat not in kept_per_layer:
         raise ConfigError(f"config.model.remat={remat!r}: choose one of {sorted(kept_per_layer)}")

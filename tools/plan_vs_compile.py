@@ -158,7 +158,9 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
     if not compile_ok and key(name, topology, remat, "full") in cache:
         depths = "full"  # a full-depth compile is the better number where one was kept
     default = cache.get(key(name, topology, remat, "full"))
-    if depths == "full" and over_the_chip(p, kind, default):
+    over = over_the_chip(p, kind, default)
+    need_kept = compile_ok or key(name, topology, remat, NO_REMAT_DEPTH) in cache
+    if depths == "full" and over and (need_kept or default is None):
         # Need against need: the planner's bytes for the program as written, and the compiler's
         # for the same program with XLA's remat pass off (its figure with the pass on is the
         # pass's squeeze, kept as ``compiler_with_xla_remat_gib``; its verdict is the one used).
@@ -169,10 +171,12 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
         detail = {"compiler_with_xla_remat_gib": default["total"] / GiB if default else None}
     elif depths == "full":
         # Within the chip XLA's remat pass has nothing to do: the planner's need against the
-        # compiler's figure of the program.
-        est = p["per_device_gib"]["total"] * GiB
+        # compiler's figure of the program. Over it, where only the default compile is kept,
+        # the planner's estimate of XLA's squeeze (``compiled_estimate``) against that compile.
+        est = p["per_device_gib"]["compiled_estimate"] * GiB
         c = compiled(cache, name, topology, remat, "full", extra, compile_ok, save)
-        got, how, secs = c["total"], "full depth", c["compile_s"]
+        got, secs = c["total"], c["compile_s"]
+        how = "full depth, XLA remat on" if over else "full depth"
     else:
         est = p["per_device_gib"]["total"] * GiB
         a, b = (int(x) for x in depths.split(","))

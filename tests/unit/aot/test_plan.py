@@ -228,3 +228,15 @@ def test_saved_dots_are_qkv_o_proj_and_gate_up_per_layer():
     D, F, H, K, Dh = m.d_model, m.d_ff, m.n_heads, m.n_kv_heads, m.kv_dim
     per_layer = b * t * c * ((H + 2 * K) * Dh + D + 2 * F + H * Dh)
     assert dots - full == per_layer * m.n_layers
+
+
+def test_offload_keeps_the_dots_on_the_chip_and_copies_them_to_the_host():
+    """The compiled step schedules the offloaded dots' copies to the host after the forward and
+    back at once, so the chip holds what ``dots`` holds and the host a copy of the dots."""
+    m = ModelConfig.from_config(load_config("configs/llama_8b.py").model)
+    args = (m, 2, 8192, 1)
+    off = plan.activation_bytes(*args, "offload", "splash")
+    dots = plan.activation_bytes(*args, "dots", "splash")
+    full = plan.activation_bytes(*args, "full", "splash")
+    assert off["kept"] == dots["kept"]
+    assert off["host_offload"] == dots["kept"] - full["kept"]
