@@ -346,3 +346,24 @@ def test_with_xla_remat_off_the_compiler_reports_the_programs_own_need():
     with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as e:
         lowered.compile({**chip, **NO_XLA_REMAT})
     assert needed_bytes(str(e.value)) == pytest.approx(need, rel=0.005)
+
+
+@needs_libtpu
+def test_offload_puts_the_saved_dots_in_host_memory():
+    """The ``offload`` policy reaches XLA:TPU: the compiled step holds, in host memory, exactly
+    the matmul outputs the planner counts as offloaded (qkv, o-proj and gate|up of each layer;
+    shapes chosen without tile padding), where ``save_dots_and_attn_out`` holds none."""
+    from lmtrain import plan
+    from lmtrain.model.config import ModelConfig
+
+    cfg = small_config(remat="offload", d_model=256, d_ff=1024, n_heads=4, n_kv_heads=2,
+                       max_seq_len=512)  # fmt: skip
+    cfg.data.seq_len = 512
+    built = build_programs(cfg, "v5e:2x2", programs=("train_step",))
+    compiled = built.jobs["train_step"][0]()
+    host = compiled.memory_analysis().host_temp_size_in_bytes
+    rows = GLOBAL_BATCH // 4  # FSDP over the 4 chips
+    want = plan.activation_bytes(ModelConfig.from_config(cfg.model), rows, 512, 1, "offload",
+                                 cfg.model.attention)["host_offload"]  # fmt: skip
+    assert host == want > 0
+    assert re.search(r"bf16\[\d+,512,2048\]\{[^}]*S\(5\)\}", compiled.as_text())  # gate|up on host
