@@ -150,7 +150,7 @@ def over_the_chip(p: dict, kind, default: dict | None) -> bool:
     )
 
 
-def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
+def row(name, topology, remat, depths, extra, cache, compile_ok, save, remat_off=True) -> dict:
     _, kind, _ = parse_name(topology)
     p = planned(name, topology, remat, extra)
     n = load_config(os.path.join("configs", f"{name}.py")).model.n_layers
@@ -159,7 +159,7 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
         depths = "full"  # a full-depth compile is the better number where one was kept
     default = cache.get(key(name, topology, remat, "full"))
     over = over_the_chip(p, kind, default)
-    need_kept = compile_ok or key(name, topology, remat, NO_REMAT_DEPTH) in cache
+    need_kept = (compile_ok and remat_off) or key(name, topology, remat, NO_REMAT_DEPTH) in cache
     if depths == "full" and over and (need_kept or default is None):
         # Need against need: the planner's bytes for the program as written, and the compiler's
         # for the same program with XLA's remat pass off (its figure with the pass on is the
@@ -262,6 +262,9 @@ def main() -> None:
                     help="config:gen:grid:remat=compile_report.json of `lmtrain compile` (full "
                     "depth) to use for that row instead of compiling it again")  # fmt: skip
     ap.add_argument("--override", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--xla-remat-on", action="store_true",
+                    help="rows over the chip: compile with XLA's remat pass on (as `lmtrain "
+                    "compile` does) where no remat-off compile is kept, instead of with it off")  # fmt: skip
     args = ap.parse_args()
     if args.rows:
         todo = []
@@ -290,7 +293,7 @@ def main() -> None:
     for name, topology, remat in todo:
         try:
             r = row(name, topology, remat, args.depths, args.override, cache, not args.from_json,
-                    save)  # fmt: skip
+                    save, not args.xla_remat_on)  # fmt: skip
         except LookupError as e:  # --from-json without this row: the planner's side only
             print(f"{e}", file=sys.stderr)
             r = planner_only(name, topology, remat, args.override)
