@@ -140,12 +140,16 @@ def activation_bytes(
     else:  # fused kernels keep the output and a float32 logsumexp per query
         scores = batch * (H / t_heads) * seq * 4
     # Everything one layer stores for its backward when nothing is recomputed.
+    # Of a layer's model-width (D) activations only the block input stays live into the
+    # backward: the norm outputs, the attention projection's output and the residual sums are
+    # cheap elementwise functions of kept tensors that XLA fuses into their backward consumers
+    # (the compiled no-remat steps' totals, with and without a tensor axis, hold one D-wide
+    # tensor per layer, not four). Tensor-split activations are all counted.
     full_layer = (
-        block_in * 3  # block input, two norm outputs
+        block_in  # block input
         + qkv * 2  # projections and rotated q, k
         + scores
         + attn_out
-        + bt * D * c  # o-proj output
         + bt * 3 * F * c / t_mlp  # gate|up and the gated product (the down projection's
     )  # output is not kept: see ``dots``
     kept_per_layer = {

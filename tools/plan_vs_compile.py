@@ -163,8 +163,13 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save, remat_off
         depths = "full"  # a full-depth compile is the better number where one was kept
     default = cache.get(key(name, topology, remat, "full"))
     over = over_the_chip(p, kind, default)
-    need_kept = (compile_ok and remat_off) or key(name, topology, remat, NO_REMAT_DEPTH) in cache
-    if depths == "full" and over and (need_kept or default is None):
+    off_kept = key(name, topology, remat, NO_REMAT_DEPTH) in cache
+    need_kept = (compile_ok and remat_off) or off_kept
+    # A remat-off compile is the program's figure also where it is the only one kept: under the
+    # chip the pass has nothing to do, so both compiles agree.
+    if depths == "full" and (
+        (over and (need_kept or default is None)) or (default is None and off_kept)
+    ):
         # Need against need: the planner's bytes for the program as written, and the compiler's
         # for the same program with XLA's remat pass off (its figure with the pass on is the
         # pass's squeeze, kept as ``compiler_with_xla_remat_gib``; its verdict is the one used).

@@ -240,3 +240,23 @@ def test_offload_keeps_the_dots_on_the_chip_and_copies_them_to_the_host():
     full = plan.activation_bytes(*args, "full", "splash")
     assert off["kept"] == dots["kept"]
     assert off["host_offload"] == dots["kept"] - full["kept"]
+
+
+def test_without_remat_a_layer_keeps_one_model_width_tensor_and_its_split_activations():
+    """remat=none: per layer the block input (D wide), q/k/v and their rotated copies, the
+    attention output, gate|up and the gated product (split over the tensor axis) and the
+    gathered weights; splash keeps a float32 logsumexp per query instead of scores."""
+    m = ModelConfig.from_config(load_config("configs/llama_70b.py").model)
+    b, t, tp, c = 2, 8192, 8, 2
+    D, F, H, K, Dh = m.d_model, m.d_ff, m.n_heads, m.n_kv_heads, m.kv_dim
+    bt = b * t
+    per_layer = (
+        bt * D * c
+        + 2 * bt * (H + 2 * K) * Dh * c / tp
+        + b * (H / tp) * t * 4
+        + bt * H * Dh * c / tp
+        + bt * 3 * F * c / tp
+        + (D * (2 * H + 2 * K) * Dh / tp + 3 * D * F / tp) * c
+    )
+    kept = plan.activation_bytes(m, b, t, tp, "none", "splash")["kept"]
+    assert kept == pytest.approx(per_layer * m.n_layers, rel=1e-12)
