@@ -131,21 +131,27 @@ def activation_bytes(
     qkv = bt * (H + 2 * K) * Dh * c / t_heads
     attn_out = bt * H * Dh * c / t_heads
     block_in = bt * D * c
-    dots = qkv + bt * D * c + bt * 2 * F * c / t_mlp + bt * D * c  # qkv, o-proj, gate|up, down
+    # The saved matmul outputs: qkv, o-proj, gate|up. The down projection's output is not among
+    # them: its one use is the residual add that makes the block's output, whose backward needs
+    # neither operand, and that output is kept once, as the next block's input.
+    dots = qkv + bt * D * c + bt * 2 * F * c / t_mlp
     if attention == "xla":  # scores (float32) and probabilities
         scores = batch * (H / t_heads) * seq * seq * (4 + c)
     else:  # fused kernels keep the output and a float32 logsumexp per query
         scores = batch * (H / t_heads) * seq * 4
     # Everything one layer stores for its backward when nothing is recomputed.
+    # Of a layer's model-width (D) activations only the block input stays live into the
+    # backward: the norm outputs, the attention projection's output and the residual sums are
+    # cheap elementwise functions of kept tensors that XLA fuses into their backward consumers
+    # (the compiled no-remat steps' totals, with and without a tensor axis, hold one D-wide
+    # tensor per layer, not four). Tensor-split activations are all counted.
     full_layer = (
-        block_in * 3  # block input, two norm outputs
+        block_in  # block input
         + qkv * 2  # projections and rotated q, k
         + scores
         + attn_out
-        + bt * D * c  # o-proj output
-        + bt * 3 * F * c / t_mlp  # gate|up and the gated product
-        + bt * D * c  # down-proj output
-    )
+        + bt * 3 * F * c / t_mlp  # gate|up and the gated product (the down projection's
+    )  # output is not kept: see ``dots``
     kept_per_layer = {
         # Without a policy the matmuls' custom VJPs keep their low-precision operands, weights
         # included: every layer's gathered weights stay live until its backward.
@@ -154,7 +160,10 @@ def activation_bytes(
         "dots": block_in + dots,
         "save_attn_out": block_in + attn_out,
         "save_dots_and_attn_out": block_in + dots + attn_out,
-        "offload": block_in,  # the dots go to host memory
+        # The dots get a host copy, yet stay on the chip: XLA:TPU starts the device-to-host
+        # copies only after the forward's last layer and the copies back right after them (the
+        # order in the compiled step), so every layer's dots live on the chip as under "dots".
+        "offload": block_in + dots,
     }
     if remat not in kept_per_layer:
         raise ConfigError(f"config.model.remat={remat!r}: choose one of {sorted(kept_per_layer)}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -40,6 +39,7 @@ from lmtrain.aot.host import prefer_cpu_without_tpu  # noqa: E402
 prefer_cpu_without_tpu()  # before jax starts a backend: the host's own runs are CPU ones
 
 from lmtrain import plan as plan_lib  # noqa: E402
+from lmtrain.aot.compile import needed_bytes  # noqa: E402
 from lmtrain.aot.topology import parse_name  # noqa: E402
 from lmtrain.config import apply_overrides, load_config  # noqa: E402
 
@@ -55,21 +55,6 @@ OFFLOAD_ON = {"llama_1b": "v5e:4x4", "llama_8b": "v5p:8x8x4", "llama_70b": "v5p:
 # Per config: overrides that make the shipped GPU configs TPU runs (the kernel is the only change).
 TPU_OVERRIDES = ["model.attention=splash"]
 
-_NEEDED = [
-    re.compile(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm"),
-    re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"),
-]
-_UNIT = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def needed_bytes(error: str) -> float | None:
-    """The bytes XLA's out-of-memory message says the program needs (None if not stated)."""
-    for pattern in _NEEDED:
-        m = pattern.search(error)
-        if m:
-            return float(m.group(1)) * _UNIT[m.group(2)]
-    return None
-
 
 def config_for(name: str, remat: str, extra: list[str], layers: int | None = None):
     cfg = load_config(os.path.join("configs", f"{name}.py"))
@@ -80,12 +65,13 @@ def config_for(name: str, remat: str, extra: list[str], layers: int | None = Non
     return cfg
 
 
-def compile_once(cfg, topology: str) -> dict:
+def compile_once(cfg, topology: str, no_xla_remat: bool = False) -> dict:
     """The compiled train step's per-chip bytes (total and parts) and compile seconds."""
-    from lmtrain.aot.compile import compile_programs
+    from lmtrain.aot.compile import NO_XLA_REMAT, compile_programs
 
     t0 = time.perf_counter()
-    report = compile_programs(cfg, topology, programs=("train_step",))
+    options = NO_XLA_REMAT if no_xla_remat else None
+    report = compile_programs(cfg, topology, programs=("train_step",), compiler_options=options)
     out = from_report(report)
     out["compile_s"] = time.perf_counter() - t0
     return out
@@ -136,13 +122,17 @@ def key(name: str, topology: str, remat: str, depth: str) -> str:
     return f"{name}:{topology}:{remat}:{depth}"
 
 
+NO_REMAT_DEPTH = "full+no_xla_remat"  # the cache's depth for a full compile with XLA's remat off
+
+
 def compiled(cache: dict, name, topology, remat, depth, extra, compile_ok: bool, save) -> dict:
     k = key(name, topology, remat, str(depth))
     if k not in cache:
         if not compile_ok:
             raise LookupError(f"{k}: no compiler numbers in the JSON (run without --from-json)")
-        layers = None if depth == "full" else int(depth)
-        cache[k] = compile_once(config_for(name, remat, extra, layers), topology)
+        layers = None if depth in ("full", NO_REMAT_DEPTH) else int(depth)
+        cfg = config_for(name, remat, extra, layers)
+        cache[k] = compile_once(cfg, topology, no_xla_remat=depth == NO_REMAT_DEPTH)
         save()
     return cache[k]
 
@@ -152,20 +142,53 @@ def planned(name, topology, remat, extra, layers=None) -> dict:
     return plan_lib.plan(config_for(name, remat, extra, layers), kind, chips)
 
 
-def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
+def over_the_chip(p: dict, kind, default: dict | None) -> bool:
+    """Whether a row's program presses on the chip's memory, in the planner's need or in the
+    compiler's default figure: there XLA's own rematerialization may have changed the program."""
+    return p["per_device_gib"]["total"] * GiB > kind.memory_bytes or (
+        default is not None and default["total"] > kind.memory_bytes
+    )
+
+
+def row(name, topology, remat, depths, extra, cache, compile_ok, save, remat_off=True) -> dict:
+    """One table row. The compiler's verdict is XLA's own: whether the default compile (its
+    remat pass on, as ``lmtrain train`` compiles) was accepted for the chip. Its memory
+    analysis can sum above the chip for a program XLA accepts (the temporaries' allocation
+    grows with free memory), so that sum is not the verdict."""
     _, kind, _ = parse_name(topology)
     p = planned(name, topology, remat, extra)
-    # The planner's estimate of the compiler's figure: its need, or about the chip's memory where
-    # XLA recomputes activations to stay within it (the need is kept beside it).
-    est = p["per_device_gib"]["compiled_estimate"] * GiB
     n = load_config(os.path.join("configs", f"{name}.py")).model.n_layers
-    detail = {}
+    detail, fits = {}, None
     if not compile_ok and key(name, topology, remat, "full") in cache:
         depths = "full"  # a full-depth compile is the better number where one was kept
-    if depths == "full":
+    default = cache.get(key(name, topology, remat, "full"))
+    over = over_the_chip(p, kind, default)
+    off_kept = key(name, topology, remat, NO_REMAT_DEPTH) in cache
+    need_kept = (compile_ok and remat_off) or off_kept
+    # A remat-off compile is the program's figure also where it is the only one kept: under the
+    # chip the pass has nothing to do, so both compiles agree.
+    if depths == "full" and (
+        (over and (need_kept or default is None)) or (default is None and off_kept)
+    ):
+        # Need against need: the planner's bytes for the program as written, and the compiler's
+        # for the same program with XLA's remat pass off (its figure with the pass on is the
+        # pass's squeeze, kept as ``compiler_with_xla_remat_gib``; its verdict is the one used).
+        c = compiled(cache, name, topology, remat, NO_REMAT_DEPTH, extra, compile_ok, save)
+        est = p["per_device_gib"]["total"] * GiB
+        got, how, secs = c["total"], "full depth, XLA remat off", c["compile_s"]
+        fits = "error" not in (default or c)
+        detail = {"compiler_with_xla_remat_gib": default["total"] / GiB if default else None}
+    elif depths == "full":
+        # Within the chip XLA's remat pass has nothing to do: the planner's need against the
+        # compiler's figure of the program. Over it, where only the default compile is kept,
+        # the planner's estimate of XLA's squeeze (``compiled_estimate``) against that compile.
+        est = p["per_device_gib"]["compiled_estimate"] * GiB
         c = compiled(cache, name, topology, remat, "full", extra, compile_ok, save)
-        got, how, secs = c["total"], "full depth", c["compile_s"]
+        got, secs = c["total"], c["compile_s"]
+        fits = "error" not in c
+        how = "full depth, XLA remat on" if over else "full depth"
     else:
+        est = p["per_device_gib"]["total"] * GiB
         a, b = (int(x) for x in depths.split(","))
         ca, cb = (
             compiled(cache, name, topology, remat, d, extra, compile_ok, save) for d in (a, b)
@@ -184,7 +207,8 @@ def row(name, topology, remat, depths, extra, cache, compile_ok, save) -> dict:
     return {
         "config": name, "topology": topology, "remat": remat, "planner_gib": est / GiB,
         "compiler_gib": got / GiB, "diff": (est - got) / got, "capacity_gib": kind.memory_bytes / GiB,
-        "compiler_fits": got <= kind.memory_bytes, "planner_fits": p["fits"],
+        "compiler_fits": fits if fits is not None else got <= kind.memory_bytes,
+        "planner_fits": p["fits"],
         "planner_need_gib": p["per_device_gib"]["total"],
         "planner_host_offload_gib": p["per_device_gib"]["host_offload"],
         "compile_s": secs, "method": how, **detail,
@@ -196,7 +220,7 @@ def planner_only(name, topology, remat, extra) -> dict:
     p = planned(name, topology, remat, extra)
     m = p["per_device_gib"]
     return {"config": name, "topology": topology, "remat": remat,
-            "planner_gib": m["compiled_estimate"], "planner_need_gib": m["total"],
+            "planner_gib": m["total"], "planner_need_gib": m["total"],
             "planner_fits": p["fits"], "compiler_gib": None, "method": "not compiled yet"}  # fmt: skip
 
 
@@ -248,6 +272,9 @@ def main() -> None:
                     help="config:gen:grid:remat=compile_report.json of `lmtrain compile` (full "
                     "depth) to use for that row instead of compiling it again")  # fmt: skip
     ap.add_argument("--override", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--xla-remat-on", action="store_true",
+                    help="rows over the chip: compile with XLA's remat pass on (as `lmtrain "
+                    "compile` does) where no remat-off compile is kept, instead of with it off")  # fmt: skip
     args = ap.parse_args()
     if args.rows:
         todo = []
@@ -276,7 +303,7 @@ def main() -> None:
     for name, topology, remat in todo:
         try:
             r = row(name, topology, remat, args.depths, args.override, cache, not args.from_json,
-                    save)  # fmt: skip
+                    save, not args.xla_remat_on)  # fmt: skip
         except LookupError as e:  # --from-json without this row: the planner's side only
             print(f"{e}", file=sys.stderr)
             r = planner_only(name, topology, remat, args.override)

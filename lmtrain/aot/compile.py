@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import time
 
 import jax
@@ -42,6 +43,12 @@ from lmtrain.train.config_check import validate
 from lmtrain.train.step import stacked_shardings
 
 GiB = 1024**3
+# XLA:TPU flag for a compile that measures a program's need: when a program's live bytes exceed
+# the chip's memory, XLA's rematerialization pass recomputes buffers until it fits or gives up,
+# so the reported figure is XLA's squeeze (out-of-memory or not), not what the program as written
+# keeps. Allowing only buffers of at least 1 PiB to be rematerialized turns the pass off; a
+# program over the chip then fails with the bytes it needs in the message.
+NO_XLA_REMAT = {"xla_tpu_rematerialization_min_size_in_bytes": str(1 << 50)}
 _SAMPLE_PROMPT_LEN = 16  # the loop samples after a 16-token prompt when none is configured
 
 
@@ -111,18 +118,21 @@ def frozen_spec(cfg, setup) -> tuple[dict | None, dict | None, dict | None]:
     return frozen, shardings, extras
 
 
-def build_programs(config, topology: str | Topology, programs=PROGRAMS) -> Programs:
-    """The trainer's programs for ``config`` over ``topology``, ready to compile."""
+def build_programs(
+    config, topology: str | Topology, programs=PROGRAMS, compiler_options: dict | None = None
+) -> Programs:
+    """The trainer's programs for ``config`` over ``topology``, ready to compile (the train step
+    with ``compiler_options``, XLA flags for that compile, e.g. :data:`NO_XLA_REMAT`)."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise ConfigError(f"unknown programs {sorted(unknown)}; choose from {PROGRAMS}")
     cfg = _prepare_config(config, topo)
     with target_platform(topo.devices[0].platform):
-        return _build(cfg, topo, programs)
+        return _build(cfg, topo, programs, compiler_options)
 
 
-def _build(cfg, topo: Topology, programs) -> Programs:
+def _build(cfg, topo: Topology, programs, compiler_options=None) -> Programs:
     jax.config.update("jax_threefry_partitionable", True)  # as loop.train sets it
     devices = list(topo.devices)[: cfg.mesh.num_devices or None]
     layout = loop.build_layout(cfg, devices)
@@ -147,7 +157,7 @@ def _build(cfg, topo: Topology, programs) -> Programs:
             }
         )
         jobs["train_step"] = (
-            lambda: train_step.compile_for(state, batch, frozen, n),
+            lambda: train_step.compile_for(state, batch, frozen, n, compiler_options),
             {"params": state.params, "optimizer": state.opt_state, "batch": stacked,
              "frozen": frozen, "other": (state.step, state.rng)},
         )  # fmt: skip
@@ -229,6 +239,22 @@ def loop_steps_per_call(cfg) -> int:
     return loop.dispatch_size(0, loop.dispatch_group(cfg), cfg)
 
 
+_NEEDED = [
+    re.compile(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm"),
+    re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"),
+]
+_UNIT = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def needed_bytes(error: str) -> float | None:
+    """The bytes XLA's out-of-memory message says the program needs (None if not stated)."""
+    for pattern in _NEEDED:
+        m = pattern.search(error)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2)]
+    return None
+
+
 def _resource_error(e: Exception) -> str | None:
     text = str(e)
     if "RESOURCE_EXHAUSTED" in text or "exceeds available" in text or "Ran out of memory" in text:
@@ -264,17 +290,25 @@ def _report_one(name, compiled, groups, cfg, model_cfg, topo, compile_s, hlo_dir
 
 
 def compile_programs(
-    config, topology: str | Topology, *, programs=PROGRAMS, hlo_dir: str = "", print_fn=None
+    config,
+    topology: str | Topology,
+    *,
+    programs=PROGRAMS,
+    hlo_dir: str = "",
+    print_fn=None,
+    compiler_options: dict | None = None,
 ) -> dict:
     """Compiles each program and returns the JSON-ready report (``fits`` over all programs)."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
     # Every trace (the abstract init included) checks attention kernels against the target.
     with target_platform(topo.devices[0].platform):
-        return _compile_programs(config, topo, programs, hlo_dir, print_fn)
+        return _compile_programs(config, topo, programs, hlo_dir, print_fn, compiler_options)
 
 
-def _compile_programs(config, topology: Topology, programs, hlo_dir: str, print_fn) -> dict:
-    built = build_programs(config, topology, programs)
+def _compile_programs(
+    config, topology: Topology, programs, hlo_dir: str, print_fn, compiler_options=None
+) -> dict:
+    built = build_programs(config, topology, programs, compiler_options)
     topo, cfg = built.topology, built.config
     reports = []
     for name, (job, groups) in built.jobs.items():

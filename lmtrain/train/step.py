@@ -220,18 +220,20 @@ def _jit_train_step(step, config, mesh: Mesh, state_shardings, batch_shardings, 
         with mesh_rules(mesh):
             return jitted_multi(state, batches, frozen)
 
-    def compile_for(state, batch, frozen=None, steps: int = 1):
+    def compile_for(state, batch, frozen=None, steps: int = 1, compiler_options=None):
         """Compiles, without running, the call ``run`` (or ``multi`` over a stack of ``steps``
-        batches) makes with arguments of these shapes; that call then finds it in JAX's cache."""
+        batches) makes with arguments of these shapes; that call then finds it in JAX's cache.
+        ``compiler_options`` (XLA flags for this compile only) give a program the run would not
+        find in the cache: ``lmtrain compile`` uses them to measure, not to train."""
         with mesh_rules(mesh):
             if steps == 1:
-                return jitted.lower(state, batch, frozen).compile()
+                return jitted.lower(state, batch, frozen).compile(compiler_options)
             sharding = stacked_shardings(batch_shardings)  # one NamedSharding for every field
             stacked = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct((steps, *x.shape), x.dtype, sharding=sharding),
                 batch,
             )
-            return jitted_multi.lower(state, stacked, frozen).compile()
+            return jitted_multi.lower(state, stacked, frozen).compile(compiler_options)
 
     run.jitted = jitted
     run.multi = multi

@@ -215,3 +215,48 @@ def test_compiler_estimate_is_the_need_or_the_chip_where_xla_recomputes():
         c.model.remat = "full"
     m = plan.plan(c, *dev)["per_device_gib"]
     assert m["total"] < 16 and m["compiled_estimate"] == m["total"]
+
+
+def test_saved_dots_are_qkv_o_proj_and_gate_up_per_layer():
+    """save_dots keeps per layer, beyond full remat's block input, the qkv, o-proj and gate|up
+    outputs and the attention output; the down projection's output only feeds the residual add
+    whose result is the next block's input, so it is not kept a second time."""
+    m = ModelConfig.from_config(load_config("configs/llama_8b.py").model)
+    b, t, c = 2, 8192, 2
+    full = plan.activation_bytes(m, b, t, 1, "full", "splash")["kept"]
+    dots = plan.activation_bytes(m, b, t, 1, "save_dots_and_attn_out", "splash")["kept"]
+    D, F, H, K, Dh = m.d_model, m.d_ff, m.n_heads, m.n_kv_heads, m.kv_dim
+    per_layer = b * t * c * ((H + 2 * K) * Dh + D + 2 * F + H * Dh)
+    assert dots - full == per_layer * m.n_layers
+
+
+def test_offload_keeps_the_dots_on_the_chip_and_copies_them_to_the_host():
+    """The compiled step schedules the offloaded dots' copies to the host after the forward and
+    back at once, so the chip holds what ``dots`` holds and the host a copy of the dots."""
+    m = ModelConfig.from_config(load_config("configs/llama_8b.py").model)
+    args = (m, 2, 8192, 1)
+    off = plan.activation_bytes(*args, "offload", "splash")
+    dots = plan.activation_bytes(*args, "dots", "splash")
+    full = plan.activation_bytes(*args, "full", "splash")
+    assert off["kept"] == dots["kept"]
+    assert off["host_offload"] == dots["kept"] - full["kept"]
+
+
+def test_without_remat_a_layer_keeps_one_model_width_tensor_and_its_split_activations():
+    """remat=none: per layer the block input (D wide), q/k/v and their rotated copies, the
+    attention output, gate|up and the gated product (split over the tensor axis) and the
+    gathered weights; splash keeps a float32 logsumexp per query instead of scores."""
+    m = ModelConfig.from_config(load_config("configs/llama_70b.py").model)
+    b, t, tp, c = 2, 8192, 8, 2
+    D, F, H, K, Dh = m.d_model, m.d_ff, m.n_heads, m.n_kv_heads, m.kv_dim
+    bt = b * t
+    per_layer = (
+        bt * D * c
+        + 2 * bt * (H + 2 * K) * Dh * c / tp
+        + b * (H / tp) * t * 4
+        + bt * H * Dh * c / tp
+        + bt * 3 * F * c / tp
+        + (D * (2 * H + 2 * K) * Dh / tp + 3 * D * F / tp) * c
+    )
+    kept = plan.activation_bytes(m, b, t, tp, "none", "splash")["kept"]
+    assert kept == pytest.approx(per_layer * m.n_layers, rel=1e-12)
