@@ -169,7 +169,13 @@ def activation_bytes(
         raise ConfigError(f"config.model.remat={remat!r}: choose one of {sorted(kept_per_layer)}")
     V = cfg.vocab_size
     t_vocab = tensor if V % tensor == 0 else 1
-    logits = bt * V * 4 / t_vocab * 2  # float32 logits and their gradient
+    # The logits, calibrated against compiled steps (docs/performance.md). Without remat: a
+    # float32 buffer that the gradient reuses and a compute-dtype one (the 8B step on v5p holds
+    # only the float32 one, the 1B step on v6e more than both; this keeps both within 15%).
+    # With a remat policy: two float32 copies, the logits and their gradient (the compiled
+    # steps hold a float32 and a compute-dtype buffer, and more of the recomputed layer than
+    # the working set itemizes: the 8B full-remat step holds 3.2 GiB more on v6e than on v5p).
+    logits = bt * V / t_vocab * ((4 + c) if remat == "none" else 8)
     # The LM head is the largest single weight and its backward runs while the logits' gradient
     # is live: its compute-dtype copy (gathered whole under FSDP) and, under FSDP, its gradient
     # over the whole vocabulary in float32 before the reduce-scatter hands each chip its shard.

@@ -48,7 +48,7 @@ def side_by_side(plan: dict, report: dict) -> str:
         ("params + optimizer", m["params"] + m["optimizer"],
          (args.get("params", 0) + args.get("optimizer", 0)) / GiB),
         ("grads + activations", m["gradients"] + m["activations"],
-         (c["temporaries"] + c["outputs"] - c["aliased"]) / GiB),
+         (c["total"] - c["generated_code"] - c["arguments"]) / GiB),
         ("total", m["total"], c["total"] / GiB),
     ]  # fmt: skip
     lines.append(f"            {'':<22}{'planner':>10}{'compiler':>10}{'diff':>9}")

@@ -26,6 +26,13 @@ def _bytes(b: float) -> str:
     return f"{int(b)} B"
 
 
+def _temporaries(m: dict) -> int:
+    """The temporaries' bytes: XLA's allocation where it was read, else memory analysis's."""
+    if "allocated" not in m:
+        return m["temporaries"]
+    return m["allocated"] - m["arguments"] - m["outputs"] + m["aliased"]
+
+
 def format_report(r: dict) -> str:
     c = r["config"]
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -56,8 +63,17 @@ def format_report(r: dict) -> str:
         )
         lines.append(
             f"{p['program']:<17}{p['compile_s']:>8.1f}s{_gib(m['arguments']):>9}"
-            f"{_gib(m['outputs']):>9}{_gib(m['aliased']):>9}{_gib(m['temporaries']):>9}"
+            f"{_gib(m['outputs']):>9}{_gib(m['aliased']):>9}{_gib(_temporaries(m)):>9}"
             f"{_gib(m['generated_code']):>8}{_gib(m['total']):>9}  {cap / GiB:>7.1f}  {verdict}"
+        )
+    measured = [p for p in r["programs"] if "allocated" in p.get("memory_bytes", {})]
+    if measured:
+        sums = ", ".join(
+            f"{p['program']} {_gib(p['memory_bytes']['analysis_total'])}" for p in measured
+        )
+        lines.append(
+            "temps, total: XLA's HBM allocations (plus code), the figures its fit check uses; "
+            f"memory analysis's parts sum to more, GiB: {sums}"
         )
     lines.append("")
     for p in r["programs"]:

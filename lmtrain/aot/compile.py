@@ -8,13 +8,15 @@ the shardings the real arrays would have, so nothing is allocated and no TPU is 
 compiler runs on the CPU host.
 
 Each program gets a report: per-chip HBM (arguments split into params, optimizer state, batch
-and frozen trees; outputs; temporaries; generated code) against the chip's capacity, the
+and frozen trees; outputs; temporaries; generated code; in total, the HBM XLA allocates, read
+by :mod:`lmtrain.aot.hbm`) against the chip's capacity, the
 compiler's FLOPs beside lmtrain's formula, collectives by kind, and the compile time. A program
 that does not fit is reported, not raised: XLA's RESOURCE_EXHAUSTED message carries the numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -25,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lmtrain.aot import PROGRAMS, hlo
+from lmtrain.aot import PROGRAMS, hbm, hlo
 from lmtrain.aot.topology import Topology, get_topology
 from lmtrain.data.finetune_data import PREFERENCE_OBJECTIVES
 from lmtrain.data.pipeline import EXAMPLE_KEYS
@@ -60,7 +62,8 @@ class Programs:
     config: object
     mesh: object
     model_cfg: object
-    jobs: dict  # name -> (compile fn -> Compiled or {part: Compiled}, {group: args tree})
+    # name -> (compile fn(extra XLA options) -> Compiled or {part: Compiled}, {group: args tree})
+    jobs: dict
 
 
 def _prepare_config(config, topology: Topology):
@@ -157,7 +160,9 @@ def _build(cfg, topo: Topology, programs, compiler_options=None) -> Programs:
             }
         )
         jobs["train_step"] = (
-            lambda: train_step.compile_for(state, batch, frozen, n, compiler_options),
+            lambda extra=None: train_step.compile_for(
+                state, batch, frozen, n, {**(compiler_options or {}), **(extra or {})} or None
+            ),
             {"params": state.params, "optimizer": state.opt_state, "batch": stacked,
              "frozen": frozen, "other": (state.step, state.rng)},
         )  # fmt: skip
@@ -165,11 +170,12 @@ def _build(cfg, topo: Topology, programs, compiler_options=None) -> Programs:
         rows = cfg.train.eval_batch_size or cfg.train.global_batch_size
         eval_batch = batch_spec(cfg, rows, batch_sharding)
         jobs["eval_step"] = (
-            lambda: eval_step.compile_for(state.params, eval_batch, frozen),
+            lambda extra=None: eval_step.compile_for(state.params, eval_batch, frozen, extra),
             {"params": state.params, "batch": eval_batch, "frozen": frozen},
         )
     if "sampler" in programs and cfg.objective != "reward":  # a reward model does not sample
-        jobs["sampler"] = (lambda: _compile_sampler(cfg, setup), {})
+        # prefill and decode take no XLA options: their memory is memory analysis's sum
+        jobs["sampler"] = (lambda extra=None: _compile_sampler(cfg, setup), {})
     return Programs(topo, cfg, mesh, model_cfg, jobs)
 
 
@@ -194,8 +200,11 @@ def per_chip_bytes(tree) -> int:
     return total
 
 
-def memory(compiled) -> dict[str, int]:
-    """Per-chip bytes from XLA's memory analysis; ``total`` as the runtime needs them at once."""
+def memory(compiled, allocated: int | None = None) -> dict[str, int]:
+    """Per-chip bytes from XLA's memory analysis. ``total``: with ``allocated`` (the HBM of XLA's
+    buffer assignment, :mod:`lmtrain.aot.hbm`) that plus the generated code, the figure XLA's
+    fit check uses; without it, memory analysis's parts summed (``analysis_total``), which on
+    TPU overstates it."""
     m = compiled.memory_analysis()
     out = {
         "arguments": int(m.argument_size_in_bytes),
@@ -205,10 +214,14 @@ def memory(compiled) -> dict[str, int]:
         "generated_code": int(m.generated_code_size_in_bytes),
     }
     # donated arguments share their buffers with the outputs they alias
-    out["total"] = (
+    out["analysis_total"] = (
         out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
         + out["generated_code"]
     )  # fmt: skip
+    out["total"] = out["analysis_total"]
+    if allocated is not None:
+        out["allocated"] = allocated
+        out["total"] = allocated + out["generated_code"]
     peak = getattr(m, "peak_memory_in_bytes", 0)
     if peak:
         out["peak"] = int(peak)
@@ -263,8 +276,10 @@ def _resource_error(e: Exception) -> str | None:
     return None
 
 
-def _report_one(name, compiled, groups, cfg, model_cfg, topo, compile_s, hlo_dir) -> dict:
-    mem = memory(compiled)
+def _report_one(
+    name, compiled, groups, cfg, model_cfg, topo, compile_s, hlo_dir, allocated=None
+) -> dict:
+    mem = memory(compiled, allocated)
     split = {g: per_chip_bytes(t) for g, t in groups.items() if t is not None}
     text = compiled.as_text()
     if hlo_dir:
@@ -315,23 +330,29 @@ def _compile_programs(
         if print_fn:
             print_fn(f"compiling {name} for {topo.name} ...")
         t0 = time.perf_counter()
-        try:
-            out = job()
-        except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory is a result
-            message = _resource_error(e)
-            if message is None:
-                raise
-            reports.append({"program": name, "compile_s": time.perf_counter() - t0,
-                            "fits": False, "error": message,
-                            "capacity_bytes": topo.kind.memory_bytes})  # fmt: skip
-            continue
+        # on TPU the compile is dumped, to read the HBM XLA allocates (what its fit check uses)
+        dumping = (
+            hbm.dump_options() if topo.devices[0].platform == "tpu" else contextlib.nullcontext()
+        )
+        with dumping as dump:
+            try:
+                out = job(dump)
+            except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory is a result
+                message = _resource_error(e)
+                if message is None:
+                    raise
+                reports.append({"program": name, "compile_s": time.perf_counter() - t0,
+                                "fits": False, "error": message,
+                                "capacity_bytes": topo.kind.memory_bytes})  # fmt: skip
+                continue
+            allocated = hbm.allocated_bytes(dump) if dump else None
         dt = time.perf_counter() - t0
         parts = out if isinstance(out, dict) else {name: out}
         for part, compiled in parts.items():
             full = name if part == name else f"{name}.{part}"
             reports.append(
                 _report_one(full, compiled, groups if part == name else {}, cfg, built.model_cfg,
-                            topo, dt, hlo_dir)
+                            topo, dt, hlo_dir, allocated if part == name else None)
             )  # fmt: skip
     return {
         "topology": topo.name,

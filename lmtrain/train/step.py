@@ -284,10 +284,11 @@ def make_eval_step(
         with mesh_rules(mesh):
             return jitted(params, batch, frozen)
 
-    def compile_for(params, batch, frozen=None):
-        """Compiles, without running, ``run`` for arguments of these shapes."""
+    def compile_for(params, batch, frozen=None, compiler_options=None):
+        """Compiles, without running, ``run`` for arguments of these shapes (``compiler_options``
+        as the train step's ``compile_for`` takes them)."""
         with mesh_rules(mesh):
-            return jitted.lower(params, batch, frozen).compile()
+            return jitted.lower(params, batch, frozen).compile(compiler_options)
 
     run.compile_for = compile_for
     return run

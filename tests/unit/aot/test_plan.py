@@ -260,3 +260,14 @@ def test_without_remat_a_layer_keeps_one_model_width_tensor_and_its_split_activa
     )
     kept = plan.activation_bytes(m, b, t, tp, "none", "splash")["kept"]
     assert kept == pytest.approx(per_layer * m.n_layers, rel=1e-12)
+
+
+def test_logits_without_remat_are_a_float32_and_a_compute_dtype_copy():
+    """remat=none: a float32 logits buffer (the gradient reuses it) and a bfloat16 one; with a
+    remat policy two float32 copies, the logits and their gradient."""
+    m = ModelConfig.from_config(load_config("configs/llama_8b.py").model)
+    b, t, tp = 2, 8192, 1
+    elements = b * t * m.vocab_size
+    assert plan.activation_bytes(m, b, t, tp, "none", "splash")["logits"] == elements * (4 + 2)
+    for remat in ("full", "save_dots_and_attn_out", "offload"):
+        assert plan.activation_bytes(m, b, t, tp, remat, "splash")["logits"] == elements * 8

@@ -19,7 +19,7 @@ import pytest
 
 from lmtrain import cli
 from lmtrain.aot import hlo
-from lmtrain.aot.compile import build_programs
+from lmtrain.aot.compile import NO_XLA_REMAT, build_programs, compile_programs, needed_bytes
 from lmtrain.aot.topology import Topology, get_topology
 from lmtrain.config import base_config
 from lmtrain.errors import ConfigError
@@ -126,6 +126,12 @@ def test_small_config_compiles_and_fits_on_v5e(tmp_path, capsys):
         assert 0 < m["total"] < capacity and p["capacity_bytes"] == capacity
         assert p["margin_bytes"] == capacity - m["total"]
         assert os.path.getsize(tmp_path / f"{p['program']}.hlo.txt") > 1000
+        # the steps' totals are XLA's HBM allocations plus code; the sampler's, memory analysis's
+        if p["program"] in ("train_step", "eval_step"):
+            assert m["total"] == m["allocated"] + m["generated_code"] > m["arguments"]
+        else:
+            assert "allocated" not in m and m["total"] == m["analysis_total"]
+    assert "XLA's HBM allocations (plus code)" in out.out
     train = report["programs"][0]
     # float32 params and AdamW's two moments, each split 4 ways, are the step's arguments
     args = train["arguments_bytes"]
@@ -172,6 +178,32 @@ def test_dpo_lora_step_with_tensor_sharding_on_v5p(tmp_path, capsys):
     text = (tmp_path / "train_step.hlo.txt").read_text()
     # chosen and rejected rows, 4 of each, split over the 2 FSDP shards: 2 per chip
     assert hlo.batch_dims(text, 4, 2)["shard"] > 0
+
+
+@needs_libtpu
+def test_the_total_is_the_figure_xla_checks_against_the_chip():
+    """XLA accepts a program under an HBM limit when its buffer assignment's HBM plus code is
+    within it, and states that figure when refusing: the reported total is that figure, while
+    memory analysis's parts can sum above a limit XLA accepted."""
+    cfg = small_config(d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=1536,
+                       vocab_size=8192, max_seq_len=1024)  # fmt: skip
+    cfg.data.seq_len, cfg.train.global_batch_size = 1024, 16
+
+    def train_step_under(limit_mib: int) -> dict:
+        # XLA's remat pass off: under a tighter limit it would recompute to squeeze the program
+        options = {**NO_XLA_REMAT, "xla_tpu_max_hbm_size_mib": str(limit_mib)}
+        report = compile_programs(cfg, "v5e:2x2", programs=("train_step",),
+                                  compiler_options=options)  # fmt: skip
+        return report["programs"][0]
+
+    MiB = 1024**2
+    accepted = train_step_under(1000)
+    m = accepted["memory_bytes"]
+    assert "error" not in accepted and m["total"] == m["allocated"] + m["generated_code"]
+    assert m["total"] <= 1000 * MiB < m["analysis_total"]
+    refused = train_step_under(970)
+    assert "error" in refused and "970.00M" in refused["error"]
+    assert needed_bytes(refused["error"]) == pytest.approx(m["total"], rel=0.01)
 
 
 @needs_libtpu
