@@ -171,7 +171,8 @@ def activation_bytes(
     t_vocab = tensor if V % tensor == 0 else 1
     # The logits, calibrated against compiled steps (docs/performance.md). Without remat: a
     # float32 buffer that the gradient reuses and a compute-dtype one (the 8B step on v5p holds
-    # only the float32 one, the 1B step on v6e more than both; this keeps both within 15%).
+    # only the float32 one, yet counting only that puts the 1B step on v6e 17% under its
+    # compiled total; counting both keeps both within 15%).
     # With a remat policy: two float32 copies, the logits and their gradient (the compiled
     # steps hold a float32 and a compute-dtype buffer, and more of the recomputed layer than
     # the working set itemizes: the 8B full-remat step holds 3.2 GiB more on v6e than on v5p).
