@@ -6,6 +6,7 @@ import dataclasses
 import http.client
 import json
 import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -602,7 +603,14 @@ def test_metrics_move_after_requests(server, workdir):
     completion(server, prompt=prompt, max_tokens=4)
     completion(server, prompt=prompt, max_tokens=4, n=2)  # one prompt, two rows
     post_full(server, "/v1/completions", raw=b'{"prompt": 5}')
+    # A request's duration (and its generated tokens) are recorded after its last byte is
+    # written, so the client can read the answer before the server's thread records them.
+    duration = ("lmtrain_request_duration_seconds_count", (("endpoint", "/v1/completions"),))
+    deadline = time.monotonic() + 30
     after = scrape(server)
+    while after.get(duration, 0) - before.get(duration, 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = scrape(server)
 
     def delta(name, **labels):
         return get(after, name, **labels) - get(before, name, **labels)
